@@ -1,0 +1,89 @@
+"""The `sr-batch` command line: run, plan, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sr_batch.errors import SrBatchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except SrBatchError as err:
+        print(f"sr-batch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sr-batch: interrupted; nothing was moved into the output location", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sr-batch", description="Super-resolve Sentinel-2 time series from a STAC API into Zarr.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job: search, plan, super-resolve, write Zarr")
+    _job_arguments(run)
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+    plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")
+    _job_arguments(plan)
+    plan.set_defaults(handler=_plan)
+
+    demo = commands.add_parser("demo", help="run a real job on the bundled sample region through a local STAC API")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the job file and the Zarr output")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _job_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("job", type=Path, help="job spec (YAML)")
+    command.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786 (default: start a LocalCluster)")
+    command.add_argument("--workers", type=int, help="worker processes of the LocalCluster (default: one per core, up to 4)")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. --set time.end=2024-01-01")
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SrBatchError(f"--set {pair!r}: write KEY=VALUE, e.g. --set cloud.max_cloud_fraction=0.1")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sr_batch.job import run_job
+    from sr_batch.spec import load_spec
+
+    spec = load_spec(args.job, _overrides(args.set))
+    run_job(spec, scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite, show_progress=not args.no_progress)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sr_batch.job import plan_job
+    from sr_batch.spec import load_spec
+
+    plan_job(load_spec(args.job, _overrides(args.set)), scheduler=args.scheduler, workers=args.workers)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sr_batch.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Stage 3, clouds: how much of a tile each date leaves unusable, from the scene classification layer.
+
+Unusable SCL classes: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud, 10 thin cirrus.
+Cloud and shadow masks are dilated by a few pixels because their edges are under-detected; no-data
+and saturation are exact and are not grown.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+NO_DATA, SATURATED, SHADOW, CLOUD_MEDIUM, CLOUD_HIGH, CIRRUS = 0, 1, 3, 8, 9, 10
+EXACT_CLASSES = (NO_DATA, SATURATED)
+GROWN_CLASSES = (SHADOW, CLOUD_MEDIUM, CLOUD_HIGH, CIRRUS)
+
+
+def unusable_mask(scl: np.ndarray, dilate_pixels: int) -> np.ndarray:
+    """True where a pixel cannot be used; `scl` is (..., y, x) and every leading index is its own image."""
+    grown = np.isin(scl, GROWN_CLASSES)
+    if dilate_pixels > 0 and grown.any():
+        disk = _disk(dilate_pixels)
+        structure = disk.reshape((1,) * (scl.ndim - 2) + disk.shape)
+        grown = ndimage.binary_dilation(grown, structure=structure)
+    return grown | np.isin(scl, EXACT_CLASSES)
+
+
+def cloudy_fraction(scl: np.ndarray, dilate_pixels: int, core: tuple[slice, slice]) -> np.ndarray:
+    """Per date, the unusable fraction of the `core` window of (time, y, x) SCL.
+
+    `scl` may carry a margin around the core, so dilation sees clouds just outside the tile.
+    """
+    mask = unusable_mask(scl, dilate_pixels)[(slice(None), *core)]
+    return mask.reshape(mask.shape[0], -1).mean(axis=1).astype(np.float32)
+
+
+def _disk(radius: int) -> np.ndarray:
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius

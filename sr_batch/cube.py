@@ -1,0 +1,187 @@
+"""Stage 2, the lazy cube: the job's grid and a stackstac array of harmonised 10 m digital numbers.
+
+The grid is the source's own pixel grid (one projected CRS per job, 10 m, origin taken from the
+items), so nothing is resampled when the items are already on it. Values stay uint16 with nodata 0
+(a quarter of stackstac's float64 default) and are harmonised to one meaning across processing
+baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
+item from its metadata, never guessed from the date.
+
+Chunks are whole tiles with every date and band in one chunk, which keeps the graph small; the plan
+reads only the SCL band, the super-resolution only the dates its windows use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import shapely
+import xarray as xr
+from affine import Affine
+from pyproj import CRS, Transformer
+from shapely.geometry.base import BaseGeometry
+
+from sr_batch.errors import SearchError
+from sr_batch.search import SolarDay
+
+RESOLUTION = 10.0
+BANDS = ("blue", "green", "red", "nir")
+SCL = "scl"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The job's 10 m pixel grid: north-up, `width` x `height` pixels from (`west`, `north`)."""
+
+    epsg: int
+    west: float
+    north: float
+    width: int
+    height: int
+    resolution: float = RESOLUTION
+
+    @property
+    def transform(self) -> Affine:
+        return Affine(self.resolution, 0.0, self.west, 0.0, -self.resolution, self.north)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return (self.west, self.north - self.height * self.resolution, self.west + self.width * self.resolution, self.north)
+
+    def centres(self, scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre x and y coordinates, at `scale` times finer pixels nested in the 10 m ones."""
+        step = self.resolution / scale
+        xs = self.west + (np.arange(self.width * scale) + 0.5) * step
+        ys = self.north - (np.arange(self.height * scale) + 0.5) * step
+        return xs, ys
+
+
+def item_epsg(item: dict[str, Any]) -> int | None:
+    props = item["properties"]
+    if props.get("proj:epsg"):
+        return int(props["proj:epsg"])
+    code = str(props.get("proj:code") or "")
+    return int(code.split(":")[1]) if code.upper().startswith("EPSG:") else None
+
+
+def choose_grid(days: list[SolarDay], aoi: BaseGeometry, epsg: int | None = None) -> tuple[Grid, str]:
+    """The grid covering the AOI on the items' own pixel lattice; also a note on the CRS choice."""
+    items = [item for day in days for item in day.items]
+    counts = Counter(item_epsg(item) for item in items)
+    counts.pop(None, None)
+    if epsg is None:
+        if not counts:
+            raise SearchError("crs: the items carry no proj:epsg/proj:code; set crs: EPSG code in the job")
+        epsg = counts.most_common(1)[0][0]
+    note = f"EPSG:{epsg}"
+    if len(counts) > 1:
+        note += " (items span " + ", ".join(f"EPSG:{c} x{n}" for c, n in counts.most_common()) + f"; output on EPSG:{epsg})"
+    origin_x, origin_y = _lattice_origin([i for i in items if item_epsg(i) == epsg])
+    to_grid = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_epsg(epsg), always_xy=True)
+    west, south, east, north = shapely.transform(aoi.segmentize(0.001), to_grid.transform, interleaved=False).bounds
+    west = origin_x + math.floor((west - origin_x) / RESOLUTION) * RESOLUTION
+    north = origin_y + math.ceil((north - origin_y) / RESOLUTION) * RESOLUTION
+    width = max(1, math.ceil(round((east - west) / RESOLUTION, 6)))
+    height = max(1, math.ceil(round((north - south) / RESOLUTION, 6)))
+    return Grid(epsg=epsg, west=west, north=north, width=width, height=height), note
+
+
+def _lattice_origin(items: list[dict[str, Any]]) -> tuple[float, float]:
+    """Where the items' 10 m pixel edges fall (their transform's origin modulo 10 m)."""
+    for item in items:
+        transform = item["properties"].get("proj:transform")
+        for asset in item.get("assets", {}).values():
+            if asset.get("proj:transform") and abs(asset["proj:transform"][0] - RESOLUTION) < 1e-9:
+                transform = asset["proj:transform"]
+                break
+        if transform:
+            return float(transform[2]) % RESOLUTION, float(transform[5]) % RESOLUTION
+    return 0.0, 0.0
+
+
+def dn_offset(item: dict[str, Any], asset_key: str) -> int:
+    """The DN offset to add so that DN / 10000 is reflectance: 0, or -1000 from baseline 04.00 on.
+
+    The asset's raster:bands offset/scale is the authority (a catalogue that already removed the
+    offset says 0 there); otherwise the item's processing baseline decides.
+    """
+    asset = item["assets"][asset_key]
+    bands = asset.get("raster:bands") or []
+    if bands and "offset" in bands[0]:
+        scale = float(bands[0].get("scale", 1e-4)) or 1e-4
+        return int(round(float(bands[0]["offset"]) / scale))
+    baseline = item["properties"].get("s2:processing_baseline")
+    if baseline is not None and _version(str(baseline)) >= (4, 0):
+        return -1000
+    return 0
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return (0,)
+
+
+def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_names: list[str], chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> xr.DataArray:
+    """(time, band, y, x) uint16 harmonised DN, nodata 0, one time entry per solar day, lazily.
+
+    `asset_keys` are the collection's names, `band_names` the names the output uses for them.
+    """
+    import stackstac
+    from rasterio.enums import Resampling
+
+    items = [item for day in days for item in day.items]
+    stack = stackstac.stack(
+        items,
+        assets=asset_keys,
+        epsg=grid.epsg,
+        resolution=grid.resolution,
+        bounds=grid.bounds,
+        snap_bounds=False,
+        dtype="uint16",
+        fill_value=np.uint16(0),
+        rescale=False,
+        resampling=Resampling.nearest,
+        chunksize=(-1, -1, chunks[0], chunks[1]),
+        xy_coords="center",
+        properties=False,
+        sortby_date=False,
+    )
+    _check_grid(stack, grid)
+    stack = stack.assign_coords(band=band_names)
+    stack = _harmonise(stack, items, asset_keys, band_names)
+    stack = _mosaic_solar_days(stack, days)
+    return stack.drop_vars([c for c in stack.coords if c not in ("time", "band", "y", "x")])
+
+
+def _check_grid(stack: xr.DataArray, grid: Grid) -> None:
+    xs, ys = grid.centres()
+    if stack.shape[-2:] != (grid.height, grid.width) or not (np.allclose(stack.x, xs) and np.allclose(stack.y, ys)):
+        raise AssertionError(f"stackstac grid {stack.shape[-2:]} does not match the planned grid {(grid.height, grid.width)}")
+
+
+def _harmonise(stack: xr.DataArray, items: list[dict[str, Any]], asset_keys: list[str], band_names: list[str]) -> xr.DataArray:
+    """Add each item's DN offset to its data bands (nodata stays 0; values clip to 1..65535)."""
+    offsets = np.array([[dn_offset(item, key) if name != SCL else 0 for key, name in zip(asset_keys, band_names)] for item in items], np.int32)
+    if not offsets.any():
+        return stack
+    shift = xr.DataArray(offsets, dims=("time", "band"))
+    shifted = (stack.astype(np.int32) + shift).clip(1, 65535).astype(np.uint16)
+    return xr.where(stack == 0, np.uint16(0), shifted).astype(np.uint16)
+
+
+def _mosaic_solar_days(stack: xr.DataArray, days: list[SolarDay]) -> xr.DataArray:
+    """One frame per solar day; where several granules cover a pixel the last item is on top."""
+    import pandas as pd
+
+    day_of_item = [np.datetime64(day.date, "ns") for day in days for _ in day.items]
+    if len(day_of_item) == len(days):
+        return stack.assign_coords(time=pd.DatetimeIndex(day_of_item))
+    import stackstac
+
+    stack = stack.assign_coords(time=pd.DatetimeIndex(day_of_item))
+    return stack.groupby("time").map(lambda group: stackstac.mosaic(group, dim="time", nodata=0) if group.sizes["time"] > 1 else group.squeeze("time", drop=True))

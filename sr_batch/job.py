@@ -1,0 +1,86 @@
+"""A region job from start to finish: spec → plan → lazy cube → super-resolution per tile → Zarr.
+
+Everything that can be checked without the cluster (the output location, the checkpoint) is checked
+first, so a bad job fails in a second and writes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from distributed import Client, progress
+
+from sr_batch.cluster import dask_client
+from sr_batch.model import Architecture, LoadedModel
+from sr_batch.plan import Plan, make_plan
+from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
+from sr_batch.spec import JobSpec
+from sr_batch.superres import ModelRef, load_model
+from sr_batch.tiles import superresolve_plan
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class JobResult:
+    plan: Plan
+    output: Path
+    seconds: float
+    model: LoadedModel
+
+
+def model_ref(spec: JobSpec) -> ModelRef:
+    settings = spec.model
+    arch = settings.architecture
+    return ModelRef(
+        checkpoint=settings.checkpoint,
+        frames=settings.frames,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        architecture=Architecture(hidden_channels=arch.hidden_channels, encoder_blocks=arch.encoder_blocks) if arch else Architecture(),
+        seed=arch.seed if arch else 0,
+    )
+
+
+def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, echo: Echo = print) -> Plan:
+    """The dry run: search, cloud scores and windows, without super-resolving anything."""
+    load_model(model_ref(spec))
+    with dask_client(scheduler, workers, echo):
+        plan = make_plan(spec)
+    echo(plan.summary())
+    return plan
+
+
+def run_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, overwrite: bool = False, show_progress: bool = True, echo: Echo = print) -> JobResult:
+    started = time.monotonic()
+    target = check_writable(spec.output.uri, overwrite)
+    ref = model_ref(spec)
+    loaded = load_model(ref)
+    if not loaded.info.trained:
+        echo(f"WARNING: model {loaded.info.name} is UNTRAINED (random weights): the output checks the pipeline, it is not super-resolution.")
+    with dask_client(scheduler, workers, echo) as client:
+        plan = make_plan(spec)
+        echo(plan.summary())
+        if not plan.output_days:
+            echo("No cloudless date in any tile for this period: writing an output with an empty time axis.")
+        sr = superresolve_plan(plan, ref, dates_per_task=spec.model.batch_size)
+        dataset = build_dataset(plan, sr, loaded)
+        write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: _compute(client, delayed, show_progress, echo))
+    result = JobResult(plan=plan, output=target, seconds=time.monotonic() - started, model=loaded)
+    echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s")
+    return result
+
+
+def _compute(client: Client, delayed: Any, show_progress: bool, echo: Echo) -> None:
+    """Run the write on the cluster; a progress bar on a terminal, the dashboard link otherwise."""
+    future = client.compute(delayed)
+    if show_progress and sys.stdout.isatty():
+        progress(future)
+        print()
+    else:
+        echo(f"Computing … (progress: {client.dashboard_link})")
+    future.result()

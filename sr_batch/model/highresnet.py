@@ -1,0 +1,150 @@
+"""HighRes-net: multi-frame super-resolution by recursive fusion (Deudon et al. 2020).
+
+Configured as in Sentinel Hub's Sentinel-2 work: 4 bands, a median reference frame, a shared
+residual encoder, one fusion block reused at every level with an alpha-residual (a padded frame adds
+nothing), and a pixel-shuffle decoder. Pure PyTorch: it knows nothing of STAC, Dask or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that shapes the network's weights; stored with every checkpoint."""
+
+    bands: int = 4
+    hidden_channels: int = 64
+    encoder_blocks: int = 8
+    scale: int = 4
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def receptive_radius(arch: Architecture, frames: int) -> int:
+    """Low-resolution pixels on each side that can influence one output pixel.
+
+    Every 3x3 convolution adds one: encoder (1 + 2 per block + 1), fusion (3 per level, log2(frames)
+    levels), decoder (1). The default (8 blocks, 8 frames) gives 28, so a halo of 28 makes tiles seamless.
+    """
+    levels = max(frames - 1, 0).bit_length()
+    return (2 + 2 * arch.encoder_blocks) + 3 * levels + 1
+
+
+class ResidualBlock(nn.Module):
+    """conv-PReLU-conv-PReLU plus skip, as in HighRes-net's encoder and fusion."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.PReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.PReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Encoder(nn.Module):
+    """Shared across frames: each frame is encoded next to the reference (bands + reference bands)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        c = arch.hidden_channels
+        self.head = nn.Sequential(nn.Conv2d(2 * arch.bands, c, 3, padding=1), nn.PReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock(c) for _ in range(arch.encoder_blocks)])
+        self.tail = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.blocks(self.head(x)))
+
+
+class Fusion(nn.Module):
+    """One block reused at every level: fuses a pair of encoded frames into one."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        c = arch.hidden_channels
+        self.block = nn.Sequential(ResidualBlock(2 * c), nn.Conv2d(2 * c, c, 3, padding=1), nn.PReLU())
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([a, b], dim=1))
+
+
+class Decoder(nn.Module):
+    """conv (reflect padding) + PReLU, then PixelShuffle: every output pixel is fed by the features.
+
+    Reflect padding matters only at image borders; inside a tile the halo covers it.
+    """
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        c = arch.hidden_channels
+        if c % (arch.scale**2) or c // arch.scale**2 != arch.bands:
+            # PixelShuffle(s) turns C channels into C/s² at s× resolution: keep C = bands·s² here.
+            self.expand = nn.Conv2d(c, arch.bands * arch.scale**2, 1)
+        else:
+            self.expand = nn.Identity()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"), nn.PReLU())
+        self.shuffle = nn.PixelShuffle(arch.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.expand(self.conv(x)))
+
+
+class HighResNet(nn.Module):
+    """(batch, frames, bands, H, W) normalised frames + (batch, frames) alphas → (batch, bands, sH, sW).
+
+    Frames are oldest first; alpha is 1 for a real frame and 0 for padding. The frame count is padded
+    to a power of two with alpha-0 frames, which the alpha-residual makes exact no-ops.
+    """
+
+    def __init__(self, arch: Architecture = Architecture()) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.fusion = Fusion(arch)
+        self.decoder = Decoder(arch)
+
+    def forward(self, frames: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        frames, alphas = _pad_to_power_of_two(frames, alphas)
+        batch, count, bands, height, width = frames.shape
+        alphas = alphas.to(frames.dtype)
+        reference = median_reference(frames, alphas)
+        paired = torch.cat([frames, reference.unsqueeze(1).expand(-1, count, -1, -1, -1)], dim=2)
+        hidden = self.encoder(paired.reshape(batch * count, 2 * bands, height, width))
+        hidden = hidden.reshape(batch, count, -1, height, width)
+        while hidden.shape[1] > 1:
+            half = hidden.shape[1] // 2
+            # First half with the reversed second half: (0, n-1), (1, n-2), ... as in HighRes-net.
+            a, b = hidden[:, :half], hidden[:, half:].flip(1)
+            alpha_a, alpha_b = alphas[:, :half], alphas[:, half:].flip(1)
+            fused = self.fusion(a.reshape(batch * half, *a.shape[2:]), b.reshape(batch * half, *b.shape[2:]))
+            hidden = a + alpha_b[:, :, None, None, None] * fused.reshape(a.shape)
+            alphas = torch.maximum(alpha_a, alpha_b)
+        return self.decoder(hidden[:, 0])
+
+
+def median_reference(frames: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Per-pixel median over the real frames only (padding frames are ignored)."""
+    masked = frames.masked_fill(alphas[:, :, None, None, None] == 0, float("nan"))
+    reference = masked.nanmedian(dim=1).values
+    return torch.nan_to_num(reference, nan=0.0)
+
+
+def _pad_to_power_of_two(frames: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    count = frames.shape[1]
+    target = 1 << max(count - 1, 0).bit_length()
+    if target == count:
+        return frames, alphas
+    pad = target - count
+    frames = torch.cat([frames, frames.new_zeros(frames.shape[0], pad, *frames.shape[2:])], dim=1)
+    alphas = torch.cat([alphas, alphas.new_zeros(alphas.shape[0], pad)], dim=1)
+    return frames, alphas

@@ -1,0 +1,299 @@
+"""The job spec: every setting of a region job, in one validated place.
+
+A job is a YAML file. It is validated once, here, so later stages can trust every field; any
+problem becomes a one-line `SpecError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import shapely
+import shapely.geometry
+import shapely.validation
+import yaml
+from shapely.geometry.base import BaseGeometry
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sr_batch.errors import SpecError
+
+BANDS = ("blue", "green", "red", "nir")
+"""Model band order: Sentinel-2 B02, B03, B04, B08."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are refused, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Assets(_Strict):
+    """Asset keys of the collection. Earth Search names by default; Planetary Computer uses B02…/SCL."""
+
+    blue: str = "blue"
+    green: str = "green"
+    red: str = "red"
+    nir: str = "nir"
+    scl: str = "scl"
+
+    def in_model_order(self) -> list[str]:
+        """Asset keys for blue, green, red, nir, then the scene classification layer."""
+        return [self.blue, self.green, self.red, self.nir, self.scl]
+
+
+class Stac(_Strict):
+    url: str
+    collection: str
+    assets: Assets = Assets()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL of a STAC API (got {url!r})")
+        return url.rstrip("/")
+
+
+class Aoi(_Strict):
+    """Area of interest: exactly one of a lon/lat bbox, a GeoJSON geometry, or a GeoJSON file."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    geometry: dict[str, Any] | None = None
+    geojson: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Aoi":
+        given = [k for k in ("bbox", "geometry", "geojson") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of bbox: [west, south, east, north], geometry: {...} or geojson: FILE")
+        if self.bbox is None:
+            self.shape()  # validates the geometry now, not halfway through a job
+        if self.bbox is not None:
+            west, south, east, north = self.bbox
+            if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
+                raise ValueError(f"bbox {list(self.bbox)} is outside lon/lat range; give [west, south, east, north] in degrees")
+            if west >= east or south >= north:
+                raise ValueError(f"bbox {list(self.bbox)} has min >= max; give [west, south, east, north] with west < east, south < north")
+        return self
+
+    def shape(self) -> BaseGeometry:
+        """The AOI as a valid, non-empty lon/lat shapely geometry."""
+        if self.bbox is not None:
+            return shapely.geometry.box(*self.bbox)
+        geojson = self.geometry if self.geometry is not None else _read_geojson(self.geojson)
+        try:
+            geom = shapely.geometry.shape(geojson)
+        except Exception as err:  # shapely raises several types for malformed GeoJSON
+            raise ValueError(f"is not a GeoJSON geometry ({err}); give a Polygon or MultiPolygon") from None
+        if geom.is_empty or geom.area == 0:
+            raise ValueError("geometry is empty; give a Polygon or MultiPolygon with an area")
+        if not geom.is_valid:
+            raise ValueError(f"geometry is invalid ({shapely.validation.explain_validity(geom)}); fix it, e.g. with shapely make_valid")
+        west, south, east, north = geom.bounds
+        if west < -180 or east > 180 or south < -90 or north > 90:
+            raise ValueError("geometry is outside lon/lat range; give coordinates in degrees (EPSG:4326)")
+        return geom
+
+
+def _read_geojson(path: Path | None) -> dict[str, Any]:
+    """A geometry from a GeoJSON file holding a geometry, a Feature or a FeatureCollection."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read GeoJSON file {path} ({err.__class__.__name__}); give a readable .geojson file") from None
+    if data.get("type") == "FeatureCollection":
+        geoms = [shapely.geometry.shape(f["geometry"]) for f in data.get("features", [])]
+        if not geoms:
+            raise ValueError(f"{path} holds no features; give a file with at least one polygon")
+        return shapely.geometry.mapping(shapely.union_all(geoms))
+    return data.get("geometry", data) if data.get("type") == "Feature" else data
+
+
+class TimeRange(_Strict):
+    start: dt.date
+    end: dt.date | None = None
+    """Empty means now: a nightly run picks up whatever is new."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TimeRange":
+        if self.end is not None and self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}; swap them or leave end empty for 'now'")
+        return self
+
+    def as_interval(self) -> str:
+        """The STAC datetime interval, both ends inclusive (whole days)."""
+        end = f"{self.end.isoformat()}T23:59:59Z" if self.end else ".."
+        return f"{self.start.isoformat()}T00:00:00Z/{end}"
+
+
+class Cloud(_Strict):
+    max_cloud_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """A tile's date is cloudless when at most this fraction of its pixels is unusable."""
+    max_scene_cloud_cover: float | None = Field(None, ge=0.0, le=100.0)
+    """Optional prefilter on items' eo:cloud_cover (percent), applied client-side."""
+    dilate_pixels: int = Field(2, ge=0, le=20)
+    """Cloud and shadow masks grow by this many 10 m pixels: their edges are under-detected."""
+
+
+class Architecture(_Strict):
+    """Only for `checkpoint: untrained`; a real checkpoint carries its own architecture."""
+
+    hidden_channels: int = Field(64, ge=4, le=256)
+    encoder_blocks: int = Field(8, ge=0, le=32)
+    seed: int = 0
+
+
+class ModelSettings(_Strict):
+    checkpoint: str = "default"
+    """'default' (the shipped model), 'untrained' (random weights, plumbing only) or a .safetensors path."""
+    frames: int = Field(8, ge=1, le=32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1, le=1024)
+    architecture: Architecture | None = None
+
+    @field_validator("frames")
+    @classmethod
+    def _power_of_two(cls, frames: int) -> int:
+        if frames & (frames - 1):
+            raise ValueError(f"frames must be a power of two (1, 2, 4, 8, 16, 32), got {frames}")
+        return frames
+
+    @model_validator(mode="after")
+    def _architecture_only_untrained(self) -> "ModelSettings":
+        if self.architecture is not None and self.checkpoint != "untrained":
+            raise ValueError("architecture is only for checkpoint: untrained; a checkpoint file carries its own")
+        return self
+
+
+class Tiling(_Strict):
+    tile: int = Field(256, ge=16, le=4096)
+    """Tile edge in 10 m pixels; one Dask task handles one tile for a group of dates."""
+    halo: int = Field(32, ge=0, le=512)
+    """Extra 10 m pixels read around each tile and cropped after; >= the receptive field (28) for seamless joins."""
+
+    @model_validator(mode="after")
+    def _halo_fits(self) -> "Tiling":
+        if self.tile < self.halo:
+            raise ValueError(f"tile ({self.tile}) is smaller than halo ({self.halo}); make tile >= halo")
+        return self
+
+
+class Output(_Strict):
+    uri: str
+
+    @field_validator("uri")
+    @classmethod
+    def _local_zarr(cls, uri: str) -> str:
+        if "://" in uri and not uri.startswith("file://"):
+            raise ValueError(f"only local paths are supported so far (got {uri!r}); give a directory path ending in .zarr")
+        return uri.removeprefix("file://")
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    stac: Stac
+    aoi: Aoi
+    time: TimeRange
+    cloud: Cloud = Cloud()
+    model: ModelSettings = ModelSettings()
+    tiling: Tiling = Tiling()
+    output: Output
+    crs: int | None = None
+    """EPSG code of the output grid; by default the items' dominant CRS."""
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job file; relative paths in it are taken from the file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job file; give the path of a job YAML") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} is not valid YAML; fix the syntax there") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job must be a YAML mapping with name, stac, aoi, time and output")
+    raw = _resolve_paths(raw, path.parent)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "job") -> JobSpec:
+    """Validate a job given as a mapping; the error names the first bad field."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_describe(err.errors()[0], raw)}") from None
+
+
+def spec_json(spec: JobSpec) -> str:
+    """The spec as stored in outputs; URLs lose any credentials or query tokens."""
+    data = spec.model_dump(mode="json")
+    data["stac"]["url"] = _strip_credentials(data["stac"]["url"])
+    return json.dumps(data, sort_keys=True)
+
+
+def _strip_credentials(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    aoi = raw.get("aoi")
+    if isinstance(aoi, dict) and isinstance(aoi.get("geojson"), str):
+        aoi["geojson"] = str((base / aoi["geojson"]).resolve())
+    model = raw.get("model")
+    ckpt = model.get("checkpoint") if isinstance(model, dict) else None
+    if isinstance(ckpt, str) and ckpt not in ("default", "untrained"):
+        model["checkpoint"] = str((base / ckpt).resolve())
+    out = raw.get("output")
+    if isinstance(out, dict) and isinstance(out.get("uri"), str) and "://" not in out["uri"]:
+        out["uri"] = str((base / out["uri"]).resolve())
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """One line: the dotted field, what is wrong, and how to fix it."""
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "tagged-union"))]
+    field = ".".join(loc) or "job"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{field}: unknown key{_suggestion(loc, raw)}; remove it or fix its spelling"
+    if kind == "missing":
+        return f"{field}: missing; add it (see README: the job spec)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind.startswith(("int_", "float_", "string_", "date_", "bool_", "tuple_", "list_", "dict_", "literal_", "greater", "less")):
+        return f"{field}: {message} (got {error.get('input')!r})"
+    return f"{field}: {message}"
+
+
+def _suggestion(loc: list[str], raw: dict[str, Any]) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,96 @@
+"""Stage 5, super-resolution per tile: the Dask graph that turns the lazy cube into the lazy output.
+
+Strategy: the cube holds only the days some window reads, chunked by tile with every day in one
+chunk. Each tile's chunk is extended by a halo from its neighbours (no padding at the region's edge,
+exactly as a whole-image run sees it). One task super-resolves one tile for a group of output dates
+and crops the halo (4 x halo at 2.5 m), so with halo >= the receptive field the tiles join without
+seams. Output chunks are (dates of the group, band, 4·tile, 4·tile): the Zarr sink writes each one
+whole, never sharing a Zarr chunk between tasks.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph
+
+from sr_batch.clouds import unusable_mask
+from sr_batch.cube import BANDS, SCL, load_cube
+from sr_batch.plan import SCALE, Plan
+from sr_batch.superres import ModelRef, load_model, superresolve_windows
+
+TileWindows = list[tuple[int, tuple[int, ...]]]
+"""(position of the output date within its group, positions of its frames in the tile block)."""
+
+
+def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int) -> da.Array:
+    """(output date, band, y, x) float32 reflectance at 2.5 m, NaN where nothing was computed."""
+    spec = plan.spec
+    ychunks, xchunks = plan.chunks()
+    hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
+    outputs = plan.output_days
+    if not outputs:
+        return da.full((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), np.nan, dtype=np.float32, chunks=((0,), *hr_chunks))
+    frame_days = plan.frame_days
+    position = {day: k for k, day in enumerate(frame_days)}
+    assets = spec.stac.assets.in_model_order()
+    cube = load_cube([plan.days[d] for d in frame_days], plan.grid, assets, [*BANDS, SCL], plan.chunks()).data
+    halo = spec.tiling.halo
+    depth = {0: 0, 1: 0, 2: halo if len(plan.rows) > 1 else 0, 3: halo if len(plan.cols) > 1 else 0}
+    padded = da.overlap.overlap(cube, depth=depth, boundary="none") if halo else cube
+    groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
+    name = f"superresolve-{padded.name}-{model.checkpoint}-{dates_per_task}".replace("/", "_")
+    graph = {}
+    for g, group in enumerate(groups):
+        slot = {day: k for k, day in enumerate(group)}
+        for (row, col), windows in plan.windows.items():
+            selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
+            crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
+            graph[(name, g, 0, row, col)] = (
+                superresolve_tile,
+                (padded.name, 0, 0, row, col),
+                selected,
+                len(group),
+                crop,
+                spec.cloud.dilate_pixels,
+                model,
+            )
+    chunks = (tuple(len(g) for g in groups), *hr_chunks)
+    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[padded]), name, chunks, dtype=np.float32)
+
+
+def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tuple[int, int, int, int]:
+    """Halo pixels (top, bottom, left, right) this tile's block carries: none beyond the region's edge."""
+    return (
+        depth[2] if row > 0 else 0,
+        depth[2] if row < rows - 1 else 0,
+        depth[3] if col > 0 else 0,
+        depth[3] if col < cols - 1 else 0,
+    )
+
+
+def superresolve_tile(block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef) -> np.ndarray:
+    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) float32, halo cropped."""
+    top, bottom, left, right = crop
+    height = block.shape[2] - top - bottom
+    width = block.shape[3] - left - right
+    out = np.full((n_dates, len(BANDS), SCALE * height, SCALE * width), np.nan, np.float32)
+    if not windows:
+        return out
+    needed = sorted({f for _, frames in windows for f in frames})
+    reflectance = dict(zip(needed, _reflectance(block[needed], dilate)))
+    stacks = [np.stack([reflectance[f] for f in frames]) for _, frames in windows]
+    result = superresolve_windows(load_model(model), stacks, device=model.device, batch_size=model.batch_size)
+    ys = slice(SCALE * top, SCALE * (top + height))
+    xs = slice(SCALE * left, SCALE * (left + width))
+    for (slot, _), image in zip(windows, result):
+        out[slot] = image[:, ys, xs]
+    return out
+
+
+def _reflectance(block: np.ndarray, dilate: int) -> np.ndarray:
+    """(days, band+scl, y, x) harmonised DN → (days, band, y, x) float32 reflectance, NaN where unusable."""
+    values = block[:, : len(BANDS)].astype(np.float32) / 10000.0
+    missing = (block[:, : len(BANDS)] == 0).any(axis=1) | unusable_mask(block[:, len(BANDS)], dilate)
+    values[np.broadcast_to(missing[:, None], values.shape)] = np.nan
+    return values

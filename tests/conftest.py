@@ -1,0 +1,66 @@
+"""Shared fixtures: the real sample catalogue, a real STAC API on loopback, a real Dask cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xarray as xr
+from distributed import LocalCluster
+
+from sr_batch.sample import COLLECTION_ID, SampleCatalog, build_sample_catalog, sample_aoi, sample_cube_path
+from sr_batch.stac_server import serve_items
+
+# A small untrained network: the tests check plumbing and geometry, not image quality.
+SMALL_MODEL = {"checkpoint": "untrained", "frames": 8, "batch_size": 4, "architecture": {"hidden_channels": 16, "encoder_blocks": 2}}
+SMALL_RADIUS = 16  # receptive_radius(Architecture(hidden_channels=16, encoder_blocks=2), 8)
+
+
+@pytest.fixture(scope="session")
+def catalog() -> SampleCatalog:
+    return build_sample_catalog()
+
+
+@pytest.fixture(scope="session")
+def source_cube() -> xr.Dataset:
+    """The original netCDF the catalogue was made from: ground truth for grids and values."""
+    with xr.open_dataset(sample_cube_path(), engine="netcdf4") as ds:
+        return ds.load()
+
+
+@pytest.fixture(scope="session")
+def stac_url(catalog: SampleCatalog) -> Iterator[str]:
+    with serve_items(catalog.collection, catalog.items) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def scheduler() -> Iterator[str]:
+    """A real cluster of two worker processes, shared by the job tests."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        yield cluster.scheduler_address
+
+
+def make_job(stac_url: str, output: Path, catalog: SampleCatalog, **sections: Any) -> dict[str, Any]:
+    """A job on the sample region; keyword sections replace the defaults (e.g. time={...})."""
+    job = {
+        "name": "test-job",
+        "stac": {"url": stac_url, "collection": COLLECTION_ID},
+        "aoi": {"geometry": sample_aoi(catalog)},
+        "time": {"start": "2019-05-01", "end": "2019-08-31"},
+        "cloud": {"max_cloud_fraction": 0.05},
+        "model": copy.deepcopy(SMALL_MODEL),
+        "tiling": {"tile": 48, "halo": SMALL_RADIUS},
+        "output": {"uri": str(output)},
+    }
+    job.update(copy.deepcopy(sections))
+    return job
+
+
+def write_items(catalog: SampleCatalog, items: list[dict[str, Any]], path: Path) -> Path:
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    return path

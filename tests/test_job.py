@@ -1,0 +1,120 @@
+"""End to end: a real STAC API on loopback, a real Dask cluster of processes, a real Zarr store."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401
+import xarray as xr
+
+from conftest import make_job
+from sr_batch.job import JobResult, run_job
+from sr_batch.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def summer(tmp_path_factory: pytest.TempPathFactory, stac_url: str, catalog, scheduler: str) -> JobResult:
+    """Summer 2019 on 2 x 2 tiles: the job most tests below read."""
+    out = tmp_path_factory.mktemp("summer") / "summer.zarr"
+    spec = parse_spec(make_job(stac_url, out, catalog))
+    return run_job(spec, scheduler=scheduler, show_progress=False)
+
+
+def open_output(path: Path) -> xr.Dataset:
+    return xr.open_zarr(path, decode_coords="all", consolidated=False)
+
+
+def test_output_dates_are_the_planned_cloudless_dates(summer: JobResult) -> None:
+    plan = summer.plan
+    assert (len(plan.rows), len(plan.cols)) == (2, 2)
+    ds = open_output(summer.output).load()
+    planned = [plan.days[d].date for d in plan.output_days]
+    written = [dt.date.fromisoformat(str(t)[:10]) for t in ds.time.values]
+    assert written == planned and len(written) >= 3
+    # Per tile: an output exactly where the tile's cloud score allows it, nodata elsewhere.
+    for k, day in enumerate(plan.output_days):
+        for (row, col), windows in plan.windows.items():
+            expected = any(w.target == day for w in windows)
+            assert expected == (plan.cloud[day, row, col] <= 0.05)
+            assert (ds.frames_used[k, row, col].item() > 0) == expected
+            ys = slice(4 * plan.rows[row][0], 4 * plan.rows[row][1])
+            xs = slice(4 * plan.cols[col][0], 4 * plan.cols[col][1])
+            block = ds.sr[k, :, ys, xs].values
+            if expected:
+                assert np.isfinite(block).mean() > 0.9
+            else:
+                assert np.isnan(block).all()
+    # Some (tile, date) pairs must be cloudy, or the test above proves little.
+    assert any(plan.cloud[d].max() > 0.05 for d in plan.output_days) or any(
+        (plan.cloud[:, r, c] > 0.05).any() for r in range(2) for c in range(2)
+    )
+
+
+def test_output_is_float_reflectance_stored_as_uint16(summer: JobResult) -> None:
+    ds = open_output(summer.output)
+    assert ds.sr.encoding["dtype"] == np.uint16
+    assert ds.sr.encoding["scale_factor"] == pytest.approx(1e-4)
+    values = ds.sr.values
+    assert np.issubdtype(values.dtype, np.floating)  # Zarr attributes are JSON: CF decoding gives float64
+    finite = values[np.isfinite(values)]
+    assert finite.min() >= 1e-4 and finite.max() <= 6.5535
+    assert list(ds.band.values) == ["blue", "green", "red", "nir"]
+    assert list(ds.sentinel2_band.values) == ["B02", "B03", "B04", "B08"]
+    assert ds.attrs["model_trained"] is False and len(ds.attrs["model_sha256"]) == 64
+    ids = ds.source_items.values
+    assert all(i.startswith("S2_L2A_RO_SAMPLE_") for i in ids)
+
+
+def test_georeferencing_nests_2_5m_pixels_in_the_10m_input_grid(summer: JobResult, source_cube: xr.Dataset) -> None:
+    ds = open_output(summer.output)
+    assert ds.rio.crs.to_epsg() == 3035
+    assert ds.sizes["x"] == 4 * source_cube.sizes["x"] and ds.sizes["y"] == 4 * source_cube.sizes["y"]
+    # Pixel centres: every 4 x 4 block of output pixels centres on one input pixel centre.
+    np.testing.assert_allclose(ds.x.values.reshape(-1, 4).mean(axis=1), source_cube.x.values, atol=1e-6)
+    np.testing.assert_allclose(ds.y.values.reshape(-1, 4).mean(axis=1), source_cube.y.values, atol=1e-6)
+    assert np.allclose(np.diff(ds.x.values), 2.5) and np.allclose(np.diff(ds.y.values), -2.5)
+    transform = ds.rio.transform()
+    assert transform.a == pytest.approx(2.5) and transform.e == pytest.approx(-2.5)
+    assert transform.c == pytest.approx(float(source_cube.x[0]) - 5.0)
+    assert transform.f == pytest.approx(float(source_cube.y[0]) + 5.0)
+
+
+def test_windows_are_causal_and_cloudless(summer: JobResult) -> None:
+    plan = summer.plan
+    for (row, col), windows in plan.windows.items():
+        for window in windows:
+            assert window.frames[-1] == window.target
+            assert list(window.frames) == sorted(window.frames) and len(window.frames) <= 8
+            assert all(plan.cloud[f, row, col] <= 0.05 for f in window.frames)
+            # The window is the most recent cloudless days: none skipped between its first frame and the target.
+            clear = [d for d in range(window.frames[0], window.target + 1) if plan.cloud[d, row, col] <= 0.05]
+            assert tuple(clear) == window.frames
+    ds = open_output(summer.output)
+    starts = ds.window_start.values
+    times = ds.time.values[:, None, None]
+    assert (starts[~np.isnat(starts)] <= np.broadcast_to(times, starts.shape)[~np.isnat(starts)]).all()
+
+
+def test_later_dates_never_change_earlier_outputs(summer: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """The same job ending a month earlier gives bit-identical outputs for the dates both have."""
+    spec = parse_spec(make_job(stac_url, tmp_path / "short.zarr", catalog, time={"start": "2019-05-01", "end": "2019-07-31"}))
+    short = run_job(spec, scheduler=scheduler, show_progress=False)
+    full, part = open_output(summer.output), open_output(short.output)
+    assert 0 < part.sizes["time"] < full.sizes["time"]
+    common = full.sel(time=part.time)
+    np.testing.assert_array_equal(common.sr.values, part.sr.values)
+
+
+def test_all_cloudy_period_writes_an_empty_in_time_output(tmp_path: Path, stac_url: str, catalog, scheduler: str, source_cube: xr.Dataset, capsys) -> None:
+    cloudy = np.isin(source_cube.SCL.values, (0, 1, 3, 8, 9, 10)).mean(axis=(1, 2))
+    day = str(source_cube.time.values[int(np.argmax(cloudy > 0.9))])[:10]
+    spec = parse_spec(make_job(stac_url, tmp_path / "cloudy.zarr", catalog, time={"start": day, "end": day}))
+    result = run_job(spec, scheduler=scheduler, show_progress=False)
+    assert "No cloudless date" in capsys.readouterr().out
+    ds = open_output(result.output)
+    assert ds.sizes["time"] == 0
+    assert ds.sr.shape == (0, 4, 400, 400)
+    assert ds.rio.crs.to_epsg() == 3035
