@@ -7,7 +7,6 @@ never changes an earlier date's output. `sr-batch plan` stops here and prints th
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 
 import dask
@@ -131,6 +130,13 @@ def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int) -> dict[
     return windows
 
 
+def seamless_halo(spec: JobSpec) -> int:
+    """The smallest halo for which tiles join exactly: the receptive field, plus the cloud-mask
+    dilation, since the mask of a pixel at the halo's edge depends on pixels beyond it."""
+    arch = spec.model.architecture or Architecture()
+    return receptive_radius(arch, spec.model.frames) + spec.cloud.dilate_pixels
+
+
 def _summary(plan: Plan) -> str:
     spec, grid, days = plan.spec, plan.grid, plan.days
     area_km2 = grid.width * grid.height * grid.resolution**2 / 1e6
@@ -149,7 +155,8 @@ def _summary(plan: Plan) -> str:
         f"Grid: {plan.crs_note}, {grid.width} x {grid.height} px at 10 m ({area_km2:.2f} km²) -> "
         f"{grid.width * SCALE} x {grid.height * SCALE} px at 2.5 m",
         f"Tiles: {len(plan.rows)} x {len(plan.cols)} of up to {spec.tiling.tile} px, halo {spec.tiling.halo} px "
-        f"(receptive field ±{radius} px{'' if spec.tiling.halo >= radius else ': TILES WILL SHOW SEAMS, raise tiling.halo'})",
+        f"(needs ≥ {seamless_halo(spec)}: receptive field ±{radius} + cloud dilation {spec.cloud.dilate_pixels}"
+        f"{')' if spec.tiling.halo >= seamless_halo(spec) else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
         f"Cloudless (unusable ≤ {spec.cloud.max_cloud_fraction:.0%} of a tile): {len(outputs)} of {len(days)} days in at least one tile; "
         f"per tile {min(per_tile, default=0)}–{max(per_tile, default=0)}",
         f"Windows: {plan.tile_dates} tile-dates, {full} with all {spec.model.frames} frames; reading {len(plan.frame_days)} days",
@@ -161,6 +168,3 @@ def _summary(plan: Plan) -> str:
         lines.append(f"Output dates: {first} … {last}")
     return "\n".join(lines)
 
-
-def day_label(day: dt.date) -> str:
-    return day.isoformat()

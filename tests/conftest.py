@@ -17,7 +17,7 @@ from sr_batch.stac_server import serve_items
 
 # A small untrained network: the tests check plumbing and geometry, not image quality.
 SMALL_MODEL = {"checkpoint": "untrained", "frames": 8, "batch_size": 4, "architecture": {"hidden_channels": 16, "encoder_blocks": 2}}
-SMALL_RADIUS = 16  # receptive_radius(Architecture(hidden_channels=16, encoder_blocks=2), 8)
+SMALL_HALO = 18  # receptive_radius(Architecture(hidden_channels=16, encoder_blocks=2), 8) + dilate_pixels 2
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def make_job(stac_url: str, output: Path, catalog: SampleCatalog, **sections: An
         "time": {"start": "2019-05-01", "end": "2019-08-31"},
         "cloud": {"max_cloud_fraction": 0.05},
         "model": copy.deepcopy(SMALL_MODEL),
-        "tiling": {"tile": 48, "halo": SMALL_RADIUS},
+        "tiling": {"tile": 48, "halo": SMALL_HALO},
         "output": {"uri": str(output)},
     }
     job.update(copy.deepcopy(sections))

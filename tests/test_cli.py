@@ -1,0 +1,32 @@
+"""The commands a user types: `sr-batch plan` and `sr-batch run` on a default LocalCluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import xarray as xr
+import yaml
+
+from conftest import make_job
+
+SR_BATCH = str(Path(sys.executable).parent / "sr-batch")
+
+
+def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, catalog) -> None:
+    out = tmp_path / "out" / "cli.zarr"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(make_job(stac_url, Path("out/cli.zarr"), catalog, time={"start": "2019-07-01", "end": "2019-07-31"})))
+
+    plan = subprocess.run([SR_BATCH, "plan", str(job), "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    assert "LocalCluster of 2 worker processes" in plan.stdout and "Windows:" in plan.stdout
+    assert not out.exists(), "plan is a dry run"
+
+    run = subprocess.run([SR_BATCH, "run", str(job), "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "UNTRAINED" in run.stdout and f"Output: {out}" in run.stdout  # relative output paths are taken from the job file's folder
+    with xr.open_zarr(out, consolidated=False) as ds:
+        assert ds.sizes["time"] >= 1
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no staging store left behind"

@@ -1,0 +1,153 @@
+"""Search and cube on real scenes re-published the way real catalogues publish them:
+with the processing-baseline 04.00 offset, as reprocessed duplicates, and split across granules."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from affine import Affine
+
+from conftest import make_job
+from sr_batch.cube import BANDS, SCL, choose_grid, dn_offset, load_cube
+from sr_batch.sample import ASSETS
+from sr_batch.search import deduplicate, group_by_solar_day, search
+from sr_batch.spec import parse_spec
+from sr_batch.stac_server import serve_items
+
+VARIABLES = {v: k for k, v in ASSETS.items()}  # asset key → netCDF variable
+
+
+def summer_items(catalog, count: int = 4) -> list[dict[str, Any]]:
+    return copy.deepcopy([i for i in catalog.items if i["properties"]["datetime"].startswith("2019-07")][:count])
+
+
+def rewrite_assets(item: dict[str, Any], folder: Path, source: xr.Dataset, shift: int = 0, cols: slice = slice(None)) -> dict[str, Any]:
+    """Re-publish an item's scene: DN + shift in the data bands, optionally only the columns `cols`."""
+    day = np.datetime64(item["properties"]["datetime"][:10])
+    scene = source.sel(time=day)
+    west = float(source.x[0]) - 5 + 10 * (cols.start or 0)
+    transform = Affine(10, 0, west, 0, -10, float(source.y[0]) + 5)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, asset in item["assets"].items():
+        values = scene[VARIABLES[key]].values[:, cols].astype(np.int32)
+        if key != "scl":
+            values = np.where(values > 0, values + shift, 0)
+        path = folder / f"{key}.tif"
+        profile = dict(driver="GTiff", dtype="uint16", nodata=0, width=values.shape[1], height=values.shape[0], count=1, crs="EPSG:3035", transform=transform)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(values.astype(np.uint16), 1)
+        asset["href"] = path.as_uri()
+    props = item["properties"]
+    props["proj:transform"] = list(transform)[:6]
+    props["proj:shape"] = [source.sizes["y"], values.shape[1]]
+    props.pop("proj:bbox", None)
+    props.pop("proj:geometry", None)
+    return item
+
+
+def cube_for(items: list[dict[str, Any]], catalog, tmp_path: Path) -> tuple[xr.DataArray, Any]:
+    with serve_items(catalog.collection, items) as url:
+        spec = parse_spec(make_job(url, tmp_path / "unused.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}))
+        found = search(spec)
+    grid, _ = choose_grid(found.days, spec.aoi.shape())
+    cube = load_cube(found.days, grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((grid.height,), (grid.width,)))
+    return cube.compute(), found
+
+
+def expected_values(source: xr.Dataset, days: list[str]) -> np.ndarray:
+    scenes = source.sel(time=[np.datetime64(d) for d in days])
+    return np.stack([scenes[VARIABLES[b]].values for b in (*BANDS, SCL)], axis=1).astype(np.uint16)
+
+
+def test_baseline_04_offset_is_removed_per_item(catalog, source_cube: xr.Dataset, tmp_path: Path) -> None:
+    """Items published with DN + 1000 read back as the original DN: from raster:bands, or from the baseline alone."""
+    items = summer_items(catalog)
+    by_raster_bands = rewrite_assets(items[0], tmp_path / "a", source_cube, shift=1000)
+    by_raster_bands["properties"]["s2:processing_baseline"] = "04.00"
+    for asset in by_raster_bands["assets"].values():
+        asset["raster:bands"] = [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": -0.1}]
+    by_baseline = rewrite_assets(items[1], tmp_path / "b", source_cube, shift=1000)
+    by_baseline["properties"]["s2:processing_baseline"] = "05.09"
+    for asset in by_baseline["assets"].values():
+        asset.pop("raster:bands")
+    old_baseline = items[2]
+    old_baseline["properties"]["s2:processing_baseline"] = "02.14"
+    for asset in old_baseline["assets"].values():
+        asset.pop("raster:bands")
+    assert [dn_offset(i, "red") for i in items[:3]] == [-1000, -1000, 0]
+
+    cube, found = cube_for(items, catalog, tmp_path)
+    days = [str(d.date) for d in found.days]
+    assert len(days) == 4
+    np.testing.assert_array_equal(cube.values, expected_values(source_cube, days))
+
+
+def test_reprocessed_duplicates_are_dropped_keeping_the_newest(catalog, source_cube: xr.Dataset, tmp_path: Path) -> None:
+    items = summer_items(catalog, 3)
+    stale = []
+    for item in items[:2]:
+        old = rewrite_assets(copy.deepcopy(item), tmp_path / f"old-{item['id']}", source_cube, shift=500)  # wrong values
+        old["id"] = item["id"] + "_OLD"
+        old["properties"]["updated"] = "2019-08-01T00:00:00Z"
+        item["properties"]["updated"] = "2023-01-01T00:00:00Z"
+        stale.append(old)
+    cube, found = cube_for(items + stale, catalog, tmp_path)
+    assert sorted(found.duplicates) == sorted(i["id"] for i in stale)
+    assert [d.item_ids for d in found.days] == [[i["id"]] for i in items]
+    np.testing.assert_array_equal(cube.values, expected_values(source_cube, [i["properties"]["datetime"][:10] for i in items]))
+
+
+def test_granules_of_one_solar_day_are_mosaicked_into_one_frame(catalog, source_cube: xr.Dataset, tmp_path: Path) -> None:
+    """A day delivered as two granules (west and east halves) gives the same frame as the whole scene."""
+    items = summer_items(catalog, 3)
+    split = []
+    for item in items[:2]:
+        west = rewrite_assets(copy.deepcopy(item), tmp_path / f"w-{item['id']}", source_cube, cols=slice(0, 60))
+        east = rewrite_assets(copy.deepcopy(item), tmp_path / f"e-{item['id']}", source_cube, cols=slice(40, 100))
+        west["id"], east["id"] = item["id"] + "_W", item["id"] + "_E"
+        west["properties"]["grid:code"], east["properties"]["grid:code"] = "WEST", "EAST"
+        split += [west, east]
+    cube, found = cube_for(split + items[2:], catalog, tmp_path)
+    assert [len(d.items) for d in found.days] == [2, 2, 1]
+    assert cube.sizes["time"] == 3
+    np.testing.assert_array_equal(cube.values, expected_values(source_cube, [i["properties"]["datetime"][:10] for i in items]))
+
+
+def test_deduplicate_and_group_rules() -> None:
+    def item(id_: str, when: str, grid: str, **props: Any) -> dict[str, Any]:
+        return {"id": id_, "bbox": [26.0, 45.0, 27.0, 46.0], "properties": {"datetime": when, "grid:code": grid, **props}, "assets": {}}
+
+    items = [
+        item("a-old", "2023-05-01T09:30:00Z", "T35TLK", **{"s2:processing_baseline": "04.00"}),
+        item("a-new", "2023-05-01T09:30:00Z", "T35TLK", **{"s2:processing_baseline": "05.09"}),
+        item("b", "2023-05-01T09:30:00Z", "T35TLL"),
+        item("c", "2023-05-06T09:30:00Z", "T35TLK"),
+    ]
+    kept, dropped = deduplicate(items)
+    assert dropped == ["a-old"] and [i["id"] for i in kept] == ["a-new", "b", "c"]
+    days = group_by_solar_day(kept)
+    assert [(str(d.date), sorted(d.item_ids)) for d in days] == [("2023-05-01", ["a-new", "b"]), ("2023-05-06", ["c"])]
+    # Local solar day: 23:30 UTC at 150° E is the next morning there.
+    late = item("d", "2023-05-01T23:30:00Z", "T56HLH")
+    late["bbox"] = [150.0, -34.0, 151.0, -33.0]
+    assert str(group_by_solar_day([late])[0].date) == "2023-05-02"
+
+
+@pytest.mark.parametrize(
+    ("asset", "properties", "expected"),
+    [
+        ({"raster:bands": [{"scale": 0.0001, "offset": -0.1}]}, {}, -1000),
+        ({"raster:bands": [{"scale": 0.0001, "offset": 0.0}]}, {"s2:processing_baseline": "05.00"}, 0),
+        ({}, {"s2:processing_baseline": "04.00"}, -1000),
+        ({}, {"s2:processing_baseline": "03.01"}, 0),
+        ({}, {}, 0),
+    ],
+)
+def test_dn_offset_rules(asset: dict, properties: dict, expected: int) -> None:
+    assert dn_offset({"assets": {"red": asset}, "properties": properties}, "red") == expected
