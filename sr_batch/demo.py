@@ -31,14 +31,14 @@ def demo_job(stac_url: str, output: Path, start: str = "2018-01-01", end: str = 
     }
 
 
-def run_demo(out_dir: Path = Path("out/demo")) -> JobResult:
+def run_demo(out_dir: Path = Path("out/demo"), start: str = "2018-01-01", end: str = "2020-12-31") -> JobResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     print("Preparing the sample region (real Sentinel-2 L2A, Romania; fetched once from PyPI: nrt==0.2.1) …")
     catalog = build_sample_catalog()
     with serve_items(catalog.collection, catalog.items) as url:
         print(f"STAC API (rustac, in-memory) serving {len(catalog.items)} items at {url}")
         job_file = out_dir / "job.yaml"
-        job_file.write_text(yaml.safe_dump(demo_job(url, (out_dir / "romania-sample.zarr").resolve()), sort_keys=False))
+        job_file.write_text(yaml.safe_dump(demo_job(url, (out_dir / "romania-sample.zarr").resolve(), start, end), sort_keys=False))
         print(f"Job file: {job_file}")
         result = run_job(load_spec(job_file), overwrite=True)
     print(f"\nDemo output written to {result.output}")

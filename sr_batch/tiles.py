@@ -11,6 +11,7 @@ whole, never sharing a Zarr chunk between tasks.
 from __future__ import annotations
 
 import dask.array as da
+from dask.base import tokenize
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
@@ -39,22 +40,16 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int) -> da.Ar
     depth = {0: 0, 1: 0, 2: halo if len(plan.rows) > 1 else 0, 3: halo if len(plan.cols) > 1 else 0}
     padded = da.overlap.overlap(cube, depth=depth, boundary="none") if halo else cube
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
-    name = f"superresolve-{padded.name}-{model.checkpoint}-{dates_per_task}".replace("/", "_")
-    graph = {}
+    tasks = {}
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
         for (row, col), windows in plan.windows.items():
             selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
             crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
-            graph[(name, g, 0, row, col)] = (
-                superresolve_tile,
-                (padded.name, 0, 0, row, col),
-                selected,
-                len(group),
-                crop,
-                spec.cloud.dilate_pixels,
-                model,
-            )
+            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model)
+    # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident.
+    name = f"superresolve-{tokenize(tasks)}"
+    graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[padded]), name, chunks, dtype=np.float32)
 
