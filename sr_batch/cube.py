@@ -84,8 +84,9 @@ def choose_grid(days: list[SolarDay], aoi: BaseGeometry, epsg: int | None = None
     west, south, east, north = shapely.transform(aoi.segmentize(0.001), to_grid.transform, interleaved=False).bounds
     west = origin_x + math.floor((west - origin_x) / RESOLUTION) * RESOLUTION
     north = origin_y + math.ceil((north - origin_y) / RESOLUTION) * RESOLUTION
-    width = max(1, math.ceil(round((east - west) / RESOLUTION, 6)))
-    height = max(1, math.ceil(round((north - south) / RESOLUTION, 6)))
+    # At least 2 x 2 pixels: the network's decoder pads by reflection, which needs two.
+    width = max(2, math.ceil(round((east - west) / RESOLUTION, 6)))
+    height = max(2, math.ceil(round((north - south) / RESOLUTION, 6)))
     return Grid(epsg=epsg, west=west, north=north, width=width, height=height), note
 
 

@@ -83,7 +83,10 @@ def superresolve_windows(loaded: LoadedModel, windows: list[np.ndarray], device:
     scale = info.architecture.scale
     height, width = windows[0].shape[-2:]
     target = pick_device(device)
-    pad_to = max(info.frames, max(len(w) for w in windows))
+    windows = [w[-info.frames :] for w in windows]  # never more frames than the model was built for
+    pad_to = info.frames
+    if target.type == "cpu":
+        batch_size = min(batch_size, _windows_per_pass(info.architecture.hidden_channels, pad_to, height, width))
     out = np.empty((len(windows), 4, height * scale, width * scale), np.float32)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
@@ -96,6 +99,16 @@ def superresolve_windows(loaded: LoadedModel, windows: list[np.ndarray], device:
         latest_missing = latest_missing.repeat(scale, axis=1).repeat(scale, axis=2)
         out[start : start + len(chunk)] = np.where(latest_missing[:, None], np.nan, result)
     return out
+
+
+CPU_PASS_BYTES = 1.5e9
+"""Activation memory one CPU forward pass may use: a GPU batch size must not exhaust a laptop."""
+
+
+def _windows_per_pass(hidden: int, frames: int, height: int, width: int) -> int:
+    """Windows per forward pass within CPU_PASS_BYTES; about three encoder activations are alive at once."""
+    per_window = 3 * frames * hidden * height * width * 4
+    return max(1, int(CPU_PASS_BYTES // per_window))
 
 
 def _prepare(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +131,7 @@ def superresolve(frames: np.ndarray, checkpoint: str = "default", device: str = 
     """Super-resolve one window: (T, 4, H, W) float reflectance, bands B02, B03, B04, B08, oldest first,
     NaN = no data → (4, 4H, 4W) float reflectance. The most recent `frames` of the checkpoint are used."""
     frames = np.asarray(frames, np.float32)
-    if frames.ndim != 4 or frames.shape[1] != 4:
-        raise ValueError(f"frames must be (T, 4, H, W) in band order B02, B03, B04, B08; got shape {frames.shape}")
+    if frames.ndim != 4 or frames.shape[1] != 4 or frames.shape[0] < 1 or min(frames.shape[2:]) < 2:
+        raise ValueError(f"frames must be (T ≥ 1, 4, H ≥ 2, W ≥ 2) in band order B02, B03, B04, B08; got shape {frames.shape}")
     loaded = load_model(ModelRef(checkpoint=checkpoint, device=device))
-    return superresolve_windows(loaded, [frames[-loaded.info.frames :]], device=device)[0]
+    return superresolve_windows(loaded, [frames], device=device)[0]

@@ -96,10 +96,9 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 
 def untrained_model(arch: Architecture, frames: int, seed: int = 0) -> LoadedModel:
     """Random weights from a fixed seed: the same network on every worker, for plumbing and tests only."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    network = HighResNet(arch)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(seed)
+        network = HighResNet(arch)
     info = ModelInfo(name=f"untrained-highresnet-seed{seed}", architecture=arch, frames=frames, trained=False)
     return _from_bytes(_serialise(network, info), info.name)
 
@@ -131,12 +130,34 @@ def _from_bytes(blob: bytes, source: str) -> LoadedModel:
         raise CheckpointError(f"model.checkpoint: {source} has no sr-batch metadata; give a checkpoint written by sr-batch")
     try:
         info = ModelInfo.from_json(header[METADATA_KEY])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"model.checkpoint: {source} has unreadable sr-batch metadata ({type(err).__name__}: {err}); give a checkpoint written by sr-batch") from None
+    problem = _metadata_problem(info)
+    if problem:
+        raise CheckpointError(f"model.checkpoint: {source} metadata {problem}; sr-batch needs 4 bands (B02, B03, B04, B08) at scale 4")
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten; do not consume the caller's stream
         network = HighResNet(info.architecture)
+    try:
         network.load_state_dict(tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"model.checkpoint: {source} metadata does not match its weights ({str(err).splitlines()[0]})") from None
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])[:200]
+        raise CheckpointError(f"model.checkpoint: {source} metadata does not match its weights ({detail})") from None
     network.eval()
     return LoadedModel(network=network, info=info, checksum=hashlib.sha256(blob).hexdigest())
+
+
+def _metadata_problem(info: ModelInfo) -> str | None:
+    """What in the metadata the pipeline cannot honour, if anything."""
+    arch = info.architecture
+    if arch.bands != 4 or len(info.bands) != 4:
+        return f"describes {arch.bands} bands {list(info.bands)}"
+    if arch.scale != 4:
+        return f"has scale {arch.scale}"
+    if len(info.mean) != 4 or len(info.std) != 4 or min(info.std) <= 0:
+        return "has a normalisation that is not 4 means and 4 positive standard deviations"
+    if info.frames < 1:
+        return f"has frames {info.frames}"
+    return None
 
 
 def _header_metadata(blob: bytes) -> dict[str, str]:

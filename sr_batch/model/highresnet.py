@@ -102,8 +102,10 @@ class Decoder(nn.Module):
 class HighResNet(nn.Module):
     """(batch, frames, bands, H, W) normalised frames + (batch, frames) alphas → (batch, bands, sH, sW).
 
-    Frames are oldest first; alpha is 1 for a real frame and 0 for padding. The frame count is padded
-    to a power of two with alpha-0 frames, which the alpha-residual makes exact no-ops.
+    Frames are oldest first, real frames before padding; alpha is 1 for a real frame and 0 for
+    padding. The frame count is padded to a power of two with alpha-0 frames. The alpha-residual gates
+    the second partner of each pair, which is where padding lands when it comes last, so trailing
+    padding is an exact no-op. H and W must be at least 2 (the decoder pads by reflection).
     """
 
     def __init__(self, arch: Architecture = Architecture()) -> None:
@@ -127,7 +129,9 @@ class HighResNet(nn.Module):
             a, b = hidden[:, :half], hidden[:, half:].flip(1)
             alpha_a, alpha_b = alphas[:, :half], alphas[:, half:].flip(1)
             fused = self.fusion(a.reshape(batch * half, *a.shape[2:]), b.reshape(batch * half, *b.shape[2:]))
-            hidden = a + alpha_b[:, :, None, None, None] * fused.reshape(a.shape)
+            gate = alpha_b[:, :, None, None, None]
+            # where(), not a product: a padding frame holding NaN must still contribute nothing.
+            hidden = a + torch.where(gate > 0, gate * fused.reshape(a.shape), torch.zeros_like(a))
             alphas = torch.maximum(alpha_a, alpha_b)
         return self.decoder(hidden[:, 0])
 

@@ -1,0 +1,505 @@
+"""HighRes-net, its checkpoints and the superresolve API: the properties the batch pipeline relies on.
+
+Shapes and size of the default network, alpha-0 padding being an exact no-op, the median reference,
+the receptive radius measured by perturbation (tile halos depend on it), checkpoints that load only
+what sr-batch wrote and never unpickle, and the NumPy API's NaN handling and batching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sr_batch.errors import CheckpointError
+from sr_batch.model import (
+    DEFAULT_CHECKPOINT,
+    Architecture,
+    HighResNet,
+    LoadedModel,
+    ModelInfo,
+    load_checkpoint,
+    receptive_radius,
+    resolve_checkpoint,
+    save_checkpoint,
+    untrained_model,
+)
+from sr_batch.model.highresnet import median_reference
+from sr_batch.superres import superresolve, superresolve_windows
+
+SMALL = Architecture(hidden_channels=16, encoder_blocks=2)
+TINY = Architecture(hidden_channels=8, encoder_blocks=1)
+
+
+def network(arch: Architecture, seed: int = 0, double: bool = False) -> HighResNet:
+    """Seeded random weights without touching the global RNG (untrained_model restores it)."""
+    net = untrained_model(arch, frames=8, seed=seed).network
+    return net.double() if double else net
+
+
+def run(net: HighResNet, frames: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(frames, alphas)
+
+
+def reflectance(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Plausible Sentinel-2 L2A reflectance (float32, no NaN)."""
+    return rng.uniform(0.01, 0.45, shape).astype(np.float32)
+
+
+# --- 1. The default architecture -------------------------------------------------------------------
+
+
+def test_default_architecture_matches_the_method() -> None:
+    """About 1.04 M parameters (≈ 4.2 MB float32) and a PixelShuffle decoder fed directly by 64 = 4·4² channels."""
+    net = HighResNet()
+    count = sum(p.numel() for p in net.parameters())
+    assert count == 1_038_357
+    assert 4.1e6 < 4 * count < 4.2e6
+    assert isinstance(net.decoder.expand, nn.Identity)
+    assert net.encoder.head[0].in_channels == 8  # 4 bands + 4 reference bands
+
+
+@pytest.mark.parametrize(
+    ("batch", "frames", "height", "width"),
+    [(1, 8, 8, 8), (2, 3, 5, 7), (1, 1, 9, 4), (3, 5, 2, 3), (1, 16, 6, 11)],
+)
+def test_default_output_is_four_bands_at_four_times_the_resolution(batch: int, frames: int, height: int, width: int) -> None:
+    """Any frame count and odd sizes: the output grid is exactly 4x the input grid."""
+    x = torch.randn(batch, frames, 4, height, width)
+    out = run(network(Architecture()), x, torch.ones(batch, frames))
+    assert out.shape == (batch, 4, 4 * height, 4 * width)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+# --- 2. Alpha masking -------------------------------------------------------------------------------
+
+
+def test_alpha_zero_frames_change_nothing_but_real_frames_do() -> None:
+    """Padding content is invisible (bit for bit), a real frame is not, and samples in a batch stay apart."""
+    net = network(SMALL)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 9, 7, generator=gen)
+    alphas = torch.tensor([[1.0] * 5 + [0.0] * 3, [1.0] * 3 + [0.0] * 5])
+    base = run(net, x, alphas)
+
+    noisy = x.clone()
+    noisy[0, 5:] = 100 * torch.randn(3, 4, 9, 7, generator=gen)
+    noisy[1, 3:] = 100 * torch.randn(5, 4, 9, 7, generator=gen)
+    assert torch.equal(run(net, noisy, alphas), base)
+
+    changed = x.clone()
+    changed[0, 4] += torch.randn(4, 9, 7, generator=gen)
+    out = run(net, changed, alphas)
+    assert (out[0] - base[0]).abs().max() > 1e-3
+    assert torch.equal(out[1], base[1])
+
+
+def test_short_window_equals_the_same_window_padded_outside() -> None:
+    """The model pads to a power of two itself: 5 frames == 5 frames + 3 alpha-0 frames (8), and + 11 (16)."""
+    net = network(SMALL)
+    gen = torch.Generator().manual_seed(2)
+    x5 = torch.randn(1, 5, 4, 8, 8, generator=gen)
+    alone = run(net, x5, torch.ones(1, 5))
+
+    padded8 = torch.cat([x5, torch.randn(1, 3, 4, 8, 8, generator=gen)], dim=1)
+    alphas8 = torch.tensor([[1.0] * 5 + [0.0] * 3])
+    assert torch.equal(run(net, padded8, alphas8), alone)
+
+    # More fusion levels, all with alpha-0 partners: the same arithmetic, though a different encoder batch.
+    padded16 = torch.cat([x5, torch.zeros(1, 11, 4, 8, 8)], dim=1)
+    alphas16 = torch.tensor([[1.0] * 5 + [0.0] * 11])
+    torch.testing.assert_close(run(net, padded16, alphas16), alone, rtol=1e-6, atol=1e-6)
+
+    # ...whereas treating a padding frame as real does change the result.
+    assert not torch.allclose(run(net, padded8, torch.ones(1, 8)), alone, atol=1e-3)
+
+
+# --- 3. The median reference ------------------------------------------------------------------------
+
+
+def test_median_reference_uses_only_valid_frames() -> None:
+    """Odd numbers of valid frames: the reference is exactly NumPy's median of those frames; padding is ignored."""
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.randn(3, 7, 4, 5, 6, generator=gen, dtype=torch.float64)
+    alphas = torch.tensor(
+        [[1, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64
+    )
+    frames[alphas == 0] = 1e6  # would drag any median that included them
+    reference = median_reference(frames, alphas).numpy()
+    for i in range(3):
+        valid = frames[i][alphas[i] == 1].numpy()
+        np.testing.assert_array_equal(reference[i], np.median(valid, axis=0))
+
+
+def test_median_reference_even_count_and_no_valid_frame() -> None:
+    """Even counts take the lower middle value (torch.nanmedian); no valid frame gives zeros, not NaN."""
+    gen = torch.Generator().manual_seed(4)
+    frames = torch.randn(2, 6, 4, 3, 3, generator=gen, dtype=torch.float64)
+    alphas = torch.tensor([[1, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    reference = median_reference(frames, alphas)
+    valid = np.sort(frames[0][alphas[0] == 1].numpy(), axis=0)
+    np.testing.assert_array_equal(reference[0].numpy(), valid[1])
+    assert torch.equal(reference[1], torch.zeros(4, 3, 3, dtype=torch.float64))
+
+
+# --- 4. Receptive field -----------------------------------------------------------------------------
+
+
+def test_receptive_radius_of_the_default_network() -> None:
+    """28 LR pixels for 8 frames (the method's halo); padding 5 frames to 8 keeps all three fusion levels."""
+    assert receptive_radius(Architecture(), 8) == 28
+    assert receptive_radius(Architecture(), 5) == 28
+    assert receptive_radius(Architecture(), 4) == 25
+    assert receptive_radius(Architecture(), 1) == 19
+    assert receptive_radius(SMALL, 8) == 16
+
+
+@pytest.mark.parametrize(
+    ("arch", "frames"),
+    [(TINY, 1), (TINY, 3), (Architecture(hidden_channels=8, encoder_blocks=2), 5), (SMALL, 8)],
+    ids=["tiny-1", "tiny-3", "blocks2-5", "small-8"],
+)
+def test_receptive_radius_is_measured_exactly(arch: Architecture, frames: int) -> None:
+    """A pixel at Chebyshev distance r (corner or edge) changes the centre's 4x4 block; nothing beyond r does.
+
+    float64 so that a tiny but real influence at the corner is not lost, and an exact zero beyond it is exact.
+    """
+    net = network(arch, double=True)
+    r = receptive_radius(arch, frames)
+    n = 2 * r + 5
+    c = n // 2
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, frames, 4, n, n, generator=gen, dtype=torch.float64)
+
+    near_corner, near_edge, far = x.clone(), x.clone(), x.clone()
+    near_corner[..., c + r, c + r] += 1000.0
+    near_edge[..., c - r, c] += 1000.0
+    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    beyond = torch.maximum((yy - c).abs(), (xx - c).abs()) > r
+    far[..., beyond] = 100 * torch.randn(far[..., beyond].shape, generator=gen, dtype=torch.float64)
+
+    batch = torch.cat([x, near_corner, near_edge, far])
+    out = run(net, batch, torch.ones(4, frames, dtype=torch.float64))
+    block = out[:, :, 4 * c : 4 * c + 4, 4 * c : 4 * c + 4]
+    assert (block[1] - block[0]).abs().max() > 0
+    assert (block[2] - block[0]).abs().max() > 0
+    assert torch.equal(block[3], block[0])
+
+
+def test_halo_of_receptive_radius_makes_a_tile_equal_to_the_whole_image() -> None:
+    """Inference on a tile plus a halo of r, cropped, equals whole-image inference; a halo of r - 1 does not."""
+    arch, frames = TINY, 3
+    net = network(arch, double=True)
+    r = receptive_radius(arch, frames)
+    n, core = 2 * r + 12, slice(r + 2, r + 10)  # an 8x8 core away from the image border
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, frames, 4, n, n, generator=gen, dtype=torch.float64)
+    alphas = torch.ones(1, frames, dtype=torch.float64)
+    whole = run(net, x, alphas)[..., 4 * core.start : 4 * core.stop, 4 * core.start : 4 * core.stop]
+
+    def tiled(halo: int) -> torch.Tensor:
+        lo, hi = core.start - halo, core.stop + halo
+        out = run(net, x[..., lo:hi, lo:hi], alphas)
+        return out[..., 4 * halo : 4 * (halo + 8), 4 * halo : 4 * (halo + 8)]
+
+    assert torch.equal(tiled(r), whole)
+    assert not torch.equal(tiled(r - 1), whole)
+
+
+# --- 5. Checkpoint round trip -----------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    """Weights bit for bit, every metadata field, the same outputs, and a checksum that is the file's sha256."""
+    net = network(SMALL, seed=7)
+    info = ModelInfo(
+        name="round-trip",
+        architecture=SMALL,
+        frames=5,
+        mean=(0.01, 0.02, 0.03, 0.3),
+        std=(0.1, 0.2, 0.3, 0.4),
+        trained=True,
+        extra={"training": {"epochs": 3, "data": "wald-protocol"}},
+    )
+    path = tmp_path / "nested" / "model.safetensors"
+    checksum = save_checkpoint(path, net, info)
+    assert checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    loaded = load_checkpoint(path)
+    assert loaded.checksum == checksum
+    assert loaded.info == info
+    assert loaded.info.architecture == SMALL and loaded.info.trained is True and loaded.info.frames == 5
+    assert not loaded.network.training
+
+    original, restored = net.state_dict(), loaded.network.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert restored[key].dtype == original[key].dtype
+        assert torch.equal(restored[key], original[key]), key
+
+    x = torch.randn(2, 5, 4, 7, 6, generator=torch.Generator().manual_seed(8))
+    alphas = torch.ones(2, 5)
+    assert torch.equal(run(loaded.network, x, alphas), run(net, x, alphas))
+
+
+def test_untrained_model_is_reproducible() -> None:
+    """Every worker must build the same random network from the same seed, and another seed another one."""
+    torch.manual_seed(123)
+    a = untrained_model(SMALL, 8, seed=0)
+    torch.manual_seed(456)
+    b, c = untrained_model(SMALL, 8, seed=0), untrained_model(SMALL, 8, seed=1)
+    assert a.checksum == b.checksum != c.checksum
+    assert all(torch.equal(a.network.state_dict()[k], v) for k, v in b.network.state_dict().items())
+    assert a.info.trained is False and a.info.frames == 8 and a.info.architecture == SMALL
+
+
+def test_building_a_model_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """untrained_model saves and restores the RNG state, so callers' seeded random streams must not shift."""
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, network(SMALL), ModelInfo(name="x", architecture=SMALL))
+    state = torch.random.get_rng_state()
+    untrained_model(SMALL, 8, seed=0)
+    load_checkpoint(path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# --- 6. Refused checkpoints -------------------------------------------------------------------------
+
+
+def _text(path: Path) -> None:
+    path.write_text("weights: not really\n")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _torch_zip_state_dict(path: Path) -> None:
+    torch.save(network(SMALL).state_dict(), path)
+
+
+def _torch_legacy_state_dict(path: Path) -> None:
+    torch.save(network(SMALL).state_dict(), path, _use_new_zipfile_serialization=False)
+
+
+def _safetensors_without_metadata(path: Path) -> None:
+    tensors = {k: v.contiguous() for k, v in network(SMALL).state_dict().items()}
+    save_file(tensors, str(path))
+
+
+def _metadata_is_not_json(path: Path) -> None:
+    tensors = {k: v.contiguous() for k, v in network(SMALL).state_dict().items()}
+    save_file(tensors, str(path), metadata={"sr_batch": "{not json"})
+
+
+def _metadata_with_more_blocks(path: Path) -> None:
+    save_checkpoint(path, network(SMALL), ModelInfo(name="x", architecture=dataclasses.replace(SMALL, encoder_blocks=3)))
+
+
+def _metadata_with_wider_channels(path: Path) -> None:
+    save_checkpoint(path, network(SMALL), ModelInfo(name="x", architecture=dataclasses.replace(SMALL, hidden_channels=32)))
+
+
+def _metadata_without_normalisation(path: Path) -> None:
+    meta = json.loads(ModelInfo(name="x", architecture=SMALL).to_json())
+    del meta["normalisation"]
+    tensors = {k: v.contiguous() for k, v in network(SMALL).state_dict().items()}
+    save_file(tensors, str(path), metadata={"sr_batch": json.dumps(meta)})
+
+
+def _missing(path: Path) -> None:
+    pass
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _text,
+        _empty,
+        _torch_zip_state_dict,
+        _torch_legacy_state_dict,
+        _safetensors_without_metadata,
+        _metadata_is_not_json,
+        _metadata_with_more_blocks,
+        _metadata_with_wider_channels,
+        _metadata_without_normalisation,
+        _missing,
+        _directory,
+    ],
+)
+def test_refused_checkpoints_raise_one_line_checkpoint_errors(tmp_path: Path, write: Callable[[Path], None]) -> None:
+    """Anything but a consistent sr-batch safetensors file is refused with a message the CLI can print."""
+    path = tmp_path / "candidate.safetensors"
+    write(path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith("model.checkpoint:")
+    assert "\n" not in message
+    assert str(path) in message
+
+
+class _OpensAFile:
+    """Unpickling this calls open(marker, 'w'): proof that a loader executed pickle code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path: Path) -> None:
+    """A torch.save file is rejected by its bytes; its payload must never run."""
+    proof_marker, marker = tmp_path / "proof-ran", tmp_path / "payload-ran"
+    proof, payload = tmp_path / "proof.pt", tmp_path / "payload.pt"
+    torch.save({"weight": torch.ones(2), "hook": _OpensAFile(proof_marker)}, proof)
+    torch.save({"weight": torch.ones(2), "hook": _OpensAFile(marker)}, payload)
+
+    # The payload is live: an unsafe load does run it.
+    unsafe = torch.load(proof, weights_only=False)
+    unsafe["hook"].close()
+    assert proof_marker.exists()
+
+    with pytest.raises(CheckpointError, match=r"^model\.checkpoint: .* is not a valid safetensors file"):
+        load_checkpoint(payload)
+    assert not marker.exists()
+
+
+def test_resolve_checkpoint() -> None:
+    """'default' is the shipped model, refused with guidance while none ships; anything else is a path."""
+    assert resolve_checkpoint("models/mine.safetensors") == Path("models/mine.safetensors")
+    if DEFAULT_CHECKPOINT.exists():
+        assert resolve_checkpoint("default") == DEFAULT_CHECKPOINT
+        pytest.skip("default weights ship with this version: the refusal cannot be checked")
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint("default")
+    assert str(err.value).startswith("model.checkpoint:") and "\n" not in str(err.value)
+    assert "untrained" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"^model\.checkpoint:"):
+        superresolve(np.zeros((2, 4, 4, 4), np.float32))
+
+
+# --- 7. The superresolve API ------------------------------------------------------------------------
+
+
+def test_superresolve_fills_gaps_in_older_frames() -> None:
+    """NaN in older frames (a band, a whole pixel, one pixel missing in every older frame) → finite output."""
+    rng = np.random.default_rng(9)
+    frames = reflectance(rng, 5, 4, 6, 7)
+    frames[0, 2, 1, 1] = np.nan
+    frames[1, :, 3, 4] = np.nan
+    frames[:4, :, 5, 6] = np.nan
+    frames[2, :, :2, :] = np.nan
+    out = superresolve(frames, checkpoint="untrained")
+    assert out.shape == (4, 24, 28)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+def test_superresolve_masks_exactly_the_blocks_missing_in_the_latest_frame() -> None:
+    """The model must not invent the latest date's content: one missing band → that 4x4 block is NaN, only it."""
+    rng = np.random.default_rng(10)
+    frames = reflectance(rng, 4, 4, 6, 7)
+    frames[-1, 1, 2, 3] = np.nan
+    frames[-1, :, 5, 0] = np.nan
+    out = superresolve(frames, checkpoint="untrained")
+    expected = np.zeros((24, 28), bool)
+    expected[8:12, 12:16] = True
+    expected[20:24, 0:4] = True
+    np.testing.assert_array_equal(np.isnan(out), np.broadcast_to(expected, out.shape))
+
+
+def test_superresolve_uses_the_most_recent_frames_of_the_checkpoint() -> None:
+    """With 10 frames and an 8-frame model, the two oldest frames cannot matter."""
+    rng = np.random.default_rng(11)
+    frames = reflectance(rng, 10, 4, 5, 5)
+    out = superresolve(frames, checkpoint="untrained")
+    np.testing.assert_array_equal(out, superresolve(frames[-8:], checkpoint="untrained"))
+    older = frames.copy()
+    older[:2] = reflectance(rng, 2, 4, 5, 5)
+    np.testing.assert_array_equal(superresolve(older, checkpoint="untrained"), out)
+    newer = frames.copy()
+    newer[2] = reflectance(rng, 4, 5, 5)
+    assert not np.allclose(superresolve(newer, checkpoint="untrained"), out)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 6, 6),
+        (5, 3, 6, 6),
+        (5, 5, 6, 6),
+        (2, 5, 4, 6, 6),
+        (6, 6),
+        (0, 4, 6, 6),
+        (3, 4, 1, 6),
+    ],
+)
+def test_superresolve_rejects_wrong_shapes(shape: tuple[int, ...]) -> None:
+    """A mis-shaped array is a user error with a clear ValueError, not a failure deep inside torch."""
+    with pytest.raises(ValueError):
+        superresolve(np.full(shape, 0.1, np.float32), checkpoint="untrained")
+
+
+def test_gaps_are_filled_with_the_median_of_the_valid_frames() -> None:
+    """A missing value behaves exactly like the per-pixel, per-band median of the window's other frames."""
+    loaded = untrained_model(SMALL, frames=8)
+    rng = np.random.default_rng(12)
+    window = reflectance(rng, 4, 4, 6, 6)
+    gap = window.copy()
+    gap[0, 2, 3, 1] = np.nan
+    filled = window.copy()
+    filled[0, 2, 3, 1] = np.median(window[1:, 2, 3, 1])  # three valid values: the median is one of them
+    out = superresolve_windows(loaded, [gap, filled, window], device="cpu")
+    np.testing.assert_array_equal(out[0], out[1])
+    assert not np.array_equal(out[0], out[2])
+
+
+def test_windows_of_different_lengths_do_not_mix_in_a_batch() -> None:
+    """Each window's result is what it gets alone, whatever it shares a batch with (NaN masks included)."""
+    loaded = untrained_model(SMALL, frames=8)
+    rng = np.random.default_rng(13)
+    windows = [reflectance(rng, t, 4, 6, 5) for t in (2, 8, 5, 1, 3)]
+    windows[2][-1, 0, 1, 1] = np.nan
+    windows[4][0, :, 2, 2] = np.nan
+    alone = np.stack([superresolve_windows(loaded, [w], device="cpu")[0] for w in windows])
+    assert np.isnan(alone[2]).sum() == 4 * 16 and not np.isnan(np.delete(alone, 2, axis=0)).any()
+    for batch_size in (8, 3):
+        together = superresolve_windows(loaded, windows, device="cpu", batch_size=batch_size)
+        assert together.shape == (5, 4, 24, 20)
+        np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_normalisation_is_inverted_exactly() -> None:
+    """Zero network output maps back to the checkpoint mean; scaling data and statistics together scales the output."""
+    loaded = untrained_model(SMALL, frames=8)
+    mean, std = (0.05, 0.08, 0.06, 0.3), (0.02, 0.03, 0.04, 0.1)
+    loaded = dataclasses.replace(loaded, info=dataclasses.replace(loaded.info, mean=mean, std=std))
+    rng = np.random.default_rng(14)
+    window = reflectance(rng, 3, 4, 5, 5)
+
+    out = superresolve_windows(loaded, [window], device="cpu")[0]
+    doubled = dataclasses.replace(loaded, info=dataclasses.replace(loaded.info, mean=tuple(2 * m for m in mean), std=tuple(2 * s for s in std)))
+    np.testing.assert_allclose(superresolve_windows(doubled, [2 * window], device="cpu")[0], 2 * out, rtol=1e-6, atol=0)
+
+    silent = untrained_model(SMALL, frames=8).network
+    nn.init.zeros_(silent.decoder.expand.weight)
+    nn.init.zeros_(silent.decoder.expand.bias)
+    zero = LoadedModel(network=silent, info=loaded.info, checksum="")
+    out = superresolve_windows(zero, [window], device="cpu")[0]
+    np.testing.assert_array_equal(out, np.broadcast_to(np.asarray(mean, np.float32)[:, None, None], out.shape))
