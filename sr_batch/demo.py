@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import xarray as xr
 import yaml
 
+from sr_batch.cube import BANDS, load_cube
+
 from sr_batch.job import JobResult, run_job
+from sr_batch.quicklook import render
 from sr_batch.sample import COLLECTION_ID, build_sample_catalog, sample_aoi
 from sr_batch.spec import load_spec
 from sr_batch.stac_server import serve_items
@@ -41,6 +46,24 @@ def run_demo(out_dir: Path = Path("out/demo"), start: str = "2018-01-01", end: s
         job_file.write_text(yaml.safe_dump(demo_job(url, (out_dir / "romania-sample.zarr").resolve(), start, end), sort_keys=False))
         print(f"Job file: {job_file}")
         result = run_job(load_spec(job_file), overwrite=True)
+        picture = demo_quicklook(result, out_dir / "quicklook.png")
     print(f"\nDemo output written to {result.output}")
+    if picture:
+        print(f"Quicklook (10 m input vs 2.5 m output, latest date): {picture}")
     print('Read it with: xr.open_zarr("%s", decode_coords="all")' % result.output)
     return result
+
+
+def demo_quicklook(result: JobResult, path: Path) -> Path | None:
+    """The latest output date next to its 10 m input, read back from the STAC API and the Zarr store."""
+    plan = result.plan
+    if not plan.output_days:
+        return None
+    day = plan.days[plan.output_days[-1]]
+    assets = plan.spec.stac.assets.in_model_order()[:4]
+    low = load_cube([day], plan.grid, assets, list(BANDS), ((plan.grid.height,), (plan.grid.width,))).values[0] / 10000.0
+    low[low == 0] = np.nan
+    with xr.open_zarr(result.output, consolidated=False) as ds:
+        high = ds.sr.isel(time=-1).values
+    untrained = "" if result.model.info.trained else "  —  UNTRAINED MODEL: output is not super-resolution"
+    return render(low, high, path, f"{plan.spec.name} {day.date}{untrained}")

@@ -18,6 +18,7 @@ from sr_batch.cluster import dask_client
 from sr_batch.model import Architecture, LoadedModel
 from sr_batch.plan import Plan, make_plan
 from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
+from sr_batch.errors import SpecError
 from sr_batch.spec import JobSpec
 from sr_batch.superres import ModelRef, load_model
 from sr_batch.tiles import superresolve_plan
@@ -46,9 +47,17 @@ def model_ref(spec: JobSpec) -> ModelRef:
     )
 
 
+def checked_model(spec: JobSpec) -> LoadedModel:
+    """Load the job's model here, before any cluster work, and check that the job can use it."""
+    loaded = load_model(model_ref(spec))
+    if loaded.info.frames != spec.model.frames:
+        raise SpecError(f"model.frames: the checkpoint {loaded.info.name} takes {loaded.info.frames} frames, the job asks for {spec.model.frames}; set model.frames: {loaded.info.frames}")
+    return loaded
+
+
 def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, echo: Echo = print) -> Plan:
     """The dry run: search, cloud scores and windows, without super-resolving anything."""
-    load_model(model_ref(spec))
+    checked_model(spec)
     with dask_client(scheduler, workers, echo):
         plan = make_plan(spec)
     echo(plan.summary())
@@ -59,7 +68,7 @@ def run_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = N
     started = time.monotonic()
     target = check_writable(spec.output.uri, overwrite)
     ref = model_ref(spec)
-    loaded = load_model(ref)
+    loaded = checked_model(spec)
     if not loaded.info.trained:
         echo(f"WARNING: model {loaded.info.name} is UNTRAINED (random weights): the output checks the pipeline, it is not super-resolution.")
     with dask_client(scheduler, workers, echo) as client:

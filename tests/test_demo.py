@@ -20,6 +20,9 @@ def test_demo_writes_a_zarr_and_says_the_model_is_untrained(tmp_path: Path, caps
     assert "UNTRAINED" in printed and f"Demo output written to {result.output}" in printed
     assert "CRS EPSG:3035" in printed and "dates written:" in printed and "time taken:" in printed
     assert (tmp_path / "demo" / "job.yaml").exists()
+    picture = tmp_path / "demo" / "quicklook.png"
+    assert f"Quicklook (10 m input vs 2.5 m output, latest date): {picture}" in printed
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 50_000
     with xr.open_zarr(result.output, decode_coords="all", consolidated=False) as ds:
         assert ds.sizes["time"] >= 2 and ds.sr.shape[1:] == (4, 400, 400)
         assert ds.attrs["model_trained"] is False
