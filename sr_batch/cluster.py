@@ -18,7 +18,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError) as err:
-            raise SrBatchError(f"--scheduler: cannot connect to a Dask scheduler at {scheduler} ({type(err).__name__}); check the address and that it is running") from None
+            raise SrBatchError(
+                f"--scheduler: cannot connect to a Dask scheduler at {scheduler} ({type(err).__name__}); check the address and that it is running"
+            ) from None
         with client:
             echo(f"Dask: connected to {scheduler} ({len(client.scheduler_info()['workers'])} workers); dashboard {client.dashboard_link}")
             yield client

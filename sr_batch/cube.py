@@ -185,4 +185,8 @@ def _mosaic_solar_days(stack: xr.DataArray, days: list[SolarDay]) -> xr.DataArra
     import stackstac
 
     stack = stack.assign_coords(time=pd.DatetimeIndex(day_of_item))
-    return stack.groupby("time").map(lambda group: stackstac.mosaic(group, dim="time", nodata=0) if group.sizes["time"] > 1 else group.squeeze("time", drop=True))
+
+    def mosaic(group: xr.DataArray) -> xr.DataArray:
+        return stackstac.mosaic(group, dim="time", nodata=0) if group.sizes["time"] > 1 else group.squeeze("time", drop=True)
+
+    return stack.groupby("time").map(mosaic)

@@ -14,7 +14,6 @@ import xarray as xr
 import yaml
 
 from sr_batch.cube import BANDS, load_cube
-
 from sr_batch.job import JobResult, run_job
 from sr_batch.quicklook import render
 from sr_batch.sample import COLLECTION_ID, build_sample_catalog, sample_aoi
@@ -50,7 +49,7 @@ def run_demo(out_dir: Path = Path("out/demo"), start: str = "2018-01-01", end: s
     print(f"\nDemo output written to {result.output}")
     if picture:
         print(f"Quicklook (10 m input vs 2.5 m output, latest date): {picture}")
-    print('Read it with: xr.open_zarr("%s", decode_coords="all")' % result.output)
+    print(f'Read it with: xr.open_zarr("{result.output}", decode_coords="all")')
     return result
 
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from distributed import Client, progress
 
 from sr_batch.cluster import dask_client
+from sr_batch.errors import SpecError
 from sr_batch.model import Architecture, LoadedModel
 from sr_batch.plan import Plan, make_plan
 from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
-from sr_batch.errors import SpecError
 from sr_batch.spec import JobSpec
 from sr_batch.superres import ModelRef, load_model
 from sr_batch.tiles import superresolve_plan
@@ -51,7 +52,10 @@ def checked_model(spec: JobSpec) -> LoadedModel:
     """Load the job's model here, before any cluster work, and check that the job can use it."""
     loaded = load_model(model_ref(spec))
     if loaded.info.frames != spec.model.frames:
-        raise SpecError(f"model.frames: the checkpoint {loaded.info.name} takes {loaded.info.frames} frames, the job asks for {spec.model.frames}; set model.frames: {loaded.info.frames}")
+        raise SpecError(
+            f"model.frames: the checkpoint {loaded.info.name} takes {loaded.info.frames} frames, "
+            f"the job asks for {spec.model.frames}; set model.frames: {loaded.info.frames}"
+        )
     return loaded
 
 
@@ -64,7 +68,14 @@ def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = 
     return plan
 
 
-def run_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, overwrite: bool = False, show_progress: bool = True, echo: Echo = print) -> JobResult:
+def run_job(
+    spec: JobSpec,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    echo: Echo = print,
+) -> JobResult:
     started = time.monotonic()
     target = check_writable(spec.output.uri, overwrite)
     ref = model_ref(spec)

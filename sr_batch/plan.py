@@ -152,8 +152,7 @@ def _summary(plan: Plan) -> str:
         + (f" ({days[0].date} … {days[-1].date})" if days else "")
         + f"; dropped {len(plan.found.duplicates)} duplicates, {plan.found.outside_aoi} outside the AOI, "
         f"{plan.found.too_cloudy} over max_scene_cloud_cover, {len(plan.found.missing_assets)} missing assets",
-        f"Grid: {plan.crs_note}, {grid.width} x {grid.height} px at 10 m ({area_km2:.2f} km²) -> "
-        f"{grid.width * SCALE} x {grid.height * SCALE} px at 2.5 m",
+        f"Grid: {plan.crs_note}, {grid.width} x {grid.height} px at 10 m ({area_km2:.2f} km²) -> {grid.width * SCALE} x {grid.height * SCALE} px at 2.5 m",
         f"Tiles: {len(plan.rows)} x {len(plan.cols)} of up to {spec.tiling.tile} px, halo {spec.tiling.halo} px "
         f"(needs ≥ {seamless_halo(spec)}: receptive field ±{radius} + cloud dilation {spec.cloud.dilate_pixels}"
         f"{')' if spec.tiling.halo >= seamless_halo(spec) else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
@@ -167,4 +166,3 @@ def _summary(plan: Plan) -> str:
         first, last = days[outputs[0]].date, days[outputs[-1]].date
         lines.append(f"Output dates: {first} … {last}")
     return "\n".join(lines)
-

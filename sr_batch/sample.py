@@ -107,11 +107,12 @@ def _write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
     import rasterio
     from rio_stac import create_stac_item
 
-    when = dt.datetime.fromisoformat(str(scene.time.values)[:19]).replace(tzinfo=dt.timezone.utc, hour=9, minute=30)
+    when = dt.datetime.fromisoformat(str(scene.time.values)[:19]).replace(tzinfo=dt.UTC, hour=9, minute=30)
     item_id = f"S2_L2A_RO_SAMPLE_{when:%Y%m%d}"
     folder = scenes_dir / item_id
     folder.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="COG", dtype="uint16", nodata=0, width=scene.sizes["x"], height=scene.sizes["y"], count=1, crs="EPSG:3035", transform=transform, compress="deflate")
+    size = {"width": scene.sizes["x"], "height": scene.sizes["y"]}
+    profile = dict(driver="COG", dtype="uint16", nodata=0, count=1, crs="EPSG:3035", transform=transform, compress="deflate", **size)
     assets = {}
     for variable, key in ASSETS.items():
         path = folder / f"{key}.tif"
@@ -157,8 +158,7 @@ def _collection(items: list[dict[str, Any]]) -> dict[str, Any]:
         "type": "Collection",
         "stac_version": "1.0.0",
         "id": COLLECTION_ID,
-        "description": "Sentinel-2 L2A sample over Romania (from the nrt 0.2.1 wheel, EC-JRC, EUPL-1.2). "
-        "Contains modified Copernicus Sentinel data 2015-2021.",
+        "description": "Sentinel-2 L2A sample over Romania (from the nrt 0.2.1 wheel, EC-JRC, EUPL-1.2). Contains modified Copernicus Sentinel data 2015-2021.",
         "license": "proprietary",
         "extent": {"spatial": {"bbox": [[west, south, east, north]]}, "temporal": {"interval": [[dates[0], dates[-1]]]}},
         "links": [],

@@ -83,7 +83,8 @@ def _fetch(spec: JobSpec, bbox: tuple[float, float, float, float]) -> list[dict[
     except APIError as err:
         raise SearchError(f"stac.url: the STAC API at {url} refused the search ({_first_line(err)}); check stac.url and stac.collection") from None
     except Exception as err:  # requests/urllib3 raise many connection error types
-        raise SearchError(f"stac.url: cannot reach a STAC API at {url} ({type(err).__name__}: {_first_line(err)}); check the URL and that the server is up") from None
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        raise SearchError(f"stac.url: cannot reach a STAC API at {url} ({reason}); check the URL and that the server is up") from None
 
 
 def _check_collection(client: Any, collection: str) -> None:
@@ -173,7 +174,4 @@ def group_by_solar_day(items: list[dict[str, Any]]) -> list[SolarDay]:
     by_day: dict[dt.date, list[dict[str, Any]]] = defaultdict(list)
     for item in items:
         by_day[solar_day(item)].append(item)
-    return [
-        SolarDay(day, tuple(sorted(group, key=lambda i: -float(i["properties"].get("eo:cloud_cover", 0.0)))))
-        for day, group in sorted(by_day.items())
-    ]
+    return [SolarDay(day, tuple(sorted(group, key=lambda i: -float(i["properties"].get("eo:cloud_cover", 0.0))))) for day, group in sorted(by_day.items())]

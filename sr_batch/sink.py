@@ -111,7 +111,7 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
     return {
         "title": f"sr-batch super-resolution: {spec.name}",
         "sr_batch_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model_name": model.info.name,
         "model_sha256": model.checksum,
         "model_trained": model.info.trained,
@@ -138,7 +138,7 @@ def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
             "_FillValue": np.uint16(0),
             "chunks": (1, len(BANDS), min(SCALE * tile, height), min(SCALE * tile, width)),
         },
-        "window_start": {"units": "days since 1970-01-01", "dtype": "int32", "_FillValue": np.int32(-2**31)},
+        "window_start": {"units": "days since 1970-01-01", "dtype": "int32", "_FillValue": np.int32(-(2**31))},
     }
 
 
@@ -175,7 +175,8 @@ def describe_output(target: Path) -> str:
             f"Output: {target}",
             f"  sr {dict(sr.sizes)}  {sr.encoding.get('dtype')} x {sr.encoding.get('scale_factor')}  CRS {ds.rio.crs}  pixel {ds.attrs['resolution_m']} m",
             f"  dates written: {len(dates)}" + (f" ({dates[0]} … {dates[-1]})" if dates else " (no cloudless date in the period)"),
-            f"  model: {ds.attrs['model_name']} sha256 {ds.attrs['model_sha256'][:12]}…" + ("" if ds.attrs["model_trained"] else "  (UNTRAINED: not super-resolution)"),
+            f"  model: {ds.attrs['model_name']} sha256 {ds.attrs['model_sha256'][:12]}…"
+            + ("" if ds.attrs["model_trained"] else "  (UNTRAINED: not super-resolution)"),
         ]
     return "\n".join(lines)
 

@@ -16,8 +16,8 @@ import shapely
 import shapely.geometry
 import shapely.validation
 import yaml
-from shapely.geometry.base import BaseGeometry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from shapely.geometry.base import BaseGeometry
 
 from sr_batch.errors import SpecError
 
@@ -66,7 +66,7 @@ class Aoi(_Strict):
     geojson: Path | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Aoi":
+    def _exactly_one(self) -> Aoi:
         given = [k for k in ("bbox", "geometry", "geojson") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of bbox: [west, south, east, north], geometry: {...} or geojson: FILE")
@@ -119,7 +119,7 @@ class TimeRange(_Strict):
     """Empty means now: a nightly run picks up whatever is new."""
 
     @model_validator(mode="after")
-    def _ordered(self) -> "TimeRange":
+    def _ordered(self) -> TimeRange:
         if self.end is not None and self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}; swap them or leave end empty for 'now'")
         return self
@@ -163,7 +163,7 @@ class ModelSettings(_Strict):
         return frames
 
     @model_validator(mode="after")
-    def _architecture_only_untrained(self) -> "ModelSettings":
+    def _architecture_only_untrained(self) -> ModelSettings:
         if self.architecture is not None and self.checkpoint != "untrained":
             raise ValueError("architecture is only for checkpoint: untrained; a checkpoint file carries its own")
         return self
@@ -176,7 +176,7 @@ class Tiling(_Strict):
     """Extra 10 m pixels read around each tile and cropped after; >= the receptive field (28) for seamless joins."""
 
     @model_validator(mode="after")
-    def _halo_fits(self) -> "Tiling":
+    def _halo_fits(self) -> Tiling:
         if self.tile < self.halo:
             raise ValueError(f"tile ({self.tile}) is smaller than halo ({self.halo}); make tile >= halo")
         return self

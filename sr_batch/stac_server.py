@@ -7,6 +7,7 @@ prefiltering happens client-side in the search stage.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 from urllib.request import urlopen
-import json
 
 
 def free_port() -> int:

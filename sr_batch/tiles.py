@@ -11,8 +11,8 @@ whole, never sharing a Zarr chunk between tasks.
 from __future__ import annotations
 
 import dask.array as da
-from dask.base import tokenize
 import numpy as np
+from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from sr_batch.clouds import unusable_mask

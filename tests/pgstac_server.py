@@ -124,9 +124,7 @@ def _pip_install(requirements: Sequence[str]) -> None:
 def _run_quiet(cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run an installer with captured output; a hung installer becomes a failure, not a hung test."""
     try:
-        return subprocess.run(
-            list(cmd), env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
+        return subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"{cmd[0]} could not run: {exc}") from exc
 
@@ -195,10 +193,7 @@ def _running_postgres(home: Path, data: Path, port: int) -> Iterator[None]:
     sockets = home / "sock"
     sockets.mkdir()
     shutil.chown(sockets, PG_SUPERUSER, PG_SUPERUSER)
-    options = (
-        f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    )
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     pg_ctl = str(PG_BIN / "pg_ctl")
     start = [pg_ctl, "start", "-D", str(data), "-l", str(home / "postgres.log"), "-w", "-t", str(PG_START_TIMEOUT_S)]
     try:
@@ -295,9 +290,7 @@ def _running_api(workdir: Path, db_port: int) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=workdir, env=_app_env(db_port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen(cmd, cwd=workdir, env=_app_env(db_port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{api_port}"
             _wait_for_api(url, proc, log_path)

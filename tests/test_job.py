@@ -10,9 +10,10 @@ import pytest
 import rioxarray  # noqa: F401
 import xarray as xr
 
-from conftest import make_job
 from sr_batch.job import JobResult, run_job
 from sr_batch.spec import parse_spec
+
+from conftest import make_job
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,7 @@ def test_output_dates_are_the_planned_cloudless_dates(summer: JobResult) -> None
             else:
                 assert np.isnan(block).all()
     # Some (tile, date) pairs must be cloudy, or the test above proves little.
-    assert any(plan.cloud[d].max() > 0.05 for d in plan.output_days) or any(
-        (plan.cloud[:, r, c] > 0.05).any() for r in range(2) for c in range(2)
-    )
+    assert any(plan.cloud[d].max() > 0.05 for d in plan.output_days) or any((plan.cloud[:, r, c] > 0.05).any() for r in range(2) for c in range(2))
 
 
 def test_output_is_float_reflectance_stored_as_uint16(summer: JobResult) -> None:

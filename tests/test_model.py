@@ -131,9 +131,7 @@ def test_median_reference_uses_only_valid_frames() -> None:
     """Odd numbers of valid frames: the reference is exactly NumPy's median of those frames; padding is ignored."""
     gen = torch.Generator().manual_seed(3)
     frames = torch.randn(3, 7, 4, 5, 6, generator=gen, dtype=torch.float64)
-    alphas = torch.tensor(
-        [[1, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64
-    )
+    alphas = torch.tensor([[1, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)
     frames[alphas == 0] = 1e6  # would drag any median that included them
     reference = median_reference(frames, alphas).numpy()
     for i in range(3):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import make_job
-from pgstac_server import pgstac_api
 from sr_batch.job import run_job
 from sr_batch.spec import parse_spec
+
+from conftest import make_job
+from pgstac_server import pgstac_api
 
 
 @pytest.mark.pgstac

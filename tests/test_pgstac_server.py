@@ -87,9 +87,7 @@ def test_pgstac_api_search_and_paging(tmp_path: Path) -> None:
         client = Client.open(url)
         assert [c.id for c in client.get_collections()] == [COLLECTION_ID]
 
-        early = client.search(
-            collections=[COLLECTION_ID], bbox=[25.9, 45.75, 26.1, 45.85], datetime="2024-07-01/2024-07-05"
-        )
+        early = client.search(collections=[COLLECTION_ID], bbox=[25.9, 45.75, 26.1, 45.85], datetime="2024-07-01/2024-07-05")
         found = {item["id"]: item for item in early.items_as_dicts()}
         assert set(found) == {"S2A_T35TLL_20240701", "S2A_T35TML_20240701"}
         props = found["S2A_T35TML_20240701"]["properties"]

@@ -13,12 +13,13 @@ import rasterio
 import xarray as xr
 from affine import Affine
 
-from conftest import make_job
 from sr_batch.cube import BANDS, SCL, choose_grid, dn_offset, load_cube
 from sr_batch.sample import ASSETS
 from sr_batch.search import deduplicate, group_by_solar_day, search
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
+
+from conftest import make_job
 
 VARIABLES = {v: k for k, v in ASSETS.items()}  # asset key → netCDF variable
 

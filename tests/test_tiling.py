@@ -7,14 +7,16 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from conftest import make_job
 from sr_batch.job import run_job
 from sr_batch.spec import parse_spec
+
+from conftest import make_job
 
 
 def run(stac_url: str, catalog, scheduler: str, out: Path, tile: int, halo: int) -> np.ndarray:
     # Every date counts as cloudless in every tile, so all tilings get the same windows.
-    job = make_job(stac_url, out, catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": tile, "halo": halo})
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    job = make_job(stac_url, out, catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": tile, "halo": halo})
     result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False)
     if tile < 100:
         assert len(result.plan.rows) >= 4 and len(result.plan.cols) >= 4

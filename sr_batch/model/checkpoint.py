@@ -58,7 +58,7 @@ class ModelInfo:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelInfo":
+    def from_json(cls, text: str) -> ModelInfo:
         data = json.loads(text)
         norm = data.pop("normalisation")
         arch = Architecture(**data.pop("architecture"))
@@ -131,7 +131,9 @@ def _from_bytes(blob: bytes, source: str) -> LoadedModel:
     try:
         info = ModelInfo.from_json(header[METADATA_KEY])
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"model.checkpoint: {source} has unreadable sr-batch metadata ({type(err).__name__}: {err}); give a checkpoint written by sr-batch") from None
+        raise CheckpointError(
+            f"model.checkpoint: {source} has unreadable sr-batch metadata ({type(err).__name__}: {err}); give a checkpoint written by sr-batch"
+        ) from None
     problem = _metadata_problem(info)
     if problem:
         raise CheckpointError(f"model.checkpoint: {source} metadata {problem}; sr-batch needs 4 bands (B02, B03, B04, B08) at scale 4")
