@@ -14,7 +14,8 @@ from conftest import make_job
 SR_BATCH = str(Path(sys.executable).parent / "sr-batch")
 
 
-def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, catalog) -> None:
+def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """plan on its own LocalCluster; run on an existing cluster given by --scheduler."""
     out = tmp_path / "out" / "cli.zarr"
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(make_job(stac_url, Path("out/cli.zarr"), catalog, time={"start": "2019-07-01", "end": "2019-07-31"})))
@@ -24,8 +25,9 @@ def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, cata
     assert "LocalCluster of 2 worker processes" in plan.stdout and "Windows:" in plan.stdout
     assert not out.exists(), "plan is a dry run"
 
-    run = subprocess.run([SR_BATCH, "run", str(job), "--workers", "2"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", scheduler], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
+    assert f"Dask: connected to {scheduler} (2 workers)" in run.stdout
     assert "UNTRAINED" in run.stdout and f"Output: {out}" in run.stdout  # relative output paths are taken from the job file's folder
     with xr.open_zarr(out, consolidated=False) as ds:
         assert ds.sizes["time"] >= 1
