@@ -62,19 +62,22 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sr_batch.job import run_job
     from sr_batch.spec import load_spec
 
-    spec = load_spec(args.job, _overrides(args.set))
+    spec = load_spec(args.job, _overrides(args.set))  # before the heavy imports: a bad job fails at once
+    from sr_batch.job import run_job
+
     run_job(spec, scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite, show_progress=not args.no_progress)
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from sr_batch.job import plan_job
     from sr_batch.spec import load_spec
 
-    plan_job(load_spec(args.job, _overrides(args.set)), scheduler=args.scheduler, workers=args.workers)
+    spec = load_spec(args.job, _overrides(args.set))
+    from sr_batch.job import plan_job
+
+    plan_job(spec, scheduler=args.scheduler, workers=args.workers)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -42,13 +43,10 @@ def check_writable(uri: str, overwrite: bool) -> Path:
     target = Path(uri)
     if target.exists() and not overwrite:
         raise OutputError(f"output.uri: {target} already exists; choose another path or pass --overwrite to replace it")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = target.parent / f".{target.name}.probe-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"output.uri: cannot write in {target.parent} ({err.strerror}); choose a writable location") from None
+    # The nearest folder that exists must be writable; missing folders are made only when writing.
+    existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output.uri: cannot write in {existing}; choose a writable location")
     return target
 
 
@@ -144,6 +142,7 @@ def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
 
 def write_dataset(ds: xr.Dataset, target: Path, tile: int, overwrite: bool, compute: Any) -> None:
     """Write into a staging store, then move it into place; `compute` runs the Dask write (with progress)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}")
     try:
         delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, tile))

@@ -65,52 +65,84 @@ class Aoi(_Strict):
     geometry: dict[str, Any] | None = None
     geojson: Path | None = None
 
+    @field_validator("bbox")
+    @classmethod
+    def _ordered_lon_lat(cls, bbox: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if bbox is None:
+            return bbox
+        west, south, east, north = bbox
+        if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
+            raise ValueError(f"{list(bbox)} is outside lon/lat range; give [west, south, east, north] in degrees")
+        if west >= east or south >= north:
+            raise ValueError(f"{list(bbox)} has min >= max; give [west, south, east, north] with west < east, south < north")
+        return bbox
+
+    @field_validator("geometry")
+    @classmethod
+    def _valid_geometry(cls, geometry: dict[str, Any] | None) -> dict[str, Any] | None:
+        if geometry is not None:
+            _polygon(geometry)  # validated now, not halfway through a job
+        return geometry
+
+    @field_validator("geojson")
+    @classmethod
+    def _valid_geojson_file(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            _polygon(_read_geojson(path))
+        return path
+
     @model_validator(mode="after")
     def _exactly_one(self) -> Aoi:
         given = [k for k in ("bbox", "geometry", "geojson") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of bbox: [west, south, east, north], geometry: {...} or geojson: FILE")
-        if self.bbox is None:
-            self.shape()  # validates the geometry now, not halfway through a job
-        if self.bbox is not None:
-            west, south, east, north = self.bbox
-            if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
-                raise ValueError(f"bbox {list(self.bbox)} is outside lon/lat range; give [west, south, east, north] in degrees")
-            if west >= east or south >= north:
-                raise ValueError(f"bbox {list(self.bbox)} has min >= max; give [west, south, east, north] with west < east, south < north")
         return self
 
     def shape(self) -> BaseGeometry:
         """The AOI as a valid, non-empty lon/lat shapely geometry."""
         if self.bbox is not None:
             return shapely.geometry.box(*self.bbox)
-        geojson = self.geometry if self.geometry is not None else _read_geojson(self.geojson)
-        try:
-            geom = shapely.geometry.shape(geojson)
-        except Exception as err:  # shapely raises several types for malformed GeoJSON
-            raise ValueError(f"is not a GeoJSON geometry ({err}); give a Polygon or MultiPolygon") from None
-        if geom.is_empty or geom.area == 0:
-            raise ValueError("geometry is empty; give a Polygon or MultiPolygon with an area")
-        if not geom.is_valid:
-            raise ValueError(f"geometry is invalid ({shapely.validation.explain_validity(geom)}); fix it, e.g. with shapely make_valid")
-        west, south, east, north = geom.bounds
-        if west < -180 or east > 180 or south < -90 or north > 90:
-            raise ValueError("geometry is outside lon/lat range; give coordinates in degrees (EPSG:4326)")
-        return geom
+        return _polygon(self.geometry if self.geometry is not None else _read_geojson(self.geojson))
 
 
-def _read_geojson(path: Path | None) -> dict[str, Any]:
+def _polygon(geojson: Any) -> BaseGeometry:
+    """A valid lon/lat geometry with an area, from a GeoJSON geometry mapping."""
+    if not isinstance(geojson, dict):
+        raise ValueError("is not a GeoJSON geometry; give a Polygon or MultiPolygon mapping")
+    try:
+        geom = shapely.geometry.shape(geojson)
+    except Exception as err:  # shapely raises several types for malformed GeoJSON
+        raise ValueError(f"is not a GeoJSON geometry ({err}); give a Polygon or MultiPolygon") from None
+    if geom.is_empty:
+        raise ValueError("geometry is empty; give a Polygon or MultiPolygon with an area")
+    if not geom.is_valid:
+        raise ValueError(f"geometry is invalid ({shapely.validation.explain_validity(geom)}); fix it, e.g. with shapely make_valid")
+    if geom.area == 0:
+        raise ValueError("geometry has no area; give a Polygon or MultiPolygon")
+    west, south, east, north = geom.bounds
+    if west < -180 or east > 180 or south < -90 or north > 90:
+        raise ValueError("geometry is outside lon/lat range; give coordinates in degrees (EPSG:4326)")
+    return geom
+
+
+def _read_geojson(path: Path) -> dict[str, Any]:
     """A geometry from a GeoJSON file holding a geometry, a Feature or a FeatureCollection."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read GeoJSON file {path} ({err.__class__.__name__}); give a readable .geojson file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a GeoJSON object; give a geometry, Feature or FeatureCollection")
     if data.get("type") == "FeatureCollection":
-        geoms = [shapely.geometry.shape(f["geometry"]) for f in data.get("features", [])]
-        if not geoms:
-            raise ValueError(f"{path} holds no features; give a file with at least one polygon")
-        return shapely.geometry.mapping(shapely.union_all(geoms))
-    return data.get("geometry", data) if data.get("type") == "Feature" else data
+        geometries = [f.get("geometry") for f in data.get("features") or [] if isinstance(f, dict)]
+        polygons = [_polygon(g) for g in geometries if g]
+        if not polygons:
+            raise ValueError(f"{path} holds no polygon geometry; give a file with at least one polygon")
+        return shapely.geometry.mapping(shapely.union_all(polygons))
+    geometry = data.get("geometry") if data.get("type") == "Feature" else data
+    if not geometry:
+        raise ValueError(f"{path} holds no polygon geometry; give a Feature with a Polygon or MultiPolygon")
+    return geometry
 
 
 class TimeRange(_Strict):
@@ -213,6 +245,8 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such job file; give the path of a job YAML") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: not a readable job file ({type(err).__name__}); give the path of a job YAML") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -267,8 +301,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for key in parents:
+    for depth, key in enumerate(parents):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            section = ".".join(parents[: depth + 1])
+            raise SpecError(f"--set {dotted}: {section} is a value, not a section; set {section}=VALUE instead")
     node[leaf] = value
 
 
