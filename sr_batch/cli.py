@@ -38,6 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(plan)
     plan.set_defaults(handler=_plan)
 
+    train = commands.add_parser("train", help="train the network on real Sentinel-2 (Wald's protocol)")
+    train.add_argument("config", type=Path, help="training config (YAML); see sr_batch/training/default.yaml")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint against bicubic on real samples")
+    evaluate.add_argument("--checkpoint", default="default", help="a .safetensors path, 'default' or 'untrained'")
+    evaluate.add_argument("--split", default="test", choices=["test", "validation", "train"], help="which samples (default: test)")
+    evaluate.add_argument("--out", type=Path, default=Path("out/evaluate"), help="folder for metrics.json, metrics.md and figure.png")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(handler=_evaluate)
+
     demo = commands.add_parser("demo", help="run a real job on the bundled sample region through a local STAC API")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the job file and the Zarr output")
     demo.set_defaults(handler=_demo)
@@ -78,6 +89,26 @@ def _plan(args: argparse.Namespace) -> int:
     from sr_batch.job import plan_job
 
     plan_job(spec, scheduler=args.scheduler, workers=args.workers)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sr_batch.training.train import load_config
+
+    config = load_config(args.config)
+    from sr_batch.training.train import train
+
+    best = train(config)
+    print(f"Best checkpoint: {best}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sr_batch.training.evaluate import evaluate, markdown_table
+
+    report = evaluate(args.checkpoint, args.split, args.out, args.device)
+    print(markdown_table(report))
+    print(f"Written: {args.out / 'metrics.json'}, {args.out / 'metrics.md'}, {args.out / 'figure.png'}")
     return 0
 
 

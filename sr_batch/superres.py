@@ -90,7 +90,7 @@ def superresolve_windows(loaded: LoadedModel, windows: list[np.ndarray], device:
     out = np.empty((len(windows), 4, height * scale, width * scale), np.float32)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        frames, alphas = _prepare(chunk, pad_to, np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32))
+        frames, alphas = prepare_windows(chunk, pad_to, np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32))
         with torch.inference_mode():
             result = loaded.network(torch.from_numpy(frames).to(target), torch.from_numpy(alphas).to(target))
         result = result.float().cpu().numpy()
@@ -111,7 +111,7 @@ def _windows_per_pass(hidden: int, frames: int, height: int, width: int) -> int:
     return max(1, int(CPU_PASS_BYTES // per_window))
 
 
-def _prepare(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def prepare_windows(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalise, fill gaps with the per-pixel median of the valid frames, pad to `frames` with alpha 0."""
     height, width = windows[0].shape[-2:]
     batch = np.zeros((len(windows), frames, 4, height, width), np.float32)

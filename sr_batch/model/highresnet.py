@@ -21,8 +21,11 @@ class Architecture:
     hidden_channels: int = 64
     encoder_blocks: int = 8
     scale: int = 4
+    residual: str = "none"
+    """'none' (as in the method) or 'bicubic': the network adds a learned residual to the bicubic
+    upsampling of the latest frame, so an untrained or briefly trained network starts at bicubic."""
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
 
@@ -94,6 +97,11 @@ class Decoder(nn.Module):
             self.expand = nn.Identity()
         self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect"), nn.PReLU())
         self.shuffle = nn.PixelShuffle(arch.scale)
+        if arch.residual == "bicubic":
+            # Start as bicubic: the last layer before the shuffle outputs zero until training moves it.
+            last = self.expand if isinstance(self.expand, nn.Conv2d) else self.conv[0]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shuffle(self.expand(self.conv(x)))
@@ -110,6 +118,8 @@ class HighResNet(nn.Module):
 
     def __init__(self, arch: Architecture = Architecture()) -> None:
         super().__init__()
+        if arch.residual not in ("none", "bicubic"):
+            raise ValueError(f"architecture.residual must be 'none' or 'bicubic', got {arch.residual!r}")
         self.arch = arch
         self.encoder = Encoder(arch)
         self.fusion = Fusion(arch)
@@ -119,6 +129,7 @@ class HighResNet(nn.Module):
         frames, alphas = _pad_to_power_of_two(frames, alphas)
         batch, count, bands, height, width = frames.shape
         alphas = alphas.to(frames.dtype)
+        latest = latest_frame(frames, alphas)
         reference = median_reference(frames, alphas)
         paired = torch.cat([frames, reference.unsqueeze(1).expand(-1, count, -1, -1, -1)], dim=2)
         hidden = self.encoder(paired.reshape(batch * count, 2 * bands, height, width))
@@ -133,7 +144,16 @@ class HighResNet(nn.Module):
             # where(), not a product: a padding frame holding NaN must still contribute nothing.
             hidden = a + torch.where(gate > 0, gate * fused.reshape(a.shape), torch.zeros_like(a))
             alphas = torch.maximum(alpha_a, alpha_b)
-        return self.decoder(hidden[:, 0])
+        output = self.decoder(hidden[:, 0])
+        if self.arch.residual == "bicubic":
+            output = output + nn.functional.interpolate(latest, scale_factor=self.arch.scale, mode="bicubic", align_corners=False)
+        return output
+
+
+def latest_frame(frames: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Each sample's last real frame (real frames come first, so it sits at index count - 1)."""
+    index = (alphas.sum(dim=1).long() - 1).clamp(min=0)
+    return frames[torch.arange(frames.shape[0], device=frames.device), index]
 
 
 def median_reference(frames: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Training and evaluation of the super-resolution network on real Sentinel-2 data."""
