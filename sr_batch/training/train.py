@@ -34,6 +34,7 @@ from sr_batch.model import Architecture, HighResNet, ModelInfo, save_checkpoint
 from sr_batch.superres import pick_device, prepare_windows
 from sr_batch.training import metrics
 from sr_batch.training.data import BLUR_SIGMA, Window, crop_example, normalisation, split_windows
+from sr_batch.training.pairs import Pair, crop_pair, curate, histogram_match, load_pair
 
 
 class _Strict(BaseModel):
@@ -46,12 +47,25 @@ class ArchitectureConfig(_Strict):
     residual: Literal["none", "bicubic"] = "none"
 
 
+class PairSource(_Strict):
+    """A real pair: a Sentinel-2 series (.npz) and a 4x finer target raster on the same ground."""
+
+    series: Path
+    target: Path
+    validation: bool = False
+    match_histograms: bool = True
+
+
 class DataConfig(_Strict):
     patch: int = Field(16, ge=4, le=64)
     """40 m input pixels per side of a training patch (targets are 4x)."""
     pseudo_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """Share of examples from single-date scenes with simulated older frames (when available)."""
     validation_examples: int = Field(48, ge=1)
+    pairs: list[PairSource] = []
+    """Real pairs, used beside the Wald windows (see training/pairs.py); set loss.max_shift ≥ 1 with them."""
+    pair_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of training examples drawn from real pairs, when there are any."""
 
 
 class LossConfig(_Strict):
@@ -96,9 +110,31 @@ def load_config(path: Path) -> TrainConfig:
     except ValidationError as err:
         first = err.errors()[0]
         raise SpecError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    if not config.output.is_absolute():
-        config = config.model_copy(update={"output": (Path(path).parent / config.output).resolve()})
-    return config
+    base = Path(path).parent
+    pairs = [pair.model_copy(update={"series": (base / pair.series).resolve(), "target": (base / pair.target).resolve()}) for pair in config.data.pairs]
+    data = config.data.model_copy(update={"pairs": pairs})
+    return config.model_copy(update={"output": (base / config.output).resolve(), "data": data})
+
+
+def load_pairs(config: TrainConfig, echo: Callable[[str], None]) -> dict[str, list[Pair]]:
+    """Curated real pairs for training and validation; a listed pair that fails curation is reported."""
+    kept: dict[str, list[Pair]] = {"train": [], "validation": []}
+    for source in config.data.pairs:
+        try:
+            raw = load_pair(source.series, source.target, match_histograms=False)
+        except ValueError as err:
+            raise SpecError(f"data.pairs: {err}") from None
+        keep, scores = curate(raw)
+        echo(
+            f"pair {raw.name}: bicubic vs target SSIM {scores['ssim']:.2f}, PSNR {scores['psnr']:.1f} dB, "
+            f"MSE ratio {scores['mse_ratio']:.1f} -> {'kept' if keep else 'dropped'}"
+        )
+        if keep:
+            high = histogram_match(raw.high, raw.low[-1]) if source.match_histograms else raw.high
+            kept["validation" if source.validation else "train"].append(Pair(raw.name, raw.low, high, raw.dates))
+    if config.data.pairs and not kept["train"]:
+        raise SpecError("data.pairs: no training pair passed curation; check their alignment and dates, or remove them")
+    return kept
 
 
 @dataclasses.dataclass
@@ -124,9 +160,10 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> Path:
     if not splits["train"] or not splits["validation"]:
         raise SpecError("data: no training or validation windows found; check the sample data download")
     mean, std = normalisation(splits["train"])
+    pairs = load_pairs(config, echo)
     run = _new_run(config, mean, std, splits)
     _resume(run, echo)
-    validation = _validation_examples(splits["validation"], config)
+    validation = _validation_examples(splits["validation"], pairs["validation"], config)
     baseline = _bicubic_scores(validation)
     echo(
         f"Training {config.name}: {sum(p.numel() for p in run.network.parameters()):,} parameters on {run.device}, "
@@ -136,7 +173,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> Path:
     rng = np.random.default_rng(config.seed + run.step)
     started, losses = time.monotonic(), []
     while run.step < config.optimiser.steps:
-        losses.append(_train_step(run, _batch(splits["train"], config, rng)))
+        losses.append(_train_step(run, _batch(splits["train"], pairs["train"], config, rng)))
         run.step += 1
         if run.step % config.validate_every == 0 or run.step == config.optimiser.steps:
             scores = _validate(run, validation)
@@ -185,13 +222,16 @@ def _new_run(config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...
     return Run(config=config, network=network, optimiser=optimiser, info=info, device=device)
 
 
-def _batch(windows: list[Window], config: TrainConfig, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+def _batch(windows: list[Window], pairs: list[Pair], config: TrainConfig, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
     pseudo = [w for w in windows if w.pseudo]
     series = [w for w in windows if not w.pseudo]
     lows, highs = [], []
     for _ in range(config.optimiser.batch_size):
-        pool = pseudo if pseudo and (not series or rng.random() < config.data.pseudo_fraction) else series
-        low, high = crop_example(pool[int(rng.integers(len(pool)))], config.data.patch, rng, config.frames)
+        if pairs and rng.random() < config.data.pair_fraction:
+            low, high = crop_pair(pairs[int(rng.integers(len(pairs)))], config.data.patch, rng, config.frames)
+        else:
+            pool = pseudo if pseudo and (not series or rng.random() < config.data.pseudo_fraction) else series
+            low, high = crop_example(pool[int(rng.integers(len(pool)))], config.data.patch, rng, config.frames)
         lows.append(low)
         highs.append(high)
     return lows, np.stack(highs)
@@ -305,10 +345,12 @@ def _autocast(run: Run) -> Any:
     return torch.autocast(run.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _validation_examples(windows: list[Window], config: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+def _validation_examples(windows: list[Window], pairs: list[Pair], config: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     """A fixed set of validation patches, the same at every validation and across resumes."""
     rng = np.random.default_rng(10_000 + config.seed)
-    return [crop_example(windows[i % len(windows)], config.data.patch, rng, config.frames, augment=False) for i in range(config.data.validation_examples)]
+    count = config.data.validation_examples
+    examples = [crop_example(windows[i % len(windows)], config.data.patch, rng, config.frames, augment=False) for i in range(count)]
+    return examples + [crop_pair(pairs[i % len(pairs)], config.data.patch, rng, config.frames, augment=False) for i in range(count if pairs else 0)]
 
 
 def _scores(sr: np.ndarray, high: np.ndarray) -> dict[str, float]:
