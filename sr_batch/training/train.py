@@ -171,7 +171,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> Path:
         f"validation bicubic cPSNR {baseline['cpsnr']:.2f} dB, cSSIM {baseline['cssim']:.4f}"
     )
     rng = np.random.default_rng(config.seed + run.step)
-    started, losses = time.monotonic(), []
+    started, first_step, losses = time.monotonic(), run.step, []
     while run.step < config.optimiser.steps:
         losses.append(_train_step(run, _batch(splits["train"], pairs["train"], config, rng)))
         run.step += 1
@@ -185,7 +185,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> Path:
                 run.best = scores["cssim"]
                 _save_model(run, config.output / "best.safetensors", record)
             _save_state(run, record)
-            rate = run.step / max(time.monotonic() - started, 1e-9)
+            rate = (run.step - first_step) / max(time.monotonic() - started, 1e-9)
             echo(
                 f"step {run.step}/{config.optimiser.steps}  loss {record['train_loss']:.4f}  val cPSNR {scores['cpsnr']:.2f} dB "
                 f"(bicubic {baseline['cpsnr']:.2f})  cSSIM {scores['cssim']:.4f}{'  *best' if improved else ''}  {rate:.2f} steps/s"
