@@ -15,6 +15,7 @@ import yaml
 
 from sr_batch.cube import BANDS, load_cube
 from sr_batch.job import JobResult, run_job
+from sr_batch.model import DEFAULT_CHECKPOINT
 from sr_batch.quicklook import render
 from sr_batch.sample import COLLECTION_ID, build_sample_catalog, sample_aoi
 from sr_batch.spec import load_spec
@@ -22,14 +23,14 @@ from sr_batch.stac_server import serve_items
 
 
 def demo_job(stac_url: str, output: Path, start: str = "2018-01-01", end: str = "2020-12-31") -> dict:
-    """The sample job: the whole sample footprint, the untrained network until a trained one ships."""
+    """The sample job: the whole sample footprint, with the shipped model (random weights if none ships)."""
     return {
         "name": "romania-sample",
         "stac": {"url": stac_url, "collection": COLLECTION_ID},
         "aoi": {"geometry": sample_aoi(build_sample_catalog())},
         "time": {"start": start, "end": end},
         "cloud": {"max_cloud_fraction": 0.05},
-        "model": {"checkpoint": "untrained", "frames": 8, "batch_size": 4},
+        "model": {"checkpoint": "default" if DEFAULT_CHECKPOINT.exists() else "untrained", "frames": 8, "batch_size": 4},
         "tiling": {"tile": 256, "halo": 32},
         "output": {"uri": str(output)},
     }

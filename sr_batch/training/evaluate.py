@@ -3,7 +3,8 @@
 Each sample is one whole window of the split (the Romania test split: every date from 2020-01-01),
 degraded 10 m → 40 m exactly as in training, and scored at 10 m against the real 10 m frame over its
 clear pixels. Compared, on identical inputs: the model on the full window, the model on the latest
-frame alone (what the time series adds), bicubic upsampling of the latest frame, and nearest
+frame alone (what the time series adds), cubic-spline upsampling of the latest frame ("bicubic",
+the stronger baseline), Keys cubic convolution as in torch/OpenCV ("bicubic_keys"), and nearest
 neighbour. Metrics: cPSNR and cSSIM (registration-aware, shifts up to 2 pixels at 10 m = half a
 40 m pixel, brightness bias removed), and plain PSNR and SSIM.
 """
@@ -23,7 +24,9 @@ from sr_batch.training import metrics
 from sr_batch.training.data import Window, degrade, split_windows
 
 BANDS = ("B02", "B03", "B04", "B08")
-METHODS = ("model", "model_latest_only", "bicubic", "nearest")
+METHODS = ("model", "model_latest_only", "bicubic", "bicubic_keys", "nearest")
+"""bicubic: cubic-spline interpolation (scipy, the stronger baseline); bicubic_keys: Keys cubic
+convolution as in torch, OpenCV and PIL (a = -0.75)."""
 
 
 def evaluate(checkpoint: str, split: str, out_dir: Path, device: str = "auto") -> dict:
@@ -59,21 +62,31 @@ def predictions(loaded: LoadedModel, window: Window, device: str = "auto") -> tu
         "model": superresolve_windows(loaded, [low], device=device)[0],
         "model_latest_only": superresolve_windows(loaded, [low[-1:]], device=device)[0],
         "bicubic": bicubic(latest),
+        "bicubic_keys": _keys_bicubic(latest),
         "nearest": latest.repeat(4, axis=1).repeat(4, axis=2),
     }
     return estimates, frames[-1]
 
 
+def _keys_bicubic(image: np.ndarray) -> np.ndarray:
+    filled = torch.from_numpy(np.nan_to_num(image, nan=float(np.nanmean(image)))[None])
+    return torch.nn.functional.interpolate(filled, scale_factor=4, mode="bicubic", align_corners=False)[0].numpy()
+
+
 def _score_window(loaded: LoadedModel, window: Window, device: str) -> dict:
     estimates, target = predictions(loaded, window, device)
     hr = torch.from_numpy(target[None]).double()
-    scores = {"date": str(window.series.dates[window.target]), "frames": len(window.frames)}
+    # Every method is scored on the same pixels: clear in the target and estimated by all of them
+    # (the model leaves NaN where the latest 40 m frame saw nothing; interpolation fills those).
+    common = np.isfinite(target).all(axis=0) & np.all([np.isfinite(e).all(axis=0) for e in estimates.values()], axis=0)
+    mask = torch.from_numpy(common[None, None])
+    scores = {"date": str(window.series.dates[window.target]), "frames": len(window.frames), "scored_fraction": float(common.mean())}
     for method, estimate in estimates.items():
         sr = torch.from_numpy(np.nan_to_num(estimate)[None]).double()
         for name, fn in (("cpsnr", metrics.cpsnr), ("cssim", metrics.cssim)):
-            scores[f"{method}.{name}"] = fn(sr, hr, max_shift=2)[0].tolist()
+            scores[f"{method}.{name}"] = fn(sr, hr, mask, max_shift=2)[0].tolist()
         for name, fn in (("psnr", metrics.psnr), ("ssim", metrics.ssim)):
-            scores[f"{method}.{name}"] = fn(sr, hr)[0].tolist()
+            scores[f"{method}.{name}"] = fn(sr, hr, mask)[0].tolist()
     return {"scores": scores, "estimates": estimates, "target": target}
 
 
