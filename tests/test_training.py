@@ -140,3 +140,23 @@ def test_tiled_pipeline_and_superresolve_agree_on_one_window(tmp_path: Path, sta
     assert np.isfinite(tiled[:, ys, xs]).mean() > 0.9
     np.testing.assert_allclose(tiled[:, ys, xs], expected, atol=1.01e-4, equal_nan=True)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("network", ["random", "checkpoint"])
+def test_perceptual_and_style_loss_pass_gradients(tmp_path: Path, network: str) -> None:
+    """The reference method's perceptual term passed no gradient (detached hooks); this one must."""
+    from sr_batch.model import save_checkpoint
+    from sr_batch.training.train import Run, TrainConfig, _perceptual
+
+    if network == "checkpoint":
+        model = untrained_model(Architecture(hidden_channels=8, encoder_blocks=1), 8)
+        network = str(tmp_path / "features.safetensors")
+        save_checkpoint(network, model.network, model.info)
+    config = TrainConfig(loss={"perceptual_weight": 0.05, "style_weight": 0.05, "perceptual_network": network}, output=tmp_path)
+    run = Run(config=config, network=None, optimiser=None, info=None, device=torch.device("cpu"))  # type: ignore[arg-type]
+    high = torch.rand(2, 4, 24, 24)
+    sr = (high + 0.05 * torch.randn_like(high)).requires_grad_(True)
+    loss = _perceptual(run, sr, high)
+    loss.backward()
+    assert loss.item() > 0 and sr.grad is not None and sr.grad.abs().sum() > 0
+    assert _perceptual(run, high.clone(), high).item() == 0.0
