@@ -368,7 +368,8 @@ def test_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path: Path) -
     torch.save({"weight": torch.ones(2), "hook": _OpensAFile(proof_marker)}, proof)
     torch.save({"weight": torch.ones(2), "hook": _OpensAFile(marker)}, payload)
 
-    # The payload is live: an unsafe load does run it.
+    # Positive control, on a file this test wrote: an unsafe load does run the payload, so the
+    # absence of the marker below means sr-batch never unpickled, not that the payload is inert.
     unsafe = torch.load(proof, weights_only=False)
     unsafe["hook"].close()
     assert proof_marker.exists()
