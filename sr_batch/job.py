@@ -17,7 +17,7 @@ from distributed import Client, progress
 
 from sr_batch.cluster import dask_client
 from sr_batch.errors import SpecError
-from sr_batch.model import Architecture, LoadedModel
+from sr_batch.model import Architecture, LoadedModel, receptive_radius
 from sr_batch.plan import Plan, make_plan
 from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
 from sr_batch.spec import JobSpec
@@ -61,9 +61,9 @@ def checked_model(spec: JobSpec) -> LoadedModel:
 
 def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, echo: Echo = print) -> Plan:
     """The dry run: search, cloud scores and windows, without super-resolving anything."""
-    checked_model(spec)
+    loaded = checked_model(spec)
     with dask_client(scheduler, workers, echo):
-        plan = make_plan(spec)
+        plan = make_plan(spec, receptive_radius(loaded.info.architecture, spec.model.frames))
     echo(plan.summary())
     return plan
 
@@ -83,7 +83,7 @@ def run_job(
     if not loaded.info.trained:
         echo(f"WARNING: model {loaded.info.name} is UNTRAINED (random weights): the output checks the pipeline, it is not super-resolution.")
     with dask_client(scheduler, workers, echo) as client:
-        plan = make_plan(spec)
+        plan = make_plan(spec, receptive_radius(loaded.info.architecture, spec.model.frames))
         echo(plan.summary())
         if not plan.output_days:
             echo("No cloudless date in any tile for this period: writing an output with an empty time axis.")

@@ -43,6 +43,8 @@ class Plan:
     cols: list[tuple[int, int]]
     cloud: np.ndarray
     """(day, tile row, tile col) unusable fraction."""
+    radius: int = 28
+    """The model's receptive field in 10 m pixels (the default architecture's unless told)."""
     windows: dict[tuple[int, int], list[Window]] = field(default_factory=dict)
 
     @property
@@ -70,14 +72,18 @@ class Plan:
         return _summary(self)
 
 
-def make_plan(spec: JobSpec) -> Plan:
-    """Search, grid, tiles, cloud scores and windows; computes only the SCL band (on the active Dask client)."""
+def make_plan(spec: JobSpec, radius: int | None = None) -> Plan:
+    """Search, grid, tiles, cloud scores and windows; computes only the SCL band (on the active Dask client).
+
+    `radius` is the model's receptive field, for the seam check in the summary."""
     found = search(spec)
     grid, crs_note = choose_grid(found.days, spec.aoi.shape(), spec.crs)
     dilate = spec.cloud.dilate_pixels
     rows = tile_edges(grid.height, spec.tiling.tile, max(spec.tiling.halo, dilate))
     cols = tile_edges(grid.width, spec.tiling.tile, max(spec.tiling.halo, dilate))
-    plan = Plan(spec=spec, found=found, grid=grid, crs_note=crs_note, rows=rows, cols=cols, cloud=np.zeros((0, len(rows), len(cols)), np.float32))
+    empty = np.zeros((0, len(rows), len(cols)), np.float32)
+    radius = radius if radius is not None else receptive_radius(spec.model.architecture or Architecture(), spec.model.frames)
+    plan = Plan(spec=spec, found=found, grid=grid, crs_note=crs_note, rows=rows, cols=cols, cloud=empty, radius=radius)
     plan.cloud = score_clouds(plan)
     plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames)
     return plan
@@ -130,18 +136,16 @@ def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int) -> dict[
     return windows
 
 
-def seamless_halo(spec: JobSpec) -> int:
+def seamless_halo(plan: Plan) -> int:
     """The smallest halo for which tiles join exactly: the receptive field, plus the cloud-mask
     dilation, since the mask of a pixel at the halo's edge depends on pixels beyond it."""
-    arch = spec.model.architecture or Architecture()
-    return receptive_radius(arch, spec.model.frames) + spec.cloud.dilate_pixels
+    return plan.radius + plan.spec.cloud.dilate_pixels
 
 
 def _summary(plan: Plan) -> str:
     spec, grid, days = plan.spec, plan.grid, plan.days
     area_km2 = grid.width * grid.height * grid.resolution**2 / 1e6
-    arch = spec.model.architecture or Architecture()
-    radius = receptive_radius(arch, spec.model.frames)
+    radius, needed = plan.radius, seamless_halo(plan)
     outputs = plan.output_days
     full = sum(len(w.frames) == spec.model.frames for ws in plan.windows.values() for w in ws)
     lr_pixels = sum(len(ws) * (r[1] - r[0]) * (c[1] - c[0]) for (i, j), ws in plan.windows.items() for r, c in [(plan.rows[i], plan.cols[j])])
@@ -154,8 +158,8 @@ def _summary(plan: Plan) -> str:
         f"{plan.found.too_cloudy} over max_scene_cloud_cover, {len(plan.found.missing_assets)} missing assets",
         f"Grid: {plan.crs_note}, {grid.width} x {grid.height} px at 10 m ({area_km2:.2f} km²) -> {grid.width * SCALE} x {grid.height * SCALE} px at 2.5 m",
         f"Tiles: {len(plan.rows)} x {len(plan.cols)} of up to {spec.tiling.tile} px, halo {spec.tiling.halo} px "
-        f"(needs ≥ {seamless_halo(spec)}: receptive field ±{radius} + cloud dilation {spec.cloud.dilate_pixels}"
-        f"{')' if spec.tiling.halo >= seamless_halo(spec) else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
+        f"(needs ≥ {needed}: receptive field ±{radius} + cloud dilation {spec.cloud.dilate_pixels}"
+        f"{')' if spec.tiling.halo >= needed else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
         f"Cloudless (unusable ≤ {spec.cloud.max_cloud_fraction:.0%} of a tile): {len(outputs)} of {len(days)} days in at least one tile; "
         f"per tile {min(per_tile, default=0)}–{max(per_tile, default=0)}",
         f"Windows: {plan.tile_dates} tile-dates, {full} with all {spec.model.frames} frames; reading {len(plan.frame_days)} days",

@@ -170,6 +170,10 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> Path:
         f"{len(splits['train'])} train / {len(splits['validation'])} validation windows; "
         f"validation bicubic cPSNR {baseline['cpsnr']:.2f} dB, cSSIM {baseline['cssim']:.4f}"
     )
+    if not run.history:  # where training starts from: the curves begin at the untrained network
+        run.history.append(
+            {"step": 0, "train_loss": math.nan, **_validate(run, validation), "bicubic_cpsnr": baseline["cpsnr"], "bicubic_cssim": baseline["cssim"]}
+        )
     rng = np.random.default_rng(config.seed + run.step)
     started, first_step, losses = time.monotonic(), run.step, []
     while run.step < config.optimiser.steps:
