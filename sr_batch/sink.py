@@ -14,7 +14,6 @@ every chunk is written: a failure never leaves a half-written store where the ou
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 import uuid
@@ -178,8 +177,3 @@ def describe_output(target: Path) -> str:
             + ("" if ds.attrs["model_trained"] else "  (UNTRAINED: not super-resolution)"),
         ]
     return "\n".join(lines)
-
-
-def read_job(target: Path) -> dict[str, Any]:
-    with xr.open_zarr(target, consolidated=False) as ds:
-        return json.loads(ds.attrs["job"])

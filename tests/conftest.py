@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,8 +58,3 @@ def make_job(stac_url: str, output: Path, catalog: SampleCatalog, **sections: An
     }
     job.update(copy.deepcopy(sections))
     return job
-
-
-def write_items(catalog: SampleCatalog, items: list[dict[str, Any]], path: Path) -> Path:
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
-    return path
