@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -364,14 +365,12 @@ class _OpensAFile:
 def test_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path: Path) -> None:
     """A torch.save file is rejected by its bytes; its payload must never run."""
     proof_marker, marker = tmp_path / "proof-ran", tmp_path / "payload-ran"
-    proof, payload = tmp_path / "proof.pt", tmp_path / "payload.pt"
-    torch.save({"weight": torch.ones(2), "hook": _OpensAFile(proof_marker)}, proof)
+    payload = tmp_path / "payload.pt"
     torch.save({"weight": torch.ones(2), "hook": _OpensAFile(marker)}, payload)
 
-    # Positive control, on a file this test wrote: an unsafe load does run the payload, so the
-    # absence of the marker below means sr-batch never unpickled, not that the payload is inert.
-    unsafe = torch.load(proof, weights_only=False)
-    unsafe["hook"].close()
+    # Positive control: unpickling the hook does run it, so the absence of the marker below means
+    # sr-batch never unpickled the file, not that the payload is inert.
+    pickle.loads(pickle.dumps(_OpensAFile(proof_marker))).close()
     assert proof_marker.exists()
 
     with pytest.raises(CheckpointError, match=r"^model\.checkpoint: .* is not a valid safetensors file"):
