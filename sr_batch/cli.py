@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(run)
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--performance-report", type=Path, metavar="FILE.html", help="write Dask's performance report of the run")
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")
@@ -78,7 +79,14 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, _overrides(args.set))  # before the heavy imports: a bad job fails at once
     from sr_batch.job import run_job
 
-    run_job(spec, scheduler=args.scheduler, workers=args.workers, overwrite=args.overwrite, show_progress=not args.no_progress)
+    run_job(
+        spec,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+        performance_report=args.performance_report,
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ first, so a bad job fails in a second and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +76,7 @@ def run_job(
     overwrite: bool = False,
     show_progress: bool = True,
     echo: Echo = print,
+    performance_report: Path | None = None,
 ) -> JobResult:
     started = time.monotonic()
     target = check_writable(spec.output.uri, overwrite)
@@ -89,10 +91,24 @@ def run_job(
             echo("No cloudless date in any tile for this period: writing an output with an empty time axis.")
         sr = superresolve_plan(plan, ref, dates_per_task=spec.model.batch_size)
         dataset = build_dataset(plan, sr, loaded)
-        write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: _compute(client, delayed, show_progress, echo))
+        report = performance_report_to(performance_report)
+        with report:
+            write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: _compute(client, delayed, show_progress, echo))
+        if performance_report:
+            echo(f"Dask performance report: {performance_report}")
     result = JobResult(plan=plan, output=target, seconds=time.monotonic() - started, model=loaded)
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s")
     return result
+
+
+def performance_report_to(path: Path | None) -> Any:
+    """Dask's HTML performance report of the super-resolution and write, when asked for."""
+    if path is None:
+        return contextlib.nullcontext()
+    from distributed import performance_report
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return performance_report(filename=str(path))
 
 
 def _compute(client: Client, delayed: Any, show_progress: bool, echo: Echo) -> None:

@@ -25,9 +25,12 @@ def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, cata
     assert "LocalCluster of 2 worker processes" in plan.stdout and "Windows:" in plan.stdout
     assert not out.exists(), "plan is a dry run"
 
-    run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", scheduler], capture_output=True, text=True, timeout=600)
+    report = tmp_path / "report.html"
+    command = [SR_BATCH, "run", str(job), "--scheduler", scheduler, "--performance-report", str(report)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert f"Dask: connected to {scheduler} (2 workers)" in run.stdout
+    assert report.stat().st_size > 10_000 and "superresolve" in report.read_text()
     assert "UNTRAINED" in run.stdout and f"Output: {out}" in run.stdout  # relative output paths are taken from the job file's folder
     with xr.open_zarr(out, consolidated=False) as ds:
         assert ds.sizes["time"] >= 1
