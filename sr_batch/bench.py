@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sr_batch.model import LoadedModel
-from sr_batch.sample import COLLECTION_ID, SampleCatalog, _collection, _write_date, sample_aoi, sample_cube_path
+from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, sample_aoi, sample_cube_path, write_date
 from sr_batch.superres import ModelRef, load_model, pick_device, prepare_windows
 
 KM2_PER_MPX = 100.0
@@ -96,8 +96,8 @@ def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
         scene = cube.isel(time=int(index))
         mirrored = {name: (("y", "x"), _mirror(scene[name].values, reps)[:size, :size]) for name in ("B2", "B3", "B4", "B8", "SCL")}
         ds = xr.Dataset(mirrored, coords={"time": scene.time})
-        items.append(_write_date(ds, transform, root / "scenes"))
-    return SampleCatalog(collection=_collection(items), items=items, root=root)
+        items.append(write_date(ds, transform, root / "scenes"))
+    return SampleCatalog(collection=collection_for(items), items=items, root=root)
 
 
 def _mirror(image: np.ndarray, reps: int) -> np.ndarray:

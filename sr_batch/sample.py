@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from sr_batch.clouds import EXACT_CLASSES, GROWN_CLASSES
+
 NRT_WHEEL = "nrt==0.2.1"
 CUBE_MEMBER = "nrt/data/sentinel2_cube_subset_romania_10m.nc"
 COLLECTION_ID = "sentinel-2-l2a"
@@ -29,7 +31,7 @@ CATALOG_VERSION = "1"
 
 # netCDF variable → asset key (Earth Search names).
 ASSETS = {"B2": "blue", "B3": "green", "B4": "red", "B8": "nir", "SCL": "scl"}
-UNUSABLE_SCL = (0, 1, 3, 8, 9, 10)
+UNUSABLE_SCL = EXACT_CLASSES + GROWN_CLASSES
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,6 @@ class SampleCatalog:
     collection: dict[str, Any]
     items: list[dict[str, Any]]
     root: Path
-
-    def write_item_collection(self, path: Path, items: list[dict[str, Any]] | None = None) -> Path:
-        """An ItemCollection file, as `rustac serve` loads it."""
-        features = self.items if items is None else items
-        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-        return path
 
 
 def cache_dir() -> Path:
@@ -83,8 +79,8 @@ def build_sample_catalog(root: Path | None = None) -> SampleCatalog:
     with xr.open_dataset(sample_cube_path(), engine="netcdf4") as cube:
         cube = cube.load()
     transform = _grid_transform(cube)
-    items = [_write_date(cube.isel(time=i), transform, root / "scenes") for i in range(cube.sizes["time"])]
-    collection = _collection(items)
+    items = [write_date(cube.isel(time=i), transform, root / "scenes") for i in range(cube.sizes["time"])]
+    collection = collection_for(items)
     (root / "collection.json").write_text(json.dumps(collection))
     partial = root / "items.json.partial"
     partial.write_text(json.dumps(items))
@@ -101,7 +97,7 @@ def _grid_transform(cube: Any) -> Any:
     return Affine(res_x, 0.0, float(x[0]) - res_x / 2, 0.0, res_y, float(y[0]) - res_y / 2)
 
 
-def _write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
+def write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
     """One date: a COG per band, and the STAC item that describes them."""
     import pystac
     import rasterio
@@ -148,7 +144,7 @@ def _write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
     return item
 
 
-def _collection(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collection_for(items: list[dict[str, Any]]) -> dict[str, Any]:
     west = min(i["bbox"][0] for i in items)
     south = min(i["bbox"][1] for i in items)
     east = max(i["bbox"][2] for i in items)
