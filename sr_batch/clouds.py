@@ -34,6 +34,18 @@ def cloudy_fraction(scl: np.ndarray, dilate_pixels: int, core: tuple[slice, slic
     return mask.reshape(mask.shape[0], -1).mean(axis=1).astype(np.float32)
 
 
+def usable_reflectance(block: np.ndarray, dilate_pixels: int) -> np.ndarray:
+    """(days, 4 bands + SCL, y, x) harmonised DN → (days, 4, y, x) float32 reflectance, NaN where unusable.
+
+    The one definition of a usable pixel, shared by inference and training: every band > 0 and the
+    SCL class usable (after dilation).
+    """
+    values = block[:, :4].astype(np.float32) / 10000.0
+    missing = (block[:, :4] <= 0).any(axis=1) | unusable_mask(block[:, 4], dilate_pixels)
+    values[np.broadcast_to(missing[:, None], values.shape)] = np.nan
+    return values
+
+
 def _disk(radius: int) -> np.ndarray:
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius

@@ -15,7 +15,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from sr_batch.clouds import unusable_mask
+from sr_batch.clouds import usable_reflectance
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
 from sr_batch.superres import ModelRef, load_model, superresolve_windows
@@ -73,7 +73,7 @@ def superresolve_tile(block: np.ndarray, windows: TileWindows, n_dates: int, cro
     if not windows:
         return out
     needed = sorted({f for _, frames in windows for f in frames})
-    reflectance = dict(zip(needed, _reflectance(block[needed], dilate)))
+    reflectance = dict(zip(needed, usable_reflectance(block[needed], dilate)))
     stacks = [np.stack([reflectance[f] for f in frames]) for _, frames in windows]
     result = superresolve_windows(load_model(model), stacks, device=model.device, batch_size=model.batch_size)
     ys = slice(SCALE * top, SCALE * (top + height))
@@ -81,11 +81,3 @@ def superresolve_tile(block: np.ndarray, windows: TileWindows, n_dates: int, cro
     for (slot, _), image in zip(windows, result):
         out[slot] = image[:, ys, xs]
     return out
-
-
-def _reflectance(block: np.ndarray, dilate: int) -> np.ndarray:
-    """(days, band+scl, y, x) harmonised DN → (days, band, y, x) float32 reflectance, NaN where unusable."""
-    values = block[:, : len(BANDS)].astype(np.float32) / 10000.0
-    missing = (block[:, : len(BANDS)] == 0).any(axis=1) | unusable_mask(block[:, len(BANDS)], dilate)
-    values[np.broadcast_to(missing[:, None], values.shape)] = np.nan
-    return values

@@ -11,12 +11,12 @@ import torch
 import xarray as xr
 import yaml
 
+from sr_batch.clouds import usable_reflectance
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.job import run_job
 from sr_batch.model import Architecture, load_checkpoint, untrained_model
 from sr_batch.spec import parse_spec
 from sr_batch.superres import superresolve
-from sr_batch.tiles import _reflectance
 from sr_batch.training.data import BLUR_SIGMA, degrade, split_windows
 from sr_batch.training.evaluate import evaluate
 from sr_batch.training.train import load_config, train
@@ -131,7 +131,7 @@ def test_tiled_pipeline_and_superresolve_agree_on_one_window(tmp_path: Path, sta
     (row, col), windows = next((key, ws) for key, ws in plan.windows.items() if len(ws) >= 3)
     window = windows[-1]
     cube = load_cube([plan.days[d] for d in window.frames], plan.grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((100,), (100,)))
-    frames = _reflectance(cube.values, spec.cloud.dilate_pixels)
+    frames = usable_reflectance(cube.values, spec.cloud.dilate_pixels)
     whole = superresolve(frames, checkpoint=str(checkpoint), device="cpu")
     with xr.open_zarr(result.output, consolidated=False) as ds:
         tiled = ds.sr.sel(time=np.datetime64(plan.days[window.target].date)).values

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from sr_batch.clouds import unusable_mask
+from sr_batch.clouds import usable_reflectance
 
 SCALE = 4
 BLUR_SIGMA = 1.56
@@ -83,12 +83,9 @@ def romania() -> Series:
     from sr_batch.sample import sample_cube_path
 
     with xr.open_dataset(sample_cube_path(), engine="netcdf4") as cube:
-        bands = np.stack([cube[v].values for v in ("B2", "B3", "B4", "B8")], axis=1).astype(np.float32) / 10000.0
-        scl = cube["SCL"].values.astype(np.uint8)
+        block = np.stack([cube[v].values for v in ("B2", "B3", "B4", "B8", "SCL")], axis=1)
         dates = tuple(dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values)
-    unusable = unusable_mask(scl, 2) | (bands <= 0).any(axis=1)
-    bands[np.broadcast_to(unusable[:, None], bands.shape)] = np.nan
-    return Series("romania", bands, dates)
+    return Series("romania", usable_reflectance(np.nan_to_num(block).astype(np.uint16), 2), dates)
 
 
 def slovenia(root: Path) -> Series | None:
