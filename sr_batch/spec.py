@@ -185,6 +185,11 @@ class ModelSettings(_Strict):
     frames: int = Field(8, ge=1, le=32)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, le=1024)
+    """Output dates per task, and windows per forward pass (on CPU capped by memory)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """'auto': bf16 autocast on a GPU that has it (fp16 otherwise), fp32 on CPU (autocast is slower there)."""
+    compile: Literal["off", "default", "max-autotune"] = "off"
+    """torch.compile mode: 'max-autotune' doubles GPU throughput after minutes of compiling, once per worker."""
     architecture: Architecture | None = None
 
     @field_validator("frames")

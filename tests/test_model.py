@@ -34,7 +34,7 @@ from sr_batch.model import (
     untrained_model,
 )
 from sr_batch.model.highresnet import median_reference
-from sr_batch.superres import superresolve, superresolve_windows
+from sr_batch.superres import eager_runner, superresolve, superresolve_windows
 
 SMALL = Architecture(hidden_channels=16, encoder_blocks=2)
 TINY = Architecture(hidden_channels=8, encoder_blocks=1)
@@ -463,7 +463,7 @@ def test_gaps_are_filled_with_the_median_of_the_valid_frames() -> None:
     gap[0, 2, 3, 1] = np.nan
     filled = window.copy()
     filled[0, 2, 3, 1] = np.median(window[1:, 2, 3, 1])  # three valid values: the median is one of them
-    out = superresolve_windows(loaded, [gap, filled, window], device="cpu")
+    out = superresolve_windows(eager_runner(loaded, "cpu"), [gap, filled, window])
     np.testing.assert_array_equal(out[0], out[1])
     assert not np.array_equal(out[0], out[2])
 
@@ -475,10 +475,10 @@ def test_windows_of_different_lengths_do_not_mix_in_a_batch() -> None:
     windows = [reflectance(rng, t, 4, 6, 5) for t in (2, 8, 5, 1, 3)]
     windows[2][-1, 0, 1, 1] = np.nan
     windows[4][0, :, 2, 2] = np.nan
-    alone = np.stack([superresolve_windows(loaded, [w], device="cpu")[0] for w in windows])
+    alone = np.stack([superresolve_windows(eager_runner(loaded, "cpu"), [w])[0] for w in windows])
     assert np.isnan(alone[2]).sum() == 4 * 16 and not np.isnan(np.delete(alone, 2, axis=0)).any()
     for batch_size in (8, 3):
-        together = superresolve_windows(loaded, windows, device="cpu", batch_size=batch_size)
+        together = superresolve_windows(eager_runner(loaded, "cpu"), windows, batch_size=batch_size)
         assert together.shape == (5, 4, 24, 20)
         np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
@@ -491,13 +491,13 @@ def test_normalisation_is_inverted_exactly() -> None:
     rng = np.random.default_rng(14)
     window = reflectance(rng, 3, 4, 5, 5)
 
-    out = superresolve_windows(loaded, [window], device="cpu")[0]
+    out = superresolve_windows(eager_runner(loaded, "cpu"), [window])[0]
     doubled = dataclasses.replace(loaded, info=dataclasses.replace(loaded.info, mean=tuple(2 * m for m in mean), std=tuple(2 * s for s in std)))
-    np.testing.assert_allclose(superresolve_windows(doubled, [2 * window], device="cpu")[0], 2 * out, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(superresolve_windows(eager_runner(doubled, "cpu"), [2 * window])[0], 2 * out, rtol=1e-6, atol=0)
 
     silent = untrained_model(SMALL, frames=8).network
     nn.init.zeros_(silent.decoder.expand.weight)
     nn.init.zeros_(silent.decoder.expand.bias)
     zero = LoadedModel(network=silent, info=loaded.info, checksum="")
-    out = superresolve_windows(zero, [window], device="cpu")[0]
+    out = superresolve_windows(eager_runner(zero, "cpu"), [window])[0]
     np.testing.assert_array_equal(out, np.broadcast_to(np.asarray(mean, np.float32)[:, None, None], out.shape))

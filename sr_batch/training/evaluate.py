@@ -19,7 +19,7 @@ import torch
 
 from sr_batch.model import LoadedModel
 from sr_batch.quicklook import bicubic
-from sr_batch.superres import ModelRef, load_model, superresolve_windows
+from sr_batch.superres import ModelRef, eager_runner, load_model, superresolve_windows
 from sr_batch.training import metrics
 from sr_batch.training.data import Window, degrade, split_windows
 
@@ -58,9 +58,10 @@ def predictions(loaded: LoadedModel, window: Window, device: str = "auto") -> tu
     frames = frames[..., :height, :width]
     low = degrade(frames)
     latest = low[-1]
+    runner = eager_runner(loaded, device)
     estimates = {
-        "model": superresolve_windows(loaded, [low], device=device)[0],
-        "model_latest_only": superresolve_windows(loaded, [low[-1:]], device=device)[0],
+        "model": superresolve_windows(runner, [low])[0],
+        "model_latest_only": superresolve_windows(runner, [low[-1:]])[0],
         "bicubic": bicubic(latest),
         "bicubic_keys": _keys_bicubic(latest),
         "nearest": latest.repeat(4, axis=1).repeat(4, axis=2),
