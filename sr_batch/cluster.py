@@ -1,4 +1,10 @@
-"""Where the work runs: a LocalCluster of worker processes by default, or an existing Dask cluster."""
+"""Where the work runs: a LocalCluster of worker processes by default, or an existing Dask cluster.
+
+A LocalCluster on a machine with CUDA GPUs gets one extra worker process per GPU, pinned to it with
+CUDA_VISIBLE_DEVICES and advertising the Dask resource `GPU`; the job then sends super-resolution only
+to those workers, and the other workers read and write. On an existing cluster the same holds for any
+worker started with `--resources GPU=1`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,11 @@ from collections.abc import Iterator
 from distributed import Client, LocalCluster
 
 from sr_batch.errors import SrBatchError
+from sr_batch.tiles import GPU_RESOURCE
+
+GPU_WORKER_THREADS = 2
+"""Threads of a GPU worker: one super-resolution task at a time (resource GPU=1), the other thread reads
+or writes beside it."""
 
 
 @contextlib.contextmanager
@@ -26,10 +37,43 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
             yield client
         return
     cores = os.cpu_count() or 1
-    workers = workers or min(cores, 4)
-    threads = max(1, cores // workers)
-    # Each worker process runs one task at a time and gives PyTorch its share of the cores.
+    gpus = visible_gpus()
+    cpu_cores = max(1, cores - GPU_WORKER_THREADS * gpus)
+    workers = workers or min(cpu_cores, 4)
+    threads = max(1, cpu_cores // workers)
+    # Without a GPU each worker process runs one task at a time and gives PyTorch its share of the cores.
+    # Beside GPU workers the others only read, encode and write: they run a task per core.
     env = {"SR_BATCH_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster, Client(cluster) as client:
-        echo(f"Dask: LocalCluster of {workers} worker processes; dashboard {client.dashboard_link}")
-        yield client
+    per_worker = threads if gpus else 1
+    with LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
+        _add_gpu_workers(cluster, gpus)
+        with Client(cluster) as client:
+            client.wait_for_workers(workers + gpus, timeout=120)
+            gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
+            echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
+            yield client
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can see (0 without torch's CUDA build)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _add_gpu_workers(cluster: LocalCluster, gpus: int) -> None:
+    """One worker process per GPU, alone on its device, marked with the GPU resource."""
+    if not gpus:
+        return
+    template = cluster.new_spec
+    for index in range(gpus):
+        env = {**template["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": str(index), "SR_BATCH_TORCH_THREADS": str(GPU_WORKER_THREADS)}
+        options = {**template["options"], "nthreads": GPU_WORKER_THREADS, "resources": {GPU_RESOURCE: 1}, "env": env}
+        cluster.worker_spec[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
+    cluster.scale(len(cluster.worker_spec))  # starts the workers just added to the spec
+
+
+def gpu_workers(client: Client) -> list[str]:
+    """Addresses of the workers that advertise the GPU resource."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(address for address, info in workers.items() if info.get("resources", {}).get(GPU_RESOURCE, 0) > 0)

@@ -7,22 +7,22 @@ first, so a bad job fails in a second and writes nothing.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, progress
+import dask
 
-from sr_batch.cluster import dask_client
+from sr_batch.cluster import dask_client, gpu_workers
 from sr_batch.errors import SpecError
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
 from sr_batch.plan import Plan, make_plan
+from sr_batch.progress import tile_progress
 from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
 from sr_batch.spec import JobSpec
-from sr_batch.superres import ModelRef, load_model
+from sr_batch.superres import ModelRef, load_model, pick_device
 from sr_batch.tiles import superresolve_plan
 
 Echo = Callable[[str], None]
@@ -44,14 +44,18 @@ def model_ref(spec: JobSpec) -> ModelRef:
         frames=settings.frames,
         device=settings.device,
         batch_size=settings.batch_size,
+        precision=settings.precision,
+        compile=settings.compile,
         architecture=Architecture(hidden_channels=arch.hidden_channels, encoder_blocks=arch.encoder_blocks) if arch else Architecture(),
         seed=arch.seed if arch else 0,
     )
 
 
 def checked_model(spec: JobSpec) -> LoadedModel:
-    """Load the job's model here, before any cluster work, and check that the job can use it."""
-    loaded = load_model(model_ref(spec))
+    """Load the job's model here, before any cluster work, and check that the job can use it.
+    The check runs on the CPU: the client must not hold GPU memory that the workers need."""
+    pick_device(spec.model.device)  # device: cuda with no GPU visible fails here, in one line
+    loaded = load_model(replace(model_ref(spec), device="cpu", compile="off"))
     if loaded.info.frames != spec.model.frames:
         raise SpecError(
             f"model.frames: the checkpoint {loaded.info.name} takes {loaded.info.frames} frames, "
@@ -89,16 +93,26 @@ def run_job(
         echo(plan.summary())
         if not plan.output_days:
             echo("No cloudless date in any tile for this period: writing an output with an empty time axis.")
-        sr = superresolve_plan(plan, ref, dates_per_task=spec.model.batch_size)
+        on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+        if on_gpus:
+            echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
+        sr = superresolve_plan(plan, ref, dates_per_task=spec.model.batch_size, gpu_workers_only=bool(on_gpus))
         dataset = build_dataset(plan, sr, loaded)
         report = performance_report_to(performance_report)
-        with report:
-            write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: _compute(client, delayed, show_progress, echo))
+        with report, tile_progress(client, spec.output.uri, plan.tile_dates, show_progress, echo), keep_annotations(bool(on_gpus)):
+            write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: client.compute(delayed).result())
         if performance_report:
             echo(f"Dask performance report: {performance_report}")
     result = JobResult(plan=plan, output=target, seconds=time.monotonic() - started, model=loaded)
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s")
     return result
+
+
+def keep_annotations(needed: bool) -> Any:
+    """Low-level task fusion merges a tile's read, super-resolution and write into one task and drops the
+    GPU annotation on the way (dask 2026.8; tests/test_gpu_workers.py catches it): switch fusion off
+    while such a graph is built and run. Without GPU workers the fused graph is kept (fewer tasks)."""
+    return dask.config.set({"optimization.fuse.active": False}) if needed else contextlib.nullcontext()
 
 
 def performance_report_to(path: Path | None) -> Any:
@@ -109,14 +123,3 @@ def performance_report_to(path: Path | None) -> Any:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return performance_report(filename=str(path))
-
-
-def _compute(client: Client, delayed: Any, show_progress: bool, echo: Echo) -> None:
-    """Run the write on the cluster; a progress bar on a terminal, the dashboard link otherwise."""
-    future = client.compute(delayed)
-    if show_progress and sys.stdout.isatty():
-        progress(future)
-        print()
-    else:
-        echo(f"Computing … (progress: {client.dashboard_link})")
-    future.result()

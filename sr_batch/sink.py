@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
+import zarr
 
 from sr_batch import __version__
 from sr_batch.cube import BANDS
@@ -144,12 +145,26 @@ def write_dataset(ds: xr.Dataset, target: Path, tile: int, overwrite: bool, comp
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}")
     try:
-        delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, tile))
-        compute(delayed)
+        layout = encoding(ds, tile)
+        # Metadata and the small variables are written here; `sr` itself below, one task per chunk.
+        ds.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=layout)
+        compute(_store_reflectance(ds["sr"], layout["sr"], staging))
         _move_into_place(staging, target, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _store_reflectance(sr: xr.DataArray, layout: dict[str, Any], store: Path) -> da.Array:
+    """The lazy write of `sr` into its Zarr array, CF-encoded exactly as xarray encodes it.
+
+    Not xarray's own delayed write: turning that into a Delayed rewrites the graph and drops the layer
+    annotations that keep super-resolution on GPU workers (dask 2026.8), where `da.store` keeps them."""
+    variable = sr.variable.copy(deep=False)
+    variable.encoding = {key: value for key, value in layout.items() if key != "chunks"}
+    encoded = xr.conventions.encode_cf_variable(variable, name="sr")
+    target = zarr.open_array(store / "sr", mode="r+")
+    return da.store(encoded.data, target, lock=False, compute=False)
 
 
 def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:

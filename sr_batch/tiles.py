@@ -6,10 +6,19 @@ exactly as a whole-image run sees it). One task super-resolves one tile for a gr
 and crops the halo (4 x halo at 2.5 m), so with halo >= the receptive field the tiles join without
 seams. Output chunks are (dates of the group, band, 4·tile, 4·tile): the Zarr sink writes each one
 whole, never sharing a Zarr chunk between tasks.
+
+On a cluster with GPU workers (workers that advertise the Dask resource `GPU`), the super-resolution
+layer carries the annotation resources={"GPU": 1}, so only those workers run it, one task per GPU at a
+time; reading and writing stay on any worker. The annotation is on the layer itself, which graph
+optimisation keeps (the job tests check where the tasks really ran). Every task reports itself on the
+`sr-batch-tile` event topic: that drives the per-tile progress bar and shows where tiles ran.
 """
 
 from __future__ import annotations
 
+import time
+
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -18,13 +27,18 @@ from dask.highlevelgraph import HighLevelGraph
 from sr_batch.clouds import usable_reflectance
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
-from sr_batch.superres import ModelRef, load_model, superresolve_windows
+from sr_batch.superres import ModelRef, load_runner, superresolve_windows
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
 
+GPU_RESOURCE = "GPU"
+"""The Dask worker resource that marks a GPU worker (`dask worker ... --resources GPU=1`)."""
+TILE_TOPIC = "sr-batch-tile"
+"""Dask event topic: one event per finished super-resolution task."""
 
-def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int) -> da.Array:
+
+def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> da.Array:
     """(output date, band, y, x) float32 reflectance at 2.5 m, NaN where nothing was computed."""
     spec = plan.spec
     ychunks, xchunks = plan.chunks()
@@ -46,12 +60,15 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int) -> da.Ar
         for (row, col), windows in plan.windows.items():
             selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
             crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
-            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model)
+            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model, (spec.output.uri, row, col))
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident.
     name = f"superresolve-{tokenize(tasks)}"
     graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
+    annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
+    with dask.annotate(**annotations):
+        layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[padded]), name, chunks, dtype=np.float32)
+    return da.Array(layers, name, chunks, dtype=np.float32)
 
 
 def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tuple[int, int, int, int]:
@@ -64,8 +81,12 @@ def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tu
     )
 
 
-def superresolve_tile(block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef) -> np.ndarray:
-    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) float32, halo cropped."""
+def superresolve_tile(
+    block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef, tile: tuple[str, int, int]
+) -> np.ndarray:
+    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) float32, halo cropped.
+    `tile` is (output uri, row, col): which job and tile, for the progress events."""
+    started = time.perf_counter()
     top, bottom, left, right = crop
     height = block.shape[2] - top - bottom
     width = block.shape[3] - left - right
@@ -75,9 +96,24 @@ def superresolve_tile(block: np.ndarray, windows: TileWindows, n_dates: int, cro
     needed = sorted({f for _, frames in windows for f in frames})
     reflectance = dict(zip(needed, usable_reflectance(block[needed], dilate)))
     stacks = [np.stack([reflectance[f] for f in frames]) for _, frames in windows]
-    result = superresolve_windows(load_model(model), stacks, device=model.device, batch_size=model.batch_size)
+    runner = load_runner(model)
+    result = superresolve_windows(runner, stacks, batch_size=model.batch_size)
     ys = slice(SCALE * top, SCALE * (top + height))
     xs = slice(SCALE * left, SCALE * (left + width))
     for (slot, _), image in zip(windows, result):
         out[slot] = image[:, ys, xs]
+    _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
     return out
+
+
+def _report_tile(tile: tuple[str, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
+    """Tell the client a tile is done (progress, and where it ran); silent outside a Dask worker."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return
+    output, row, col = tile
+    event = {"output": output, "tile": [row, col], "dates": dates, "pixels": pixels, "device": device, "seconds": seconds, "worker": worker.address}
+    worker.log_event(TILE_TOPIC, event)

@@ -1,0 +1,78 @@
+"""GPU workers: super-resolution tasks go only to workers that advertise the `GPU` resource, and the
+restriction survives Dask's graph optimisation (it is checked where the scheduler applies it, and where
+the tasks really ran). No GPU is needed: the resource is what Dask schedules on; here the "GPU worker"
+is a real worker process, added the way a LocalCluster on a CUDA machine adds one, that runs on CPU.
+The CUDA path itself is in test_cuda.py (skipped without a CUDA device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import xarray as xr
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from sr_batch.cluster import _add_gpu_workers, gpu_workers
+from sr_batch.job import run_job
+from sr_batch.spec import parse_spec
+from sr_batch.tiles import TILE_TOPIC
+
+from conftest import make_job
+
+
+class RecordRestrictions(SchedulerPlugin):
+    """Records, on the scheduler, the resource restrictions of every super-resolution task it sees."""
+
+    name = "record-restrictions"
+
+    def __init__(self) -> None:
+        self.restrictions: dict[str, dict] = {}
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if "superresolve" in str(key) and key in self.scheduler.tasks:
+            self.restrictions[str(key)] = dict(self.scheduler.tasks[key].resource_restrictions or {})
+
+
+def _restrictions(dask_scheduler) -> dict[str, dict]:
+    return dask_scheduler.plugins[RecordRestrictions.name].restrictions
+
+
+def _forget(dask_scheduler) -> None:
+    dask_scheduler.plugins[RecordRestrictions.name].restrictions.clear()
+
+
+def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str, catalog) -> None:
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        _add_gpu_workers(cluster, 1)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            gpu = gpu_workers(client)
+            assert len(gpu) == 1
+            client.register_plugin(RecordRestrictions())
+            lines: list[str] = []
+            job = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=period, tiling={"tile": 32, "halo": 18})
+            result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+            restricted = client.run_on_scheduler(_restrictions)
+            events = [event for _, event in client.get_events(TILE_TOPIC) if event["output"] == str(result.output)]
+
+            # model.device: cpu spreads super-resolution over every worker: no restriction is attached.
+            client.run_on_scheduler(_forget)
+            model = {"checkpoint": "untrained", "device": "cpu", "architecture": {"hidden_channels": 16, "encoder_blocks": 2}}
+            job = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling={"tile": 32, "halo": 18}, model=model)
+            run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lambda _: None)
+            unrestricted = client.run_on_scheduler(_restrictions)
+
+    tasks = len(result.plan.rows) * len(result.plan.cols)
+    assert tasks >= 9
+    assert len(restricted) >= tasks and all(r == {"GPU": 1} for r in restricted.values()), restricted
+    assert len(events) >= tasks and {event["worker"] for event in events} == set(gpu)
+    assert sum(event["dates"] for event in events) == result.plan.tile_dates
+    assert any("GPU worker" in line for line in lines)
+    assert any("100%" in line for line in lines), lines  # the per-tile progress reached its end
+    assert len(unrestricted) >= tasks and all(r == {} for r in unrestricted.values()), unrestricted
+    with xr.open_zarr(result.output, consolidated=False) as ds:
+        assert ds.sizes["time"] == len(result.plan.output_days) > 0
