@@ -67,17 +67,23 @@ def sample_cube_path() -> Path:
     return target
 
 
+def open_sample_cube() -> Any:
+    """The Romania cube as an xarray Dataset, in memory. The engine is xarray's choice: netCDF4 where it
+    is installed, h5netcdf otherwise (the file is netCDF-4/HDF5)."""
+    import xarray as xr
+
+    with xr.open_dataset(sample_cube_path()) as cube:
+        return cube.load()
+
+
 def build_sample_catalog(root: Path | None = None) -> SampleCatalog:
     """COGs + STAC items for every date of the sample cube; reused when already built."""
     root = root or cache_dir() / f"romania-catalog-v{CATALOG_VERSION}"
     items_file = root / "items.json"
     if items_file.exists():
         return SampleCatalog(collection=json.loads((root / "collection.json").read_text()), items=json.loads(items_file.read_text()), root=root)
-    import xarray as xr
-
     root.mkdir(parents=True, exist_ok=True)
-    with xr.open_dataset(sample_cube_path(), engine="netcdf4") as cube:
-        cube = cube.load()
+    cube = open_sample_cube()
     transform = _grid_transform(cube)
     items = [write_date(cube.isel(time=i), transform, root / "scenes") for i in range(cube.sizes["time"])]
     collection = collection_for(items)

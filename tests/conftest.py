@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 from distributed import LocalCluster
 
-from sr_batch.sample import COLLECTION_ID, SampleCatalog, build_sample_catalog, sample_aoi, sample_cube_path
+from sr_batch.sample import COLLECTION_ID, SampleCatalog, build_sample_catalog, open_sample_cube, sample_aoi
 from sr_batch.stac_server import serve_items
 
 # A small untrained network: the tests check plumbing and geometry, not image quality.
@@ -27,8 +27,7 @@ def catalog() -> SampleCatalog:
 @pytest.fixture(scope="session")
 def source_cube() -> xr.Dataset:
     """The original netCDF the catalogue was made from: ground truth for grids and values."""
-    with xr.open_dataset(sample_cube_path(), engine="netcdf4") as ds:
-        return ds.load()
+    return open_sample_cube()
 
 
 @pytest.fixture(scope="session")

@@ -78,13 +78,11 @@ def shared_data_dir() -> Path | None:
 
 def romania() -> Series:
     """The sample region's L2A series, SCL-masked (cloud and shadow dilated by 2 pixels)."""
-    import xarray as xr
+    from sr_batch.sample import open_sample_cube
 
-    from sr_batch.sample import sample_cube_path
-
-    with xr.open_dataset(sample_cube_path(), engine="netcdf4") as cube:
-        block = np.stack([cube[v].values for v in ("B2", "B3", "B4", "B8", "SCL")], axis=1)
-        dates = tuple(dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values)
+    cube = open_sample_cube()
+    block = np.stack([cube[v].values for v in ("B2", "B3", "B4", "B8", "SCL")], axis=1)
+    dates = tuple(dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values)
     return Series("romania", usable_reflectance(np.nan_to_num(block).astype(np.uint16), 2), dates)
 
 

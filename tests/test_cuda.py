@@ -1,0 +1,65 @@
+"""The CUDA path: the same numbers as the CPU, batches pipelined in order, compiled = eager, and a job
+whose super-resolution really runs on the GPU worker. Skipped where no CUDA device is visible (CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from sr_batch.job import run_job
+from sr_batch.model import load_checkpoint, resolve_checkpoint
+from sr_batch.spec import parse_spec
+from sr_batch.superres import ModelRef, eager_runner, load_runner, superresolve_windows
+
+from conftest import make_job
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# cuDNN convolutions use TF32 by default on Ampere and later: fp32 on the GPU is close, not exact.
+FP32_TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def windows(source_cube: xr.Dataset) -> list[np.ndarray]:
+    """Seven real 8-frame windows of the sample, 64 px, reflectance with no gaps."""
+    bands = np.stack([source_cube[b].values for b in ("B2", "B3", "B4", "B8")], axis=1).astype(np.float32) / 10000
+    return [bands[i : i + 8, :, 10:74, 20:84] for i in range(0, 70, 10)]
+
+
+def test_cuda_fp32_matches_cpu_and_batches_stay_in_order(windows: list[np.ndarray]) -> None:
+    # Two separate copies: eager_runner moves the network it is given.
+    on_cpu = superresolve_windows(eager_runner(load_checkpoint(resolve_checkpoint("default")), "cpu"), windows, batch_size=8)
+    gpu = eager_runner(load_checkpoint(resolve_checkpoint("default")), "cuda", precision="fp32")
+    on_gpu = superresolve_windows(gpu, windows, batch_size=3)  # 3 batches in flight one after another
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=FP32_TOLERANCE)
+    assert np.abs(on_gpu - on_cpu).mean() < 2e-4
+
+
+def test_bf16_autocast_and_compile_stay_close(windows: list[np.ndarray]) -> None:
+    fp32 = superresolve_windows(load_runner(ModelRef(checkpoint="default", device="cuda", precision="fp32")), windows, batch_size=4)
+    bf16 = superresolve_windows(load_runner(ModelRef(checkpoint="default", device="cuda", precision="auto")), windows, batch_size=4)
+    assert np.abs(bf16 - fp32).mean() < 2e-3  # reflectance units: well under the model's own error
+    compiled = superresolve_windows(load_runner(ModelRef(checkpoint="default", device="cuda", precision="auto", compile="default")), windows, batch_size=4)
+    np.testing.assert_allclose(compiled, bf16, atol=1e-2)
+    assert np.abs(compiled - bf16).mean() < 1e-3
+
+
+def test_job_runs_super_resolution_on_the_gpu_worker(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A plain run (its own LocalCluster) adds a GPU worker; the tiles run there, and match a CPU run."""
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    outputs = {}
+    for device in ("auto", "cpu"):
+        model = {"checkpoint": "default", "device": device, "precision": "fp32", "batch_size": 4}
+        job = make_job(stac_url, tmp_path / f"{device}.zarr", catalog, time=period, model=model, tiling={"tile": 48, "halo": 22})
+        lines: list[str] = []
+        result = run_job(parse_spec(job), show_progress=False, echo=lines.append)
+        if device == "auto":
+            assert any("GPU worker" in line for line in lines), lines
+        with xr.open_zarr(result.output, consolidated=False) as ds:
+            outputs[device] = ds.sr.values
+    assert outputs["auto"].shape == outputs["cpu"].shape and outputs["auto"].shape[0] > 0
+    np.testing.assert_allclose(outputs["auto"], outputs["cpu"], atol=FP32_TOLERANCE + 1e-4, equal_nan=True)
