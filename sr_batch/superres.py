@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -223,14 +222,34 @@ def prepare_windows(windows: list[np.ndarray], frames: int, mean: np.ndarray, st
     batch = np.zeros((len(windows), frames, 4, height, width), np.float32)
     alphas = np.zeros((len(windows), frames), np.float32)
     for i, window in enumerate(windows):
-        normalised = (window - mean[:, None, None]) / std[:, None, None]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: set to the mean just below
-            median = np.nan_to_num(np.nanmedian(normalised, axis=0), nan=0.0)
-        filled = np.where(np.isnan(normalised), median[None], normalised)
-        batch[i, : len(window)] = filled
+        normalised = batch[i, : len(window)]  # a view: normalised and filled in place
+        np.subtract(window, mean[:, None, None], out=normalised)
+        np.divide(normalised, std[:, None, None], out=normalised)
+        _fill_gaps_with_median(normalised)
         alphas[i, : len(window)] = 1.0
     return batch, alphas
+
+
+def _fill_gaps_with_median(frames: np.ndarray) -> None:
+    """In place: NaN → the per-pixel median of the pixel's valid frames (0, the mean, where none is valid).
+    The median is taken only over pixels that have a gap: nanmedian is slow, and most pixels have none."""
+    gaps = np.isnan(frames)
+    holes = gaps.any(axis=0)
+    if not holes.any():
+        return
+    columns = frames[:, holes]
+    frames[:, holes] = np.where(np.isnan(columns), nanmedian_first_axis(columns)[None], columns)
+
+
+def nanmedian_first_axis(columns: np.ndarray) -> np.ndarray:
+    """np.nanmedian(columns, axis=0) with 0 where a column has no valid value, by one sort: NumPy's own
+    nanmedian takes a slow masked-array path for short axes like a window's 8 frames (10x slower)."""
+    ordered = np.sort(columns, axis=0)  # NaN sorts last
+    valid = np.count_nonzero(~np.isnan(columns), axis=0)
+    last = columns.shape[0] - 1
+    low = np.take_along_axis(ordered, np.clip((valid - 1) // 2, 0, last)[None], axis=0)[0]
+    high = np.take_along_axis(ordered, np.clip(valid // 2, 0, last)[None], axis=0)[0]
+    return np.where(valid > 0, (low + high) / 2, 0).astype(columns.dtype)
 
 
 def superresolve(frames: np.ndarray, checkpoint: str = "default", device: str = "auto") -> np.ndarray:
