@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -501,3 +502,18 @@ def test_normalisation_is_inverted_exactly() -> None:
     zero = LoadedModel(network=silent, info=loaded.info, checksum="")
     out = superresolve_windows(eager_runner(zero, "cpu"), [window])[0]
     np.testing.assert_array_equal(out, np.broadcast_to(np.asarray(mean, np.float32)[:, None, None], out.shape))
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 8])
+def test_fast_nanmedian_equals_numpy(frames: int) -> None:
+    """The gap filler's median is NumPy's nanmedian exactly (0 where a pixel has no valid frame)."""
+    from sr_batch.superres import nanmedian_first_axis
+
+    rng = np.random.default_rng(frames)
+    columns = rng.random((frames, 20000), dtype=np.float32)
+    columns[rng.random(columns.shape) < 0.4] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nan_to_num(np.nanmedian(columns, axis=0), nan=0.0)
+    assert (np.isnan(columns).all(axis=0)).any()  # the all-gap case is exercised
+    np.testing.assert_array_equal(nanmedian_first_axis(columns), expected)
