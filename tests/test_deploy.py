@@ -615,7 +615,7 @@ def free_port() -> int:
 def for_this_machine(args: list[str], scheduler: str, env: dict[str, str]) -> list[str]:
     """A deployment's command line, runnable here: the venv's dask, loopback addresses, free ports, $(VAR) expanded like the kubelet."""
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in args]
-    args = [scheduler if arg in ("tcp://scheduler:8786",) or arg.startswith("tcp://sr-batch-scheduler") else arg for arg in args]
+    args = [scheduler if arg == "tcp://scheduler:8786" or arg.startswith("tcp://sr-batch-scheduler") else arg for arg in args]
     if "--dashboard-address" in args:
         args[args.index("--dashboard-address") + 1] = "127.0.0.1:0"
     return [str(BIN / args[0]), *args[1:]]
@@ -639,7 +639,8 @@ def deployed_cluster(tmp_path: Path) -> Iterator[tuple[str, int]]:
         for_this_machine(worker_args(k8s_worker), address, operator_env),
     ]
     env = {**os.environ, "SR_BATCH_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{i}.log").open("w")) for i, command in enumerate(commands)]
+    logs = [(tmp_path / f"process-{i}.log").open("w") for i in range(len(commands))]  # kept for a failing run's reader
+    processes = [subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT) for command, log in zip(commands, logs)]
     try:
         yield address, free_port()
     finally:
@@ -650,6 +651,8 @@ def deployed_cluster(tmp_path: Path) -> Iterator[tuple[str, int]]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        for log in logs:
+            log.close()
 
 
 def run_healthcheck(**env: str) -> subprocess.CompletedProcess[str]:
