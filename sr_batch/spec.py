@@ -49,6 +49,13 @@ class Stac(_Strict):
     url: str
     collection: str
     assets: Assets = Assets()
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    """Seconds to wait for the STAC API to accept a connection, and again for each answer."""
+    retries: int = Field(4, ge=0, le=10)
+    """Repeats of a request that failed (HTTP 429/5xx, timeout, dropped connection), with exponential backoff."""
+    max_unreadable_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    """Items with a missing, truncated or misdescribed asset are skipped and reported; above this share of
+    the items the job stops, since that is a storage or access problem rather than a few bad scenes."""
 
     @field_validator("url")
     @classmethod
@@ -154,6 +161,11 @@ class TimeRange(_Strict):
     def _ordered(self) -> TimeRange:
         if self.end is not None and self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}; swap them or leave end empty for 'now'")
+        today = dt.datetime.now(dt.UTC).date()
+        if self.start > today:
+            raise ValueError(f"start {self.start} is in the future (today is {today} UTC); give a start date up to today")
+        if self.end is not None and self.end > today:
+            raise ValueError(f"end {self.end} is in the future (today is {today} UTC); leave end empty to mean 'up to now'")
         return self
 
     def as_interval(self) -> str:
