@@ -28,6 +28,13 @@ from sr_batch.errors import SearchError
 from sr_batch.search import SolarDay
 
 RESOLUTION = 10.0
+READ_ERRORS_AS_NODATA = (
+    r"HTTP response code: 404",  # stackstac's own default: an object gone since the search
+    r".*IReadBlock failed",  # a block GDAL cannot decode: corrupt bytes a header check cannot see
+    r".*TIFFRead",
+)
+"""Read errors that become no data for that asset's chunk instead of failing the job. The assets were
+checked before the cube was built (sr_batch.assets), so these are rare, local defects."""
 BANDS = ("blue", "green", "red", "nir")
 SCL = "scl"
 
@@ -134,6 +141,7 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
     """
     import stackstac
     from rasterio.enums import Resampling
+    from rasterio.errors import RasterioIOError
 
     items = [item for day in days for item in day.items]
     stack = stackstac.stack(
@@ -151,6 +159,7 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
         xy_coords="center",
         properties=False,
         sortby_date=False,
+        errors_as_nodata=tuple(RasterioIOError(pattern) for pattern in READ_ERRORS_AS_NODATA),
     )
     _check_grid(stack, grid)
     stack = stack.assign_coords(band=band_names)

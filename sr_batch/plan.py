@@ -13,6 +13,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from sr_batch.assets import describe_problems
 from sr_batch.clouds import cloudy_fraction
 from sr_batch.cube import SCL, Grid, choose_grid, load_cube
 from sr_batch.model import Architecture, receptive_radius
@@ -169,4 +170,6 @@ def _summary(plan: Plan) -> str:
     if outputs:
         first, last = days[outputs[0]].date, days[outputs[-1]].date
         lines.append(f"Output dates: {first} … {last}")
+    if plan.found.unreadable:
+        lines.append(describe_problems(plan.found.unreadable))
     return "\n".join(lines)

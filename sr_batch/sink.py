@@ -27,6 +27,7 @@ import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
 
 from sr_batch import __version__
+from sr_batch.assets import unreadable_attributes
 from sr_batch.cube import BANDS
 from sr_batch.errors import OutputError
 from sr_batch.model import LoadedModel
@@ -121,6 +122,7 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
         "max_cloud_fraction": spec.cloud.max_cloud_fraction,
         "job": spec_json(spec),
         "source": "Contains modified Copernicus Sentinel data",
+        **unreadable_attributes(plan.found.unreadable),
     }
 
 
