@@ -11,6 +11,9 @@ waiting on storage), and only its header is read, never its pixels, so nothing i
   code, on the asset or the item): stackstac places pixels by the item's metadata, so a mismatch would
   put real pixels in the wrong place without any error.
 
+A catalogue cannot make the job read local files: an href that is a local path (or a GDAL /vsi
+path) is refused unless the STAC API itself is on this machine (loopback), as the bundled sample is.
+
 An item with a failed asset is dropped from the search. Its solar day then has no data wherever that
 item was the only cover, which is exactly the tiles it touches; other granules of the same day still
 count. The failures are listed in the plan summary and in the output's attributes
@@ -23,6 +26,7 @@ no data (stackstac's `errors_as_nodata`, see `READ_ERRORS_AS_NODATA`) rather tha
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +38,10 @@ from sr_batch.errors import SearchError
 
 CHECK_THREADS = 16
 TRANSFORM_TOLERANCE_M = 1e-3
+REMOTE_SCHEMES = ("http", "https", "s3", "gs", "az")
+UNSIGNED_DTYPES = ("uint8", "uint16")
+"""Sentinel-2 L2A assets are unsigned digital numbers: a float or signed raster (NaN, negative values)
+is not what the cube's uint16 read and nodata 0 assume."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,16 @@ class AssetProblem:
     problem: str
 
 
-def check_assets(items: list[dict[str, Any]], asset_keys: list[str], max_unreadable_fraction: float) -> tuple[list[dict[str, Any]], list[AssetProblem]]:
+def check_assets(
+    items: list[dict[str, Any]], asset_keys: list[str], max_unreadable_fraction: float, stac_url: str
+) -> tuple[list[dict[str, Any]], list[AssetProblem]]:
     """The items whose every asset in `asset_keys` is readable and on the grid its item states, and the problems found.
 
     Raises SearchError when more than `max_unreadable_fraction` of the items have a problem."""
+    local_allowed = is_loopback(stac_url)
     jobs = [(item, key) for item in items for key in asset_keys]
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        found = list(pool.map(lambda job: asset_problem(*job), jobs))
+        found = list(pool.map(lambda job: asset_problem(*job, local_allowed=local_allowed), jobs))
     problems = [problem for problem in found if problem is not None]
     bad_items = {problem.item for problem in problems}
     if items and len(bad_items) / len(items) > max_unreadable_fraction:
@@ -65,7 +76,29 @@ def check_assets(items: list[dict[str, Any]], asset_keys: list[str], max_unreada
     return [item for item in items if item["id"] not in bad_items], problems
 
 
-def asset_problem(item: dict[str, Any], key: str) -> AssetProblem | None:
+def is_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def href_refusal(href: str, local_allowed: bool) -> str | None:
+    """Why an href may not be opened at all: local files only from a STAC API on this machine."""
+    scheme = urlsplit(href).scheme.lower()
+    local = scheme in ("", "file") or href.lower().startswith("/vsi")
+    if local and not local_allowed:
+        return "refused: a local path from a remote STAC API (a catalogue may not make the job read this machine's files)"
+    if not local and scheme not in REMOTE_SCHEMES:
+        return f"refused: unsupported href scheme {scheme!r} (use one of {', '.join(REMOTE_SCHEMES)})"
+    return None
+
+
+def asset_problem(item: dict[str, Any], key: str, local_allowed: bool = True) -> AssetProblem | None:
     """None when the asset opens and agrees with its item; otherwise what is wrong, in a few words."""
     import rasterio
     from rasterio.errors import RasterioError
@@ -77,13 +110,21 @@ def asset_problem(item: dict[str, Any], key: str) -> AssetProblem | None:
     if not asset or not asset.get("href"):
         return problem("no href")
     href = asset["href"]
+    refusal = href_refusal(href, local_allowed)
+    if refusal:
+        return problem(refusal)
     try:
         with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(href) as dataset:
-            text = _truncation(dataset, href) or _grid_mismatch(dataset, item, asset)
+            text = _dtype_problem(dataset) or _truncation(dataset, href) or _grid_mismatch(dataset, item, asset)
     except (RasterioError, OSError) as err:
         lines = str(err).strip().splitlines()
         return problem(f"cannot open ({type(err).__name__}: {lines[0][:160] if lines else ''})")
     return problem(text) if text else None
+
+
+def _dtype_problem(dataset: Any) -> str | None:
+    dtype = dataset.dtypes[0]
+    return None if dtype in UNSIGNED_DTYPES else f"data type {dtype}, not Sentinel-2 L2A digital numbers ({' or '.join(UNSIGNED_DTYPES)})"
 
 
 def _local_path(href: str) -> str | None:

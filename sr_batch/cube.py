@@ -24,6 +24,7 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
 
+from sr_batch.clouds import SATURATED_DN
 from sr_batch.errors import SearchError
 from sr_batch.search import SolarDay
 
@@ -175,13 +176,13 @@ def _check_grid(stack: xr.DataArray, grid: Grid) -> None:
 
 
 def _harmonise(stack: xr.DataArray, items: list[dict[str, Any]], asset_keys: list[str], band_names: list[str]) -> xr.DataArray:
-    """Add each item's DN offset to its data bands (nodata stays 0; values clip to 1..65535)."""
+    """Add each item's DN offset to its data bands (nodata 0 and saturated 65535 stay; others clip to 1..65534)."""
     offsets = np.array([[dn_offset(item, key) if name != SCL else 0 for key, name in zip(asset_keys, band_names)] for item in items], np.int32)
     if not offsets.any():
         return stack
     shift = xr.DataArray(offsets, dims=("time", "band"))
-    shifted = (stack.astype(np.int32) + shift).clip(1, 65535).astype(np.uint16)
-    return xr.where(stack == 0, np.uint16(0), shifted).astype(np.uint16)
+    shifted = (stack.astype(np.int32) + shift).clip(1, SATURATED_DN - 1).astype(np.uint16)
+    return xr.where((stack == 0) | (stack == SATURATED_DN), stack, shifted).astype(np.uint16)
 
 
 def _mosaic_solar_days(stack: xr.DataArray, days: list[SolarDay]) -> xr.DataArray:

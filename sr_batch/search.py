@@ -72,7 +72,7 @@ def search(spec: JobSpec) -> SearchResult:
     items = _prefilter_cloud_cover(items, spec.cloud.max_scene_cloud_cover, result)
     items = _require_assets(items, spec, result)
     items, result.duplicates = deduplicate(items)
-    items, result.unreadable = check_assets(items, spec.stac.assets.in_model_order(), spec.stac.max_unreadable_fraction)
+    items, result.unreadable = check_assets(items, spec.stac.assets.in_model_order(), spec.stac.max_unreadable_fraction, spec.stac.url)
     result.days = group_by_solar_day(items)
     if not result.days and result.unreadable:
         raise SearchError(f"stac.assets: every remaining item has unreadable assets ({result.unreadable[0].problem}); check access to the asset storage")

@@ -43,6 +43,8 @@ def check_writable(uri: str, overwrite: bool) -> Path:
     target = Path(uri)
     if target.exists() and not overwrite:
         raise OutputError(f"output.uri: {target} already exists; choose another path or pass --overwrite to replace it")
+    if target.exists() and not (target / "zarr.json").is_file():
+        raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     # The nearest folder that exists must be writable; missing folders are made only when writing.
     existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

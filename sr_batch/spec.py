@@ -234,7 +234,11 @@ class Output(_Strict):
     def _local_zarr(cls, uri: str) -> str:
         if "://" in uri and not uri.startswith("file://"):
             raise ValueError(f"only local paths are supported so far (got {uri!r}); give a directory path ending in .zarr")
-        return uri.removeprefix("file://")
+        path = uri.removeprefix("file://")
+        # The store is replaced whole on --overwrite: a name that is not a .zarr (a home folder, `.`) must never be.
+        if not Path(path).name.endswith(".zarr") or Path(path).name == ".zarr" or "\x00" in path:
+            raise ValueError(f"must name a Zarr store, a folder whose name ends in .zarr (got {uri!r}); e.g. out/my-region.zarr")
+        return path
 
 
 class JobSpec(_Strict):
@@ -248,6 +252,28 @@ class JobSpec(_Strict):
     output: Output
     crs: int | None = None
     """EPSG code of the output grid; by default the items' dominant CRS."""
+
+
+MAX_AREA_KM2_UNCONFIRMED = 2500.0
+"""Above this AOI area `sr-batch run` wants --yes: about 25 M px at 10 m and 3 GB of output per date."""
+
+
+def aoi_area_km2(aoi: Aoi) -> float:
+    """The AOI's area on the WGS84 ellipsoid."""
+    from pyproj import Geod
+
+    area, _ = Geod(ellps="WGS84").geometry_area_perimeter(aoi.shape())
+    return abs(area) / 1e6
+
+
+def confirm_size(spec: JobSpec, confirmed: bool) -> None:
+    """Refuse a very large AOI unless the user said --yes: a typo in a bbox should not start a continent."""
+    area = aoi_area_km2(spec.aoi)
+    if area > MAX_AREA_KM2_UNCONFIRMED and not confirmed:
+        raise SpecError(
+            f"aoi: covers {area:,.0f} km², more than {MAX_AREA_KM2_UNCONFIRMED:,.0f} km² ({area * 1e-2:,.0f} M px at 10 m per date); "
+            "check the work size with `sr-batch plan`, then pass --yes to run it, or split the AOI"
+        )
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
