@@ -159,3 +159,115 @@ def test_too_many_unreadable_items_stop_the_job(catalog: SampleCatalog, tmp_path
             search(parse_spec(job))
     message = str(raised.value)
     assert len(message.splitlines()) == 1 and message.startswith("stac.max_unreadable_fraction: 3 of 15 items"), message
+
+
+# --- hostile data: each is skipped cleanly and said so, or handled as the data says --------------
+
+CLEAR_DAY = "S2_L2A_RO_SAMPLE_20190706"
+
+
+def summer_catalogue(catalog: SampleCatalog, folder: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    items = copy_items(catalog, folder)
+    return items, {item["id"]: item for item in items}
+
+
+def rewrite_cog(href: str, change: Any, dtype: str | None = None) -> None:
+    """Rewrite a copied COG in place: `change(values)` gives the new values."""
+    import rasterio
+
+    path = Path(href.removeprefix("file://"))
+    with rasterio.open(path) as src:
+        profile, values = src.profile, src.read(1)
+    values = change(values)
+    profile.update(dtype=dtype or values.dtype.name, nodata=None if dtype and dtype.startswith("float") else profile["nodata"])
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(values, 1)
+
+
+def test_items_without_a_needed_asset_are_skipped_and_counted(catalog: SampleCatalog, tmp_path: Path) -> None:
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    del by_id[CLEAR_DAY]["assets"]["nir"], by_id[MISSING]["assets"]["scl"]
+    with serve_items(catalog.collection, items) as url:
+        found = search(parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time=SUMMER)))
+    assert sorted(found.missing_assets) == sorted([CLEAR_DAY, MISSING])
+    assert CLEAR_DAY not in {i["id"] for i in found.items} and len(found.items) == len(items) - 2
+
+
+def test_float_asset_with_nan_and_negative_values_is_skipped(catalog: SampleCatalog, tmp_path: Path) -> None:
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+
+    def as_float_with_nan(values: np.ndarray) -> np.ndarray:
+        out = values.astype(np.float32) / 10000
+        out[:10] = np.nan
+        out[10:20] = -0.05
+        return out
+
+    rewrite_cog(by_id[CLEAR_DAY]["assets"]["red"]["href"], as_float_with_nan, dtype="float32")
+    with serve_items(catalog.collection, items) as url:
+        found = search(parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time=SUMMER)))
+    assert [(p.item, p.asset) for p in found.unreadable] == [(CLEAR_DAY, "red")]
+    assert "float32" in found.unreadable[0].problem
+    assert CLEAR_DAY not in {i["id"] for i in found.items}
+
+
+def test_all_nodata_scene_gives_no_output_date(catalog: SampleCatalog, tmp_path: Path) -> None:
+    from sr_batch.plan import make_plan
+
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    for asset in by_id[CLEAR_DAY]["assets"].values():
+        rewrite_cog(asset["href"], np.zeros_like)
+    with serve_items(catalog.collection, items) as url:
+        plan = make_plan(parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time=SUMMER)))
+    day = next(k for k, d in enumerate(plan.days) if CLEAR_DAY in d.item_ids)
+    assert (plan.cloud[day] == 1.0).all()
+    assert day not in plan.output_days and day not in plan.frame_days
+    assert len(plan.output_days) >= 3  # the other clear days are still used
+
+
+def test_saturated_values_are_unusable_after_harmonisation(catalog: SampleCatalog, tmp_path: Path) -> None:
+    """DN 65535 is saturation: it stays 65535 through the baseline-04.00 offset and is never fed to the network."""
+    from sr_batch.clouds import usable_reflectance
+    from sr_batch.cube import BANDS, SCL, choose_grid, load_cube
+
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    item = by_id[CLEAR_DAY]
+
+    def saturate(values: np.ndarray) -> np.ndarray:
+        values = values.copy()
+        values[:5, :5] = 65535
+        return values
+
+    rewrite_cog(item["assets"]["red"]["href"], saturate)
+    for asset in item["assets"].values():
+        if asset["roles"] == ["data"]:
+            asset["raster:bands"][0]["offset"] = -0.1  # baseline 04.00: DN = reflectance x 10000 + 1000
+    with serve_items(catalog.collection, items) as url:
+        spec = parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time={"start": "2019-07-06", "end": "2019-07-06"}))
+        found = search(spec)
+    grid, _ = choose_grid(found.days, spec.aoi.shape())
+    cube = load_cube(found.days, grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((grid.height,), (grid.width,))).values
+    assert (cube[0, 2, :5, :5] == 65535).all()
+    reflectance = usable_reflectance(cube, dilate_pixels=0)
+    assert np.isnan(reflectance[0, :, :5, :5]).all()
+    assert np.isfinite(reflectance[0, :, 50:, 50:]).mean() > 0.9
+
+
+def test_one_date_series_with_a_tile_that_has_no_cloudless_date(catalog: SampleCatalog, tmp_path: Path, scheduler: str) -> None:
+    """One date only: tiles where it is clear get a one-frame output; the clouded tile is a clean skip (no data, frames_used 0)."""
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+
+    def cloud_top_left(values: np.ndarray) -> np.ndarray:
+        values = values.copy()
+        values[:48, :48] = 9  # SCL high-probability cloud over the first 48 x 48 px tile
+        return values
+
+    rewrite_cog(by_id[CLEAR_DAY]["assets"]["scl"]["href"], cloud_top_left)
+    with serve_items(catalog.collection, items) as url:
+        spec = parse_spec(make_job(url, tmp_path / "one.zarr", catalog, time={"start": "2019-07-06", "end": "2019-07-06"}))
+        result = run_job(spec, scheduler=scheduler, show_progress=False, echo=lambda line: None)
+    ds = open_output(result.output).load()
+    assert ds.sizes["time"] == 1 and ds.frames_used.shape[1:] == (2, 2)
+    assert ds.frames_used[0, 0, 0] == 0 and np.isnan(ds.sr[0, :, : 4 * 48, : 4 * 48]).all()
+    others = [(r, c) for r in range(2) for c in range(2) if (r, c) != (0, 0)]
+    assert all(ds.frames_used[0, r, c] == 1 for r, c in others)
+    assert np.isfinite(ds.sr[0, :, 4 * 48 :, 4 * 48 :]).mean() > 0.9
