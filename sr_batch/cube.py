@@ -75,18 +75,29 @@ def item_epsg(item: dict[str, Any]) -> int | None:
     return int(code.split(":")[1]) if code.upper().startswith("EPSG:") else None
 
 
+def utm_epsg(lon: float, lat: float) -> int:
+    """The WGS84 UTM zone's EPSG code at a lon/lat point."""
+    zone = min(60, max(1, int((lon + 180) // 6) + 1))
+    return (32600 if lat >= 0 else 32700) + zone
+
+
 def choose_grid(days: list[SolarDay], aoi: BaseGeometry, epsg: int | None = None) -> tuple[Grid, str]:
-    """The grid covering the AOI on the items' own pixel lattice; also a note on the CRS choice."""
+    """The grid covering the AOI on the items' own pixel lattice; also a note on the CRS choice.
+
+    An AOI across UTM zones is not an error: the output takes one CRS, the one most items use (on a
+    tie, the zone of the AOI's centre), and the other zones' items are warped onto it (nearest
+    neighbour). The note says so, and `crs:` in the job picks another."""
     items = [item for day in days for item in day.items]
     counts = Counter(item_epsg(item) for item in items)
     counts.pop(None, None)
     if epsg is None:
         if not counts:
             raise SearchError("crs: the items carry no proj:epsg/proj:code; set crs: EPSG code in the job")
-        epsg = counts.most_common(1)[0][0]
+        centre = utm_epsg(aoi.centroid.x, aoi.centroid.y)
+        epsg = max(sorted(counts), key=lambda code: (counts[code], code == centre))
     note = f"EPSG:{epsg}"
     if len(counts) > 1:
-        note += " (items span " + ", ".join(f"EPSG:{c} x{n}" for c, n in counts.most_common()) + f"; output on EPSG:{epsg})"
+        note += " (items span " + ", ".join(f"EPSG:{c} x{n}" for c, n in counts.most_common()) + f"; output on EPSG:{epsg}, others warped; set crs: to change)"
     origin_x, origin_y = _lattice_origin([i for i in items if item_epsg(i) == epsg])
     to_grid = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_epsg(epsg), always_xy=True)
     west, south, east, north = shapely.transform(aoi.segmentize(0.001), to_grid.transform, interleaved=False).bounds

@@ -279,3 +279,41 @@ def test_bad_input_is_one_line_and_writes_nothing(name: str, outcomes: dict[str,
     after = snapshot(outcome.folder)
     changed = sorted(k for k in after.keys() | outcome.before.keys() if after.get(k) != outcome.before.get(k))
     assert not changed, f"written in {outcome.folder}: {changed}"
+
+
+# --- not an error: an AOI across UTM zones ----------------------------------------------------------
+
+
+def granule(item_id: str, day: str, epsg: int, west: float, north: float) -> dict[str, Any]:
+    """A Sentinel-2 item as Earth Search publishes it: a 109.8 km granule on its zone's 10 m lattice."""
+    return {
+        "id": item_id,
+        "bbox": [22.0, 43.0, 26.0, 46.0],
+        "properties": {"datetime": f"{day}T09:30:00Z", "proj:epsg": epsg, "proj:transform": [10.0, 0.0, west, 0.0, -10.0, north]},
+        "assets": {},
+    }
+
+
+def test_aoi_across_utm_zones_takes_one_crs_and_says_so() -> None:
+    """Zones 34 and 35 meet at 24°E. The grid takes the CRS most items use (ties: the AOI centre's zone) and covers the AOI."""
+    import shapely
+    import shapely.geometry
+    from pyproj import Transformer
+
+    from sr_batch.cube import choose_grid
+    from sr_batch.search import group_by_solar_day
+
+    aoi = shapely.geometry.box(23.95, 44.0, 24.05, 44.05)
+    west34 = granule("S2A_34TGK_20190706", "2019-07-06", 32634, 699960.0, 5000040.0)
+    east35 = granule("S2A_35TKK_20190706", "2019-07-06", 32635, 199980.0, 5000040.0)
+    west34_later = granule("S2A_34TGK_20190711", "2019-07-11", 32634, 699960.0, 5000040.0)
+
+    grid, note = choose_grid(group_by_solar_day([west34, east35, west34_later]), aoi)
+    assert grid.epsg == 32634 and "EPSG:32634 x2, EPSG:32635 x1" in note and "set crs:" in note
+    assert grid.west % 10 == 699960.0 % 10  # on the chosen zone's own pixel lattice
+    projected = shapely.transform(aoi.segmentize(0.001), Transformer.from_crs(4326, grid.epsg, always_xy=True).transform, interleaved=False)
+    assert shapely.geometry.box(*grid.bounds).contains(projected)
+
+    for order in ([west34, east35], [east35, west34]):  # a tie: the AOI's centre (24.0°E) lies in zone 35
+        assert choose_grid(group_by_solar_day(order), aoi)[0].epsg == 32635
+    assert choose_grid(group_by_solar_day([west34, east35, west34_later]), aoi, epsg=32635)[0].epsg == 32635
