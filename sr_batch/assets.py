@@ -21,7 +21,8 @@ count. The failures are listed in the plan summary and in the output's attribute
 stops with one line: that is a storage or access problem, not a few bad scenes.
 
 A block whose compressed bytes are corrupt cannot be seen in a header; the cube reads such a block as
-no data (stackstac's `errors_as_nodata`, see `READ_ERRORS_AS_NODATA`) rather than failing the job.
+no data (stackstac's `errors_as_nodata`, see `cube.READ_ERRORS_AS_NODATA`) rather than failing the job.
+stackstac warns about it in the worker's log; it is not counted here.
 """
 
 from __future__ import annotations

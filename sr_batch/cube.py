@@ -31,8 +31,8 @@ from sr_batch.search import SolarDay
 RESOLUTION = 10.0
 READ_ERRORS_AS_NODATA = (
     r"HTTP response code: 404",  # stackstac's own default: an object gone since the search
-    r".*IReadBlock failed",  # a block GDAL cannot decode: corrupt bytes a header check cannot see
-    r".*TIFFRead",
+    r"Read failed",  # a block GDAL cannot decode (corrupt bytes a header check cannot see); rasterio's message, details in its cause
+    r".*IReadBlock failed",
 )
 """Read errors that become no data for that asset's chunk instead of failing the job. The assets were
 checked before the cube was built (sr_batch.assets), so these are rare, local defects."""

@@ -271,3 +271,28 @@ def test_one_date_series_with_a_tile_that_has_no_cloudless_date(catalog: SampleC
     others = [(r, c) for r in range(2) for c in range(2) if (r, c) != (0, 0)]
     assert all(ds.frames_used[0, r, c] == 1 for r, c in others)
     assert np.isfinite(ds.sr[0, :, 4 * 48 :, 4 * 48 :]).mean() > 0.9
+
+
+def test_corrupt_block_behind_a_sound_header_reads_as_no_data(catalog: SampleCatalog, tmp_path: Path) -> None:
+    """Compressed bytes zeroed in place: the header check passes, the read fails, and the cube holds no data there instead of failing."""
+    import rasterio
+
+    from sr_batch.cube import BANDS, SCL, choose_grid, load_cube
+
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    path = Path(by_id[CLEAR_DAY]["assets"]["red"]["href"].removeprefix("file://"))
+    with rasterio.open(path) as dataset:
+        offset = int(dataset.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        length = int(dataset.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    content = bytearray(path.read_bytes())
+    content[offset : offset + length] = bytes(length)
+    path.write_bytes(bytes(content))
+    with serve_items(catalog.collection, items) as url:
+        spec = parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time={"start": "2019-07-06", "end": "2019-07-06"}))
+        found = search(spec)
+    assert found.unreadable == []  # nothing in the header gives it away
+    grid, _ = choose_grid(found.days, spec.aoi.shape())
+    with pytest.warns(UserWarning, match="red.tif"):
+        cube = load_cube(found.days, grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((grid.height,), (grid.width,))).values
+    assert (cube[0, 2] == 0).all()  # red: no data
+    assert (cube[0, 0] > 0).mean() > 0.9  # blue of the same date is intact
