@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--performance-report", type=Path, metavar="FILE.html", help="write Dask's performance report of the run")
+    run.add_argument("--yes", action="store_true", help="run even when the AOI is larger than the unconfirmed limit (2,500 km²)")
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")
@@ -74,9 +75,10 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sr_batch.spec import load_spec
+    from sr_batch.spec import confirm_size, load_spec
 
     spec = load_spec(args.job, _overrides(args.set))  # before the heavy imports: a bad job fails at once
+    confirm_size(spec, args.yes)
     from sr_batch.job import run_job
 
     run_job(

@@ -13,6 +13,8 @@ from scipy import ndimage
 NO_DATA, SATURATED, SHADOW, CLOUD_MEDIUM, CLOUD_HIGH, CIRRUS = 0, 1, 3, 8, 9, 10
 EXACT_CLASSES = (NO_DATA, SATURATED)
 GROWN_CLASSES = (SHADOW, CLOUD_MEDIUM, CLOUD_HIGH, CIRRUS)
+SATURATED_DN = 65535
+"""A band value that is saturated, whatever the SCL says (the cube keeps it through harmonisation)."""
 
 
 def unusable_mask(scl: np.ndarray, dilate_pixels: int) -> np.ndarray:
@@ -37,11 +39,12 @@ def cloudy_fraction(scl: np.ndarray, dilate_pixels: int, core: tuple[slice, slic
 def usable_reflectance(block: np.ndarray, dilate_pixels: int) -> np.ndarray:
     """(days, 4 bands + SCL, y, x) harmonised DN → (days, 4, y, x) float32 reflectance, NaN where unusable.
 
-    The one definition of a usable pixel, shared by inference and training: every band > 0 and the
-    SCL class usable (after dilation).
+    The one definition of a usable pixel, shared by inference and training: every band > 0 (0 is no
+    data), below the saturation value 65535, and the SCL class usable (after dilation).
     """
     values = block[:, :4].astype(np.float32) / 10000.0
-    missing = (block[:, :4] <= 0).any(axis=1) | unusable_mask(block[:, 4], dilate_pixels)
+    bands = block[:, :4]
+    missing = ((bands <= 0) | (bands >= SATURATED_DN)).any(axis=1) | unusable_mask(block[:, 4], dilate_pixels)
     values[np.broadcast_to(missing[:, None], values.shape)] = np.nan
     return values
 

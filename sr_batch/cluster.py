@@ -27,7 +27,14 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     """A connected client; a LocalCluster started here is closed on exit, an existing cluster is left running."""
     if scheduler:
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout="20s")  # TLS (tls://) from Dask's config: DASK_DISTRIBUTED__COMM__TLS__*
+        except (TypeError, ValueError) as err:
+            if not scheduler.startswith("tls://"):
+                raise
+            raise SrBatchError(
+                f"--scheduler: {scheduler} needs TLS settings ({type(err).__name__}); set DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or distributed.comm.tls in the Dask config)"
+            ) from None
         except (OSError, TimeoutError) as err:
             raise SrBatchError(
                 f"--scheduler: cannot connect to a Dask scheduler at {scheduler} ({type(err).__name__}); check the address and that it is running"

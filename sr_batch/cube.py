@@ -24,10 +24,18 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
 
+from sr_batch.clouds import SATURATED_DN
 from sr_batch.errors import SearchError
 from sr_batch.search import SolarDay
 
 RESOLUTION = 10.0
+READ_ERRORS_AS_NODATA = (
+    r"HTTP response code: 404",  # stackstac's own default: an object gone since the search
+    r"Read failed",  # a block GDAL cannot decode (corrupt bytes a header check cannot see); rasterio's message, details in its cause
+    r".*IReadBlock failed",
+)
+"""Read errors that become no data for that asset's chunk instead of failing the job. The assets were
+checked before the cube was built (sr_batch.assets), so these are rare, local defects."""
 BANDS = ("blue", "green", "red", "nir")
 SCL = "scl"
 
@@ -67,18 +75,29 @@ def item_epsg(item: dict[str, Any]) -> int | None:
     return int(code.split(":")[1]) if code.upper().startswith("EPSG:") else None
 
 
+def utm_epsg(lon: float, lat: float) -> int:
+    """The WGS84 UTM zone's EPSG code at a lon/lat point."""
+    zone = min(60, max(1, int((lon + 180) // 6) + 1))
+    return (32600 if lat >= 0 else 32700) + zone
+
+
 def choose_grid(days: list[SolarDay], aoi: BaseGeometry, epsg: int | None = None) -> tuple[Grid, str]:
-    """The grid covering the AOI on the items' own pixel lattice; also a note on the CRS choice."""
+    """The grid covering the AOI on the items' own pixel lattice; also a note on the CRS choice.
+
+    An AOI across UTM zones is not an error: the output takes one CRS, the one most items use (on a
+    tie, the zone of the AOI's centre), and the other zones' items are warped onto it (nearest
+    neighbour). The note says so, and `crs:` in the job picks another."""
     items = [item for day in days for item in day.items]
     counts = Counter(item_epsg(item) for item in items)
     counts.pop(None, None)
     if epsg is None:
         if not counts:
             raise SearchError("crs: the items carry no proj:epsg/proj:code; set crs: EPSG code in the job")
-        epsg = counts.most_common(1)[0][0]
+        centre = utm_epsg(aoi.centroid.x, aoi.centroid.y)
+        epsg = max(sorted(counts), key=lambda code: (counts[code], code == centre))
     note = f"EPSG:{epsg}"
     if len(counts) > 1:
-        note += " (items span " + ", ".join(f"EPSG:{c} x{n}" for c, n in counts.most_common()) + f"; output on EPSG:{epsg})"
+        note += " (items span " + ", ".join(f"EPSG:{c} x{n}" for c, n in counts.most_common()) + f"; output on EPSG:{epsg}, others warped; set crs: to change)"
     origin_x, origin_y = _lattice_origin([i for i in items if item_epsg(i) == epsg])
     to_grid = Transformer.from_crs(CRS.from_epsg(4326), CRS.from_epsg(epsg), always_xy=True)
     west, south, east, north = shapely.transform(aoi.segmentize(0.001), to_grid.transform, interleaved=False).bounds
@@ -134,6 +153,7 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
     """
     import stackstac
     from rasterio.enums import Resampling
+    from rasterio.errors import RasterioIOError
 
     items = [item for day in days for item in day.items]
     stack = stackstac.stack(
@@ -151,6 +171,7 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
         xy_coords="center",
         properties=False,
         sortby_date=False,
+        errors_as_nodata=tuple(RasterioIOError(pattern) for pattern in READ_ERRORS_AS_NODATA),
     )
     _check_grid(stack, grid)
     stack = stack.assign_coords(band=band_names)
@@ -166,13 +187,13 @@ def _check_grid(stack: xr.DataArray, grid: Grid) -> None:
 
 
 def _harmonise(stack: xr.DataArray, items: list[dict[str, Any]], asset_keys: list[str], band_names: list[str]) -> xr.DataArray:
-    """Add each item's DN offset to its data bands (nodata stays 0; values clip to 1..65535)."""
+    """Add each item's DN offset to its data bands (nodata 0 and saturated 65535 stay; others clip to 1..65534)."""
     offsets = np.array([[dn_offset(item, key) if name != SCL else 0 for key, name in zip(asset_keys, band_names)] for item in items], np.int32)
     if not offsets.any():
         return stack
     shift = xr.DataArray(offsets, dims=("time", "band"))
-    shifted = (stack.astype(np.int32) + shift).clip(1, 65535).astype(np.uint16)
-    return xr.where(stack == 0, np.uint16(0), shifted).astype(np.uint16)
+    shifted = (stack.astype(np.int32) + shift).clip(1, SATURATED_DN - 1).astype(np.uint16)
+    return xr.where((stack == 0) | (stack == SATURATED_DN), stack, shifted).astype(np.uint16)
 
 
 def _mosaic_solar_days(stack: xr.DataArray, days: list[SolarDay]) -> xr.DataArray:

@@ -13,11 +13,12 @@ import dask
 import dask.array as da
 import numpy as np
 
+from sr_batch.assets import describe_problems
 from sr_batch.clouds import cloudy_fraction
 from sr_batch.cube import SCL, Grid, choose_grid, load_cube
 from sr_batch.model import Architecture, receptive_radius
 from sr_batch.search import SearchResult, SolarDay, search
-from sr_batch.spec import JobSpec
+from sr_batch.spec import MAX_AREA_KM2_UNCONFIRMED, JobSpec, aoi_area_km2
 
 SCALE = 4
 FLOP_PER_LR_PIXEL = 15.3e6
@@ -169,4 +170,8 @@ def _summary(plan: Plan) -> str:
     if outputs:
         first, last = days[outputs[0]].date, days[outputs[-1]].date
         lines.append(f"Output dates: {first} … {last}")
+    if aoi_area_km2(spec.aoi) > MAX_AREA_KM2_UNCONFIRMED:
+        lines.append(f"Large AOI: more than {MAX_AREA_KM2_UNCONFIRMED:,.0f} km², so `sr-batch run` needs --yes")
+    if plan.found.unreadable:
+        lines.append(describe_problems(plan.found.unreadable))
     return "\n".join(lines)

@@ -3,6 +3,13 @@
 Only bbox + datetime + collection go to the server: they are what every STAC API implements.
 Everything else (the exact AOI geometry, scene cloud cover, required assets) is filtered here, so a
 server that ignores the query extension cannot silently widen the job.
+
+Every request (the landing page, the collections, each page of results) goes through one HTTP session
+with explicit timeouts and a bounded urllib3 Retry: HTTP 429/5xx, timeouts and dropped connections are
+repeated with exponential backoff, so a flaky API costs seconds, not the job, and paging stays
+complete (each page is retried on its own). When the retries are spent the job stops with one line
+that names stac.url and what to try. Items whose assets cannot be read are dropped by
+`sr_batch.assets.check_assets` at the end of the search.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import shapely.geometry
+from urllib3.util.retry import Retry
 
+from sr_batch.assets import AssetProblem, check_assets
 from sr_batch.errors import SearchError
-from sr_batch.spec import JobSpec
+from sr_batch.spec import JobSpec, Stac
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class SearchResult:
     outside_aoi: int = 0
     too_cloudy: int = 0
     missing_assets: list[str] = field(default_factory=list)
+    unreadable: list[AssetProblem] = field(default_factory=list)
+    """Assets that are missing, truncated or not on their item's grid: their items were skipped."""
 
     @property
     def items(self) -> list[dict[str, Any]]:
@@ -48,7 +59,7 @@ class SearchResult:
 def search(spec: JobSpec) -> SearchResult:
     """Run the search and every client-side filter; raises SearchError when nothing usable is found."""
     aoi = spec.aoi.shape()
-    raw = _fetch(spec, aoi.bounds)
+    raw = fetch_items(spec, aoi.bounds)
     found = len(raw)
     if not raw:
         raise SearchError(
@@ -61,30 +72,89 @@ def search(spec: JobSpec) -> SearchResult:
     items = _prefilter_cloud_cover(items, spec.cloud.max_scene_cloud_cover, result)
     items = _require_assets(items, spec, result)
     items, result.duplicates = deduplicate(items)
+    items, result.unreadable = check_assets(items, spec.stac.assets.in_model_order(), spec.stac.max_unreadable_fraction, spec.stac.url)
     result.days = group_by_solar_day(items)
+    if not result.days and result.unreadable:
+        raise SearchError(f"stac.assets: every remaining item has unreadable assets ({result.unreadable[0].problem}); check access to the asset storage")
     if not result.days:
         raise SearchError(f"cloud.max_scene_cloud_cover: all {found} items were filtered out; raise it or widen time")
     return result
 
 
-def _fetch(spec: JobSpec, bbox: tuple[float, float, float, float]) -> list[dict[str, Any]]:
-    """Items as plain dicts (stackstac 0.5.1 needs the original proj:epsg that pystac would rewrite)."""
+PAGE_SIZE = 250
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+BACKOFF_FACTOR_S = 0.5
+"""urllib3 sleeps 0, 1, 2, 4 … s between repeats (0 before the first), capped at BACKOFF_MAX_S."""
+BACKOFF_MAX_S = 8.0
+
+
+def retry_policy(stac: Stac) -> Retry:
+    """Bounded retries for every request; POST searches are repeated too (a search has no side effects)."""
+    return Retry(
+        total=stac.retries,
+        connect=stac.retries,
+        read=stac.retries,
+        status=stac.retries,
+        other=stac.retries,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,
+        backoff_factor=BACKOFF_FACTOR_S,
+        backoff_max=BACKOFF_MAX_S,
+        raise_on_status=True,
+    )
+
+
+def open_client(stac: Stac) -> Any:
+    """A pystac-client Client whose session retries and times out as the job says."""
     import pystac_client
+    from pystac_client.stac_api_io import StacApiIO
+
+    io = StacApiIO(max_retries=retry_policy(stac), timeout=stac.timeout_s)
+    return pystac_client.Client.open(stac.url, stac_io=io, timeout=stac.timeout_s)
+
+
+def fetch_items(spec: JobSpec, bbox: tuple[float, float, float, float], page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
+    """Items as plain dicts (stackstac 0.5.1 needs the original proj:epsg that pystac would rewrite)."""
     from pystac_client.exceptions import APIError
 
     url = spec.stac.url
     try:
-        client = pystac_client.Client.open(url, timeout=60)
+        client = open_client(spec.stac)
         _check_collection(client, spec.stac.collection)
-        found = client.search(collections=[spec.stac.collection], bbox=bbox, datetime=spec.time.as_interval(), limit=250)
+        found = client.search(collections=[spec.stac.collection], bbox=bbox, datetime=spec.time.as_interval(), limit=page_size)
         return list(found.items_as_dicts())
     except SearchError:
         raise
-    except APIError as err:
-        raise SearchError(f"stac.url: the STAC API at {url} refused the search ({_first_line(err)}); check stac.url and stac.collection") from None
-    except Exception as err:  # requests/urllib3 raise many connection error types
-        reason = f"{type(err).__name__}: {_first_line(err)}"
-        raise SearchError(f"stac.url: cannot reach a STAC API at {url} ({reason}); check the URL and that the server is up") from None
+    except Exception as err:  # pystac-client wraps the requests/urllib3 errors in APIError
+        network = _network_error(err)
+        if isinstance(err, APIError) and network is None:
+            raise SearchError(f"stac.url: the STAC API at {url} refused the search ({_first_line(err)}); check stac.url and stac.collection") from None
+        raise SearchError(
+            f"stac.url: no answer from a STAC API at {url} after {spec.stac.retries + 1} attempts ({_reason(network or err)}); "
+            f"check the URL and that the server is up, or raise stac.retries / stac.timeout_s (now {spec.stac.timeout_s:g} s)"
+        ) from None
+
+
+def _network_error(err: BaseException) -> BaseException | None:
+    """The requests error behind `err`, if the request never got a usable answer (retries spent)."""
+    import requests
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, requests.RequestException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause in a few words: requests wraps urllib3's MaxRetryError around the real one."""
+    reason: Any = err.args[0] if err.args else None
+    while getattr(reason, "reason", None) is not None:
+        reason = reason.reason
+    cause = reason if isinstance(reason, BaseException) else err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
 
 
 def _check_collection(client: Any, collection: str) -> None:

@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 
 from sr_batch import __version__
+from sr_batch.assets import unreadable_attributes
 from sr_batch.cube import BANDS
 from sr_batch.errors import OutputError
 from sr_batch.model import LoadedModel
@@ -43,6 +44,8 @@ def check_writable(uri: str, overwrite: bool) -> Path:
     target = Path(uri)
     if target.exists() and not overwrite:
         raise OutputError(f"output.uri: {target} already exists; choose another path or pass --overwrite to replace it")
+    if target.exists() and not (target / "zarr.json").is_file():
+        raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     # The nearest folder that exists must be writable; missing folders are made only when writing.
     existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -122,6 +125,7 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
         "max_cloud_fraction": spec.cloud.max_cloud_fraction,
         "job": spec_json(spec),
         "source": "Contains modified Copernicus Sentinel data",
+        **unreadable_attributes(plan.found.unreadable),
     }
 
 

@@ -49,6 +49,13 @@ class Stac(_Strict):
     url: str
     collection: str
     assets: Assets = Assets()
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    """Seconds to wait for the STAC API to accept a connection, and again for each answer."""
+    retries: int = Field(4, ge=0, le=10)
+    """Repeats of a request that failed (HTTP 429/5xx, timeout, dropped connection), with exponential backoff."""
+    max_unreadable_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    """Items with a missing, truncated or misdescribed asset are skipped and reported; above this share of
+    the items the job stops, since that is a storage or access problem rather than a few bad scenes."""
 
     @field_validator("url")
     @classmethod
@@ -154,6 +161,11 @@ class TimeRange(_Strict):
     def _ordered(self) -> TimeRange:
         if self.end is not None and self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}; swap them or leave end empty for 'now'")
+        today = dt.datetime.now(dt.UTC).date()
+        if self.start > today:
+            raise ValueError(f"start {self.start} is in the future (today is {today} UTC); give a start date up to today")
+        if self.end is not None and self.end > today:
+            raise ValueError(f"end {self.end} is in the future (today is {today} UTC); leave end empty to mean 'up to now'")
         return self
 
     def as_interval(self) -> str:
@@ -227,7 +239,11 @@ class Output(_Strict):
     def _local_zarr(cls, uri: str) -> str:
         if "://" in uri and not uri.startswith("file://"):
             raise ValueError(f"only local paths are supported so far (got {uri!r}); give a directory path ending in .zarr")
-        return uri.removeprefix("file://")
+        path = uri.removeprefix("file://")
+        # The store is replaced whole on --overwrite: a name that is not a .zarr (a home folder, `.`) must never be.
+        if not Path(path).name.endswith(".zarr") or Path(path).name == ".zarr" or "\x00" in path:
+            raise ValueError(f"must name a Zarr store, a folder whose name ends in .zarr (got {uri!r}); e.g. out/my-region.zarr")
+        return path
 
 
 class JobSpec(_Strict):
@@ -241,6 +257,28 @@ class JobSpec(_Strict):
     output: Output
     crs: int | None = None
     """EPSG code of the output grid; by default the items' dominant CRS."""
+
+
+MAX_AREA_KM2_UNCONFIRMED = 2500.0
+"""Above this AOI area `sr-batch run` wants --yes: about 25 M px at 10 m and 3 GB of output per date."""
+
+
+def aoi_area_km2(aoi: Aoi) -> float:
+    """The AOI's area on the WGS84 ellipsoid."""
+    from pyproj import Geod
+
+    area, _ = Geod(ellps="WGS84").geometry_area_perimeter(aoi.shape())
+    return abs(area) / 1e6
+
+
+def confirm_size(spec: JobSpec, confirmed: bool) -> None:
+    """Refuse a very large AOI unless the user said --yes: a typo in a bbox should not start a continent."""
+    area = aoi_area_km2(spec.aoi)
+    if area > MAX_AREA_KM2_UNCONFIRMED and not confirmed:
+        raise SpecError(
+            f"aoi: covers {area:,.0f} km², more than {MAX_AREA_KM2_UNCONFIRMED:,.0f} km² ({area * 1e-2:,.0f} M px at 10 m per date); "
+            "check the work size with `sr-batch plan`, then pass --yes to run it, or split the AOI"
+        )
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:

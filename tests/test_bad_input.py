@@ -7,6 +7,7 @@ cases run concurrently (each pays several seconds of imports); each case still p
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import socket
@@ -116,6 +117,28 @@ def checkpoint_not_safetensors(job: dict[str, Any], tmp: Path) -> None:
     job["model"] = {"checkpoint": str(path), "frames": 8}
 
 
+def checkpoint_wrong_bands(job: dict[str, Any], tmp: Path) -> None:
+    """A valid sr-batch checkpoint whose metadata says it was trained on B05 instead of B08."""
+    from sr_batch.model import Architecture, HighResNet, ModelInfo, save_checkpoint
+
+    arch = Architecture(hidden_channels=16, encoder_blocks=2)
+    path = tmp / "red-edge.safetensors"
+    save_checkpoint(path, HighResNet(arch), ModelInfo(name="red-edge", architecture=arch, bands=("B02", "B03", "B04", "B05"), frames=8))
+    job["model"] = {"checkpoint": str(path), "frames": 8}
+
+
+def days_from_today(days: int) -> str:
+    return (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=days)).isoformat()
+
+
+def output_is_a_plain_folder(job: dict[str, Any], tmp: Path) -> None:
+    """An existing folder that happens to end in .zarr but holds the user's files: --overwrite must not delete it."""
+    target = tmp / "photos.zarr"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"not a zarr store")
+    job["output"]["uri"] = str(target)
+
+
 def output_exists(job: dict[str, Any], tmp: Path) -> None:
     """An earlier result: it must survive untouched."""
     target = Path(job["output"]["uri"])
@@ -126,7 +149,7 @@ def output_exists(job: dict[str, Any], tmp: Path) -> None:
 def output_parent_missing(job: dict[str, Any], tmp: Path) -> None:
     """The output's folder does not exist yet and the job fails late (no scenes): no folder may be left behind."""
     job["output"]["uri"] = str(tmp / "results" / "sr.zarr")
-    job["time"] = {"start": "2030-01-01", "end": "2030-02-01"}
+    job["time"] = {"start": "2012-01-01", "end": "2012-02-01"}
 
 
 def job_as_a_list(job: dict[str, Any], tmp: Path) -> str:
@@ -156,7 +179,7 @@ CASES: dict[str, Case] = {
     "unknown-asset": Case(put("stac.assets", {"red": "B04_missing"}), "stac.assets.red", also=("B04_missing",)),
     "wrong-collection": Case(put("stac.collection", "sentinel-2-l1c"), "stac.collection", also=("sentinel-2-l2a",)),
     "stac-unreachable": Case(unreachable_stac, "stac.url"),
-    "no-scenes-in-time-range": Case(put("time", {"start": "2030-01-01", "end": "2030-02-01"}), "time"),
+    "no-scenes-in-time-range": Case(put("time", {"start": "2012-01-01", "end": "2012-02-01"}), "time"),
     "checkpoint-missing": Case(checkpoint_missing, "model.checkpoint"),
     "checkpoint-not-safetensors": Case(checkpoint_not_safetensors, "model.checkpoint"),
     "output-exists": Case(output_exists, "output.uri", also=("--overwrite",)),
@@ -169,6 +192,15 @@ CASES: dict[str, Case] = {
     "job-file-missing": Case(unchanged, "{job}", job="no-such-job.yaml"),
     "job-path-is-a-folder": Case(unchanged, "{job}", job="."),
     "plan-bbox-west-gt-east": Case(put("aoi", BAD_BBOX), "aoi.bbox", command="plan"),
+    "start-in-the-future": Case(put("time", {"start": days_from_today(30)}), "time", also=("future",)),
+    "end-in-the-future": Case(put("time", {"start": "2019-05-01", "end": days_from_today(30)}), "time", also=("future",)),
+    "huge-aoi-without-yes": Case(put("aoi", {"bbox": [20.0, 40.0, 24.0, 44.0]}), "aoi", also=("--yes", "km²")),
+    "checkpoint-wrong-bands": Case(checkpoint_wrong_bands, "model.checkpoint", also=("B05",)),
+    "stac-retries-above-10": Case(put("stac.retries", 100), "stac.retries"),
+    "stac-timeout-zero": Case(put("stac.timeout_s", 0), "stac.timeout_s"),
+    "name-with-a-path": Case(put("name", "../../etc/cron.d/job"), "name"),
+    "output-not-a-zarr-name": Case(put("output.uri", "."), "output.uri", also=(".zarr",)),
+    "overwrite-a-plain-folder": Case(output_is_a_plain_folder, "output.uri", also=("not a Zarr store",), args=("--overwrite",)),
 }
 
 
@@ -247,3 +279,41 @@ def test_bad_input_is_one_line_and_writes_nothing(name: str, outcomes: dict[str,
     after = snapshot(outcome.folder)
     changed = sorted(k for k in after.keys() | outcome.before.keys() if after.get(k) != outcome.before.get(k))
     assert not changed, f"written in {outcome.folder}: {changed}"
+
+
+# --- not an error: an AOI across UTM zones ----------------------------------------------------------
+
+
+def granule(item_id: str, day: str, epsg: int, west: float, north: float) -> dict[str, Any]:
+    """A Sentinel-2 item as Earth Search publishes it: a 109.8 km granule on its zone's 10 m lattice."""
+    return {
+        "id": item_id,
+        "bbox": [22.0, 43.0, 26.0, 46.0],
+        "properties": {"datetime": f"{day}T09:30:00Z", "proj:epsg": epsg, "proj:transform": [10.0, 0.0, west, 0.0, -10.0, north]},
+        "assets": {},
+    }
+
+
+def test_aoi_across_utm_zones_takes_one_crs_and_says_so() -> None:
+    """Zones 34 and 35 meet at 24°E. The grid takes the CRS most items use (ties: the AOI centre's zone) and covers the AOI."""
+    import shapely
+    import shapely.geometry
+    from pyproj import Transformer
+
+    from sr_batch.cube import choose_grid
+    from sr_batch.search import group_by_solar_day
+
+    aoi = shapely.geometry.box(23.95, 44.0, 24.05, 44.05)
+    west34 = granule("S2A_34TGK_20190706", "2019-07-06", 32634, 699960.0, 5000040.0)
+    east35 = granule("S2A_35TKK_20190706", "2019-07-06", 32635, 199980.0, 5000040.0)
+    west34_later = granule("S2A_34TGK_20190711", "2019-07-11", 32634, 699960.0, 5000040.0)
+
+    grid, note = choose_grid(group_by_solar_day([west34, east35, west34_later]), aoi)
+    assert grid.epsg == 32634 and "EPSG:32634 x2, EPSG:32635 x1" in note and "set crs:" in note
+    assert grid.west % 10 == 699960.0 % 10  # on the chosen zone's own pixel lattice
+    projected = shapely.transform(aoi.segmentize(0.001), Transformer.from_crs(4326, grid.epsg, always_xy=True).transform, interleaved=False)
+    assert shapely.geometry.box(*grid.bounds).contains(projected)
+
+    for order in ([west34, east35], [east35, west34]):  # a tie: the AOI's centre (24.0°E) lies in zone 35
+        assert choose_grid(group_by_solar_day(order), aoi)[0].epsg == 32635
+    assert choose_grid(group_by_solar_day([west34, east35, west34_later]), aoi, epsg=32635)[0].epsg == 32635
