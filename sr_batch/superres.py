@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -123,7 +123,7 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
-def superresolve_windows(runner: Runner, windows: list[np.ndarray], batch_size: int = 8) -> np.ndarray:
+def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
     """Each window (t ≤ frames, 4, H, W) float reflectance, NaN = no data → (n, 4, sH, sW) float32.
 
     Windows go through the network `batch_size` at a time. On a GPU the batches are pipelined: a batch is
@@ -135,14 +135,15 @@ def superresolve_windows(runner: Runner, windows: list[np.ndarray], batch_size: 
     info = runner.loaded.info
     scale = info.architecture.scale
     height, width = windows[0].shape[-2:]
-    windows = [w[-info.frames :] for w in windows]  # never more frames than the model was built for
     batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width))
     out = np.empty((len(windows), 4, height * scale, width * scale), np.float32)
     mean = np.asarray(info.mean, np.float32)
     std = np.asarray(info.std, np.float32)
     in_flight: _Submitted | None = None
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
+        # Windows are taken a batch at a time (a lazy sequence builds them only now), never more
+        # frames than the model was built for.
+        chunk = [windows[k][-info.frames :] for k in range(start, min(start + batch_size, len(windows)))]
         frames, alphas = prepare_windows(chunk, info.frames, mean, std)
         submitted = _submit(runner, frames, alphas, batch_size, mean, std, start, chunk)
         if in_flight is not None:

@@ -17,6 +17,7 @@ optimisation keeps (the job tests check where the tasks really ran). Every task 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import dask
 import dask.array as da
@@ -95,7 +96,7 @@ def superresolve_tile(
         return out
     needed = sorted({f for _, frames in windows for f in frames})
     reflectance = dict(zip(needed, usable_reflectance(block[needed], dilate)))
-    stacks = [np.stack([reflectance[f] for f in frames]) for _, frames in windows]
+    stacks = _Windows(reflectance, [frames for _, frames in windows])
     runner = load_runner(model)
     result = superresolve_windows(runner, stacks, batch_size=model.batch_size)
     ys = slice(SCALE * top, SCALE * (top + height))
@@ -104,6 +105,20 @@ def superresolve_tile(
         out[slot] = image[:, ys, xs]
     _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
     return out
+
+
+class _Windows(Sequence[np.ndarray]):
+    """The tile's windows, each stacked only when asked for: a batch at a time is alive, not all of them."""
+
+    def __init__(self, frames: dict[int, np.ndarray], windows: list[tuple[int, ...]]) -> None:
+        self.frames = frames
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return np.stack([self.frames[f] for f in self.windows[index]])
 
 
 def _report_tile(tile: tuple[str, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
