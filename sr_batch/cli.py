@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sr-batch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sr-batch: interrupted; nothing was moved into the output location", file=sys.stderr)
+        print("sr-batch: interrupted; what the manifest records as written is kept: run again to finish", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,121 @@
+"""Nightly runs on a growing output: incremental append, nothing-new runs, refusals, late scenes, locks.
+
+All real: a STAC API on loopback serving the first part of the sample series, then another serving
+all of it (the API "gained" later dates), a real Dask cluster of processes, real Zarr stores. The
+reference is one uninterrupted run over the whole period; every other path must equal it bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from sr_batch.errors import OutputError
+from sr_batch.job import JobResult, run_job
+from sr_batch.lock import OutputLock, lock_path
+from sr_batch.manifest import Manifest, manifest_path
+from sr_batch.spec import parse_spec
+from sr_batch.stac_server import serve_items
+
+from conftest import make_job
+
+PERIOD = {"start": "2019-06-01", "end": "2019-08-31"}
+SPLIT = dt.date(2019, 7, 20)
+"""The first API serves the series up to here; the second serves all of it."""
+SR_BATCH = Path(sys.executable).parent / "sr-batch"
+
+
+def item_date(item: dict[str, Any]) -> dt.date:
+    return dt.date.fromisoformat(item["properties"]["datetime"][:10])
+
+
+@pytest.fixture(scope="module")
+def early_url(catalog) -> Iterator[str]:
+    with serve_items(catalog.collection, [i for i in catalog.items if item_date(i) <= SPLIT]) as url:
+        yield url
+
+
+def nightly_job(url: str, out: Path, catalog, **sections: Any) -> dict[str, Any]:
+    return make_job(url, out, catalog, time=PERIOD, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, stac_url: str, catalog, scheduler: str) -> JobResult:
+    """One uninterrupted run over the whole period."""
+    out = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    return run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the store as stored (uint16 codes, int64 days), read with zarr itself."""
+    group = zarr.open_group(store=str(path), mode="r")
+    return {name: array[...] for name, array in group.arrays()}
+
+
+def assert_same_store(path: Path, expected: Path) -> None:
+    """Bit for bit: every stored array, and the same windows recorded in the manifests."""
+    got, want = store_arrays(path), store_arrays(expected)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert np.array_equal(got[name], want[name]), f"{name} differs"
+    a, b = Manifest.read(path), Manifest.read(expected)
+    assert a is not None and b is not None
+    assert a.times == b.times
+    assert {d: sorted(t) for d, t in a.done.items()} == {d: sorted(t) for d, t in b.done.items()}
+    assert sorted(a.empty_chunks) == sorted(b.empty_chunks)
+    assert [(d.date, d.cloud) for d in a.days] == [(d.date, d.cloud) for d in b.days]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_reference_has_dates_on_both_sides_of_the_split(reference: JobResult) -> None:
+    manifest = Manifest.read(reference.output)
+    assert manifest is not None
+    dates = [dt.date.fromisoformat(t) for t in manifest.times]
+    assert sum(d <= SPLIT for d in dates) >= 2 and sum(d > SPLIT for d in dates) >= 2, dates
+    assert manifest.done_count() == reference.plan.tile_dates == reference.written_windows
+    assert reference.added_dates == dates
+
+
+def test_second_run_computes_only_the_new_dates_and_equals_one_full_run(
+    reference: JobResult, tmp_path: Path, early_url: str, stac_url: str, catalog, scheduler: str, capsys
+) -> None:
+    out = tmp_path / "nightly.zarr"
+    first = run_job(parse_spec(nightly_job(early_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert first.added_dates and all(d <= SPLIT for d in first.added_dates)
+    before = Manifest.read(out)
+    assert before is not None
+    old_chunks = {p: p.read_bytes() for p in (out / "sr" / "c").rglob("*") if p.is_file()}
+
+    second = run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    expected_new = [d for d in reference.added_dates if d > SPLIT]
+    assert second.added_dates == expected_new
+    # Only the new dates' windows were computed: exactly the reference's windows on those dates.
+    new_windows = sum(1 for ws in reference.plan.windows.values() for w in ws if reference.plan.days[w.target].date > SPLIT)
+    assert second.written_windows == new_windows > 0
+    assert f"Added {len(expected_new)} dates" in capsys.readouterr().out
+    # Earlier chunks were not rewritten, and the result is the single full run's, bit for bit.
+    assert all(p.read_bytes() == data for p, data in old_chunks.items())
+    assert_same_store(out, reference.output)
+
+    # A third run finds nothing new: it writes nothing at all and says so.
+    files = snapshot(out)
+    third = run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert third.written_windows == 0 and third.added_dates == []
+    assert "Nothing new" in capsys.readouterr().out
+    assert snapshot(out) == files
+    assert not lock_path(out).exists()
