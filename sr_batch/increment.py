@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sr_batch.cube import Grid, choose_grid
+from sr_batch.cube import choose_grid
 from sr_batch.errors import SearchError
 from sr_batch.manifest import Manifest
 from sr_batch.plan import Plan, Window, causal_windows, score_clouds, tile_edges
@@ -101,6 +101,3 @@ def check_frames_available(plan: Plan, pending: dict[tuple[int, int], list[Windo
             "restore them in the STAC API or pass --overwrite to recompute without them"
         )
 
-
-def grid_matches(grid: Grid, other: Grid) -> bool:
-    return (grid.epsg, grid.width, grid.height) == (other.epsg, other.width, other.height) and np.allclose((grid.west, grid.north), (other.west, other.north))

@@ -1,7 +1,7 @@
 """Deliberate SIGKILLs at named points of a run. A TEST HOOK for the resume tests: off unless the
 environment sets SR_BATCH_TEST_KILL; never set it in production.
 
-SR_BATCH_TEST_KILL=POINT:N kills when POINT is reached for the N-th time in this process:
+SR_BATCH_TEST_KILL=POINT:N[,POINT:N] kills when POINT is reached for the N-th time in this process:
 - `appended`: the client, after the store's time axis grew and before the manifest records it;
 - `recorded`: the client, after the N-th window is recorded in the manifest;
 - `written`: a worker, after it wrote a tile's chunks and before it returns them (N ignored; once per
@@ -21,17 +21,14 @@ _reached: Counter[str] = Counter()
 
 def reached(point: str) -> None:
     """Called at each kill point; does nothing unless the hook names this point."""
-    wanted = os.environ.get("SR_BATCH_TEST_KILL", "")
-    if not wanted:
-        return
-    name, _, count = wanted.partition(":")
-    if name != point:
+    wanted = dict(entry.partition(":")[::2] for entry in os.environ.get("SR_BATCH_TEST_KILL", "").split(",") if entry)
+    if point not in wanted:
         return
     if point == "written":
         _kill_worker_once(os.environ["SR_BATCH_TEST_KILL_MARKER"])
         return
     _reached[point] += 1
-    if _reached[point] == int(count or 1):
+    if _reached[point] == int(wanted[point] or 1):
         os.killpg(os.getpgrp(), signal.SIGKILL) if os.getpgrp() == os.getpid() else os.kill(os.getpid(), signal.SIGKILL)
 
 

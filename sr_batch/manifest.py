@@ -49,7 +49,12 @@ def manifest_path(store: Path) -> Path:
 
 def output_settings(spec: JobSpec) -> dict[str, Any]:
     """The spec fields that decide the output's pixels; any other field added later counts by default."""
-    data = json.loads(spec_json(spec))
+    return settings_of(json.loads(spec_json(spec)))
+
+
+def settings_of(job: dict[str, Any]) -> dict[str, Any]:
+    """A stored job spec (as JSON data) less its execution-only fields."""
+    data = json.loads(json.dumps(job))
     for path in EXECUTION_ONLY:
         node = data
         for key in path[:-1]:

@@ -119,3 +119,62 @@ def test_second_run_computes_only_the_new_dates_and_equals_one_full_run(
     assert "Nothing new" in capsys.readouterr().out
     assert snapshot(out) == files
     assert not lock_path(out).exists()
+
+
+# --- killed runs ------------------------------------------------------------------------------------
+
+
+def cli_run(job: Path, *args: str, kill: str = "", marker: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`sr-batch run` in its own session (its process group is the client and any LocalCluster it starts)."""
+    env = {**os.environ, "SR_BATCH_TEST_KILL": kill}
+    if marker is not None:
+        env["SR_BATCH_TEST_KILL_MARKER"] = str(marker)
+    return subprocess.run([str(SR_BATCH), "run", str(job), "--no-progress", *args], env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+
+
+def write_job(folder: Path, job: dict[str, Any]) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def test_client_killed_twice_then_resumed_equals_an_uninterrupted_run(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """SIGKILL of the client (the cluster lives on): once right after the store grew, once mid-way."""
+    out = tmp_path / "killed.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    total = reference.written_windows
+
+    first = cli_run(job, "--scheduler", scheduler, kill="appended:1")
+    assert first.returncode == -9, first.stderr[-2000:]
+    # The store's time axis grew, but the manifest never recorded the dates: nothing counts as done.
+    assert zarr.open_array(store=str(out), path="time", mode="r").shape[0] == len(reference.added_dates)
+    assert Manifest.read(out).times == [] and lock_path(out).exists()
+
+    second = cli_run(job, "--scheduler", scheduler, kill="recorded:5")
+    assert second.returncode == -9, second.stderr[-2000:]
+    recorded = Manifest.read(out).done_count()
+    assert 5 <= recorded < total
+
+    third = cli_run(job, "--scheduler", scheduler)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"wrote {total - recorded} tile-dates" in third.stdout
+    assert_same_store(out, reference.output)
+    assert not lock_path(out).exists()
+
+
+def test_whole_cluster_and_a_worker_killed_then_resumed_equals_an_uninterrupted_run(reference: JobResult, tmp_path: Path, stac_url: str, catalog) -> None:
+    """The run's own LocalCluster: a worker is SIGKILLed after writing a tile (Dask reruns its task), then
+    the whole process group (client and workers) is SIGKILLed after 9 windows are recorded."""
+    out = tmp_path / "killed.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    marker = tmp_path / "worker-killed"
+
+    first = cli_run(job, "--workers", "2", kill="written,recorded:9", marker=marker)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert marker.exists(), "no worker was killed"
+    recorded = Manifest.read(out).done_count()
+    assert 9 <= recorded < reference.written_windows
+
+    second = cli_run(job, "--workers", "2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert_same_store(out, reference.output)
