@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,8 +28,9 @@ from sr_batch.lock import OutputLock, lock_path
 from sr_batch.manifest import Manifest, manifest_path
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
+from sr_batch.verify import verify_output
 
-from conftest import make_job
+from conftest import SMALL_MODEL, make_job
 
 PERIOD = {"start": "2019-06-01", "end": "2019-08-31"}
 SPLIT = dt.date(2019, 7, 20)
@@ -178,3 +180,119 @@ def test_whole_cluster_and_a_worker_killed_then_resumed_equals_an_uninterrupted_
     second = cli_run(job, "--workers", "2")
     assert second.returncode == 0, second.stderr[-2000:]
     assert_same_store(out, reference.output)
+
+
+# --- refusals, overwrite, late scenes, locks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"cloud": {"max_cloud_fraction": 0.1}}, "cloud.max_cloud_fraction: 0.05 → 0.1"),
+        ({"model": {**SMALL_MODEL, "architecture": {**SMALL_MODEL["architecture"], "seed": 1}}}, "made with model sha256"),
+    ],
+)
+def test_changed_settings_or_model_is_refused(reference: JobResult, stac_url: str, catalog, scheduler: str, change: dict, named: str) -> None:
+    files = snapshot(reference.output)
+    with pytest.raises(OutputError, match="--overwrite") as refused:
+        run_job(parse_spec(nightly_job(stac_url, reference.output, catalog, **change)), scheduler=scheduler, show_progress=False)
+    assert named in str(refused.value)
+    assert snapshot(reference.output) == files
+
+
+def test_execution_settings_may_change(reference: JobResult, stac_url: str, catalog, scheduler: str) -> None:
+    """A new name, batch size or end date does not change a pixel: the run goes on (here: nothing new)."""
+    files = snapshot(reference.output)
+    model = {**SMALL_MODEL, "batch_size": 2}
+    job = nightly_job(stac_url, reference.output, catalog, name="renamed", model=model)
+    job["time"] = {"start": PERIOD["start"], "end": "2019-09-01"}
+    assert run_job(parse_spec(job), scheduler=scheduler, show_progress=False).written_windows == 0
+    assert snapshot(reference.output) == files
+
+
+def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    out = tmp_path / "kept.zarr"
+    shutil.copytree(reference.output, out)
+    files = snapshot(out)
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1}))
+    killed = cli_run(job, "--overwrite", "--scheduler", scheduler, kill="recorded:2")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert snapshot(out) == files, "a killed --overwrite touched the previous output"
+    assert list(tmp_path.glob(".kept.zarr.incomplete-*")), "the staging store should be left behind"
+
+    result = run_job(parse_spec(nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1})), scheduler=scheduler, overwrite=True, show_progress=False)
+    assert not list(tmp_path.glob(".kept.zarr.*")), "staging stores are cleaned up"
+    manifest = Manifest.read(out)
+    assert manifest.settings["cloud"]["max_cloud_fraction"] == 0.1
+    assert manifest.done_count() == result.plan.tile_dates == result.written_windows
+    assert verify_output(out) == []
+
+
+def test_late_arriving_scene_is_skipped_with_a_warning(reference: JobResult, tmp_path: Path, catalog, early_url: str, scheduler: str, capsys) -> None:
+    """A cloudless date that turns up after a later date was written would change that later output."""
+    plan = reference.plan
+    early = [plan.days[d].date for d in plan.output_days if plan.days[d].date <= SPLIT]
+    late = early[1]
+    out = tmp_path / "late.zarr"
+    without = [i for i in catalog.items if item_date(i) <= SPLIT and item_date(i) != late]
+    with serve_items(catalog.collection, without) as url:
+        first = run_job(parse_spec(nightly_job(url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert late not in first.added_dates and max(first.added_dates) > late
+    files = snapshot(out)
+    second = run_job(parse_spec(nightly_job(early_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert second.late == [late] and second.written_windows == 0
+    assert f"late-arriving dates older than the newest date already processed ({late}) are SKIPPED" in capsys.readouterr().out
+    assert snapshot(out) == files
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(reference: JobResult, stac_url: str, catalog, scheduler: str) -> None:
+    files = snapshot(reference.output)
+    holder = OutputLock(reference.output)
+    holder.acquire()
+    try:
+        with pytest.raises(OutputError, match=r"is being written by another run \(process \d+ on .* lease until .*\); wait for it to finish"):
+            run_job(parse_spec(nightly_job(stac_url, reference.output, catalog)), scheduler=scheduler, show_progress=False)
+    finally:
+        holder.release()
+    assert snapshot(reference.output) == files and not lock_path(reference.output).exists()
+
+
+def plant_lock(target: Path, host: str, pid: int, expires_in: float) -> None:
+    lock_path(target).write_text(json.dumps({"token": "planted", "host": host, "pid": pid, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in}))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(
+    ("host", "alive", "expires_in", "taken"),
+    [
+        ("elsewhere", False, 600, False),  # another host, lease valid: refused
+        ("elsewhere", False, -1, True),  # another host, lease expired: its holder died
+        ("here", False, 600, True),  # this host, process gone: no need to wait for the lease
+        ("here", True, 600, False),  # this host, process alive: refused
+    ],
+)
+def test_lock_lease(tmp_path: Path, host: str, alive: bool, expires_in: float, taken: bool) -> None:
+    target = tmp_path / "out.zarr"
+    plant_lock(target, socket.gethostname() if host == "here" else "elsewhere.example", os.getpid() if alive else dead_pid(), expires_in)
+    lock = OutputLock(target)
+    if not taken:
+        with pytest.raises(OutputError, match="being written by another run"):
+            lock.acquire()
+        assert json.loads(lock_path(target).read_text())["token"] == "planted"
+        return
+    lock.acquire()
+    assert json.loads(lock_path(target).read_text())["token"] == lock.token
+    lock.release()
+    assert not lock_path(target).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_empty_end_means_now(stac_url: str, tmp_path: Path, catalog) -> None:
+    for end in ("", None, "now"):
+        spec = parse_spec(make_job(stac_url, tmp_path / "x.zarr", catalog, time={"start": "2019-06-01", "end": end}))
+        assert spec.time.end is None and spec.time.as_interval() == "2019-06-01T00:00:00Z/.."
