@@ -6,6 +6,8 @@ SR_BATCH_TEST_KILL=POINT:N[,POINT:N] kills when POINT is reached for the N-th ti
 - `recorded`: the client, after the N-th window is recorded in the manifest;
 - `written`: a worker, after it wrote a tile's chunks and before it returns them (N ignored; once per
   marker file SR_BATCH_TEST_KILL_MARKER, so the restarted worker and the others go on).
+SR_BATCH_TEST_HOLD_UNTIL=FILE makes the client wait at its first `recorded` point until FILE exists
+(a run caught holding the lock, for the concurrent-run test).
 A client kill takes its whole process group when the client leads one (the CLI started in a new
 session: client and LocalCluster workers, i.e. the whole cluster), else the client process alone.
 """
@@ -14,13 +16,20 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
+from pathlib import Path
 
 _reached: Counter[str] = Counter()
 
 
 def reached(point: str) -> None:
     """Called at each kill point; does nothing unless the hook names this point."""
+    hold = os.environ.get("SR_BATCH_TEST_HOLD_UNTIL")
+    if hold and point == "recorded" and not _reached["held"]:
+        _reached["held"] += 1
+        while not Path(hold).exists():
+            time.sleep(0.1)
     wanted = dict(entry.partition(":")[::2] for entry in os.environ.get("SR_BATCH_TEST_KILL", "").split(",") if entry)
     if point not in wanted:
         return

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,24 @@ def test_empty_end_means_now(stac_url: str, tmp_path: Path, catalog) -> None:
     for end in ("", None, "now"):
         spec = parse_spec(make_job(stac_url, tmp_path / "x.zarr", catalog, time={"start": "2019-06-01", "end": end}))
         assert spec.time.end is None and spec.time.as_interval() == "2019-06-01T00:00:00Z/.."
+
+
+def test_two_runs_at_once_the_second_is_refused(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """Real processes: the first run is held (test hook) right after recording its first window."""
+    out = tmp_path / "busy.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    release = tmp_path / "release"
+    env = {**os.environ, "SR_BATCH_TEST_HOLD_UNTIL": str(release)}
+    first = subprocess.Popen([str(SR_BATCH), "run", str(job), "--no-progress", "--scheduler", scheduler], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (manifest_path(out).exists() and Manifest.read(out).done_count()):
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        second = cli_run(job, "--scheduler", scheduler)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"sr-batch: error: output.uri: {out} is being written by another run (process {first.pid} on {socket.gethostname()}" in second.stderr
+    finally:
+        release.touch()
+        stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert_same_store(out, reference.output)
