@@ -100,4 +100,3 @@ def check_frames_available(plan: Plan, pending: dict[tuple[int, int], list[Windo
             f"time: dates already used by this output are no longer returned by {plan.spec.stac.url} ({shown}); "
             "restore them in the STAC API or pass --overwrite to recompute without them"
         )
-

@@ -185,19 +185,22 @@ def existing_manifest(target: Path, model: LoadedModel, settings: dict[str, Any]
     if manifest is None:
         if target.exists() and any(target.iterdir()):
             raise OutputError(
-                f"output.uri: {target} already exists and is not an sr-batch output with a manifest; "
-                "choose another path or pass --overwrite to replace it"
+                f"output.uri: {target} already exists and is not an sr-batch output with a manifest; choose another path or pass --overwrite to replace it"
             )
         return None
     check_compatible(manifest, target, model.checksum, settings)
     return manifest
 
 
-def commit_dates(store: Path, increment: Increment, manifest: Manifest | None, model: LoadedModel, settings: dict[str, Any], lock: OutputLock) -> tuple[Manifest, list[int]]:
+def commit_dates(
+    store: Path, increment: Increment, manifest: Manifest | None, model: LoadedModel, settings: dict[str, Any], lock: OutputLock
+) -> tuple[Manifest, list[int]]:
     """Make the store hold every planned date, then record the new days: the manifest never claims more than the store has."""
     plan = increment.plan
     if manifest is None:
-        manifest = Manifest(model_sha256=model.checksum, settings=settings, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols])
+        manifest = Manifest(
+            model_sha256=model.checksum, settings=settings, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols]
+        )
         store.mkdir(parents=True, exist_ok=True)
         manifest.write(store)  # first, so an interrupted first run leaves a store the next run recognises
     if not has_layout(store):
@@ -274,7 +277,9 @@ def write_tasks(store: Path, work: Plan, manifest: Manifest, ref: ModelRef) -> d
     return tasks
 
 
-def _compute(client: Client, tasks: dict[tuple[int, int], list[Delayed]], show_progress: bool, echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
+def _compute(
+    client: Client, tasks: dict[tuple[int, int], list[Delayed]], show_progress: bool, echo: Echo, on_done: Callable[[tuple[int, int], Any], None]
+) -> None:
     """Run the write tasks on the cluster; `on_done(tile, result)` as each returns, in completion order."""
     flat = [(tile, task) for tile, group in tasks.items() for task in group]
     futures = client.compute([task for _, task in flat])

@@ -97,7 +97,9 @@ class Manifest:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise OutputError(f"output.uri: the manifest {path} is unreadable ({type(err).__name__}); run `sr-batch verify`, or pass --overwrite to recompute") from None
+            raise OutputError(
+                f"output.uri: the manifest {path} is unreadable ({type(err).__name__}); run `sr-batch verify`, or pass --overwrite to recompute"
+            ) from None
         try:
             data = dict(raw["attributes"])
             data["days"] = [KnownDay(**day) for day in data["days"]]
@@ -179,4 +181,6 @@ def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settin
     changed = differences(manifest.settings, settings)
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise OutputError(f"output.uri: {target} was made with other settings ({shown}); pass --overwrite to recompute it with these, or write to another output.uri")
+        raise OutputError(
+            f"output.uri: {target} was made with other settings ({shown}); pass --overwrite to recompute it with these, or write to another output.uri"
+        )

@@ -76,7 +76,11 @@ def dates_dataset(plan: Plan, days: list[int], model: LoadedModel) -> xr.Dataset
             "cloud_fraction": (("time", "tile_row", "tile_col"), plan.cloud[days], {"long_name": "unusable fraction of the tile on this date (SCL)"}),
             "frames_used": (("time", "tile_row", "tile_col"), frames_used, {"long_name": "real frames in the window; 0 = no output for this tile and date"}),
             "window_start": (("time", "tile_row", "tile_col"), window_start, {"long_name": "date of the oldest frame in the window"}),
-            "source_items": (("time",), np.array([",".join(plan.days[d].item_ids) for d in days], dtype=np.dtypes.StringDType()), {"long_name": "STAC item ids of this date"}),
+            "source_items": (
+                ("time",),
+                np.array([",".join(plan.days[d].item_ids) for d in days], dtype=np.dtypes.StringDType()),
+                {"long_name": "STAC item ids of this date"},
+            ),
         },
         coords={
             "time": times,
@@ -193,7 +197,9 @@ def encode_reflectance(image: np.ndarray) -> np.ndarray:
     return np.asarray(xr.conventions.encode_cf_variable(variable).values, dtype=np.uint16)
 
 
-def write_tile_dates(block: np.ndarray, store: str, slots: list[tuple[int, int]], ys: tuple[int, int], xs: tuple[int, int]) -> list[tuple[int, list[tuple[int, int]]]]:
+def write_tile_dates(
+    block: np.ndarray, store: str, slots: list[tuple[int, int]], ys: tuple[int, int], xs: tuple[int, int]
+) -> list[tuple[int, list[tuple[int, int]]]]:
     """A task: write the tile's rows `slots` of `block` ((slot in block, index on the time axis)), chunk-aligned.
 
     Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: zarr does not

@@ -132,7 +132,9 @@ def cli_run(job: Path, *args: str, kill: str = "", marker: Path | None = None) -
     env = {**os.environ, "SR_BATCH_TEST_KILL": kill}
     if marker is not None:
         env["SR_BATCH_TEST_KILL_MARKER"] = str(marker)
-    return subprocess.run([str(SR_BATCH), "run", str(job), "--no-progress", *args], env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    return subprocess.run(
+        [str(SR_BATCH), "run", str(job), "--no-progress", *args], env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
 
 
 def write_job(folder: Path, job: dict[str, Any]) -> Path:
@@ -211,7 +213,9 @@ def test_execution_settings_may_change(reference: JobResult, stac_url: str, cata
     assert snapshot(reference.output) == files
 
 
-def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(
+    reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str
+) -> None:
     out = tmp_path / "kept.zarr"
     shutil.copytree(reference.output, out)
     files = snapshot(out)
@@ -221,7 +225,9 @@ def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(r
     assert snapshot(out) == files, "a killed --overwrite touched the previous output"
     assert list(tmp_path.glob(".kept.zarr.incomplete-*")), "the staging store should be left behind"
 
-    result = run_job(parse_spec(nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1})), scheduler=scheduler, overwrite=True, show_progress=False)
+    result = run_job(
+        parse_spec(nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1})), scheduler=scheduler, overwrite=True, show_progress=False
+    )
     assert not list(tmp_path.glob(".kept.zarr.*")), "staging stores are cleaned up"
     manifest = Manifest.read(out)
     assert manifest.settings["cloud"]["max_cloud_fraction"] == 0.1
@@ -259,7 +265,9 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(reference: JobRe
 
 
 def plant_lock(target: Path, host: str, pid: int, expires_in: float) -> None:
-    lock_path(target).write_text(json.dumps({"token": "planted", "host": host, "pid": pid, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in}))
+    lock_path(target).write_text(
+        json.dumps({"token": "planted", "host": host, "pid": pid, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in})
+    )
 
 
 def dead_pid() -> int:
@@ -305,7 +313,9 @@ def test_two_runs_at_once_the_second_is_refused(reference: JobResult, tmp_path: 
     job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
     release = tmp_path / "release"
     env = {**os.environ, "SR_BATCH_TEST_HOLD_UNTIL": str(release)}
-    first = subprocess.Popen([str(SR_BATCH), "run", str(job), "--no-progress", "--scheduler", scheduler], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [str(SR_BATCH), "run", str(job), "--no-progress", "--scheduler", scheduler], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         while not (manifest_path(out).exists() and Manifest.read(out).done_count()):
             assert first.poll() is None, first.communicate()

@@ -64,7 +64,9 @@ def test_a_good_output_is_ok(good: JobResult) -> None:
     proc = verify_cli(good.output)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = Manifest.read(good.output)
-    assert proc.stdout.splitlines() == [f"OK {good.output}: {len(manifest.times)} dates, {manifest.done_count()} windows recorded and readable, georeferencing consistent"]
+    assert proc.stdout.splitlines() == [
+        f"OK {good.output}: {len(manifest.times)} dates, {manifest.done_count()} windows recorded and readable, georeferencing consistent"
+    ]
     assert manifest.done_count() == good.plan.tile_dates > 0
 
 
@@ -86,7 +88,13 @@ def test_truncated_chunk_does_not_decode(damaged: Path) -> None:
 def test_edited_manifest(damaged: Path, good: JobResult) -> None:
     """A window recorded where the tile was cloudy, and another model's checksum: two problems, two lines."""
     plan = good.plan
-    cloudy = next((plan.days[d].date.isoformat(), (r, c)) for d in plan.output_days for r in range(len(plan.rows)) for c in range(len(plan.cols)) if plan.cloud[d, r, c] > 0.05)
+    cloudy = next(
+        (plan.days[d].date.isoformat(), (r, c))
+        for d in plan.output_days
+        for r in range(len(plan.rows))
+        for c in range(len(plan.cols))
+        if plan.cloud[d, r, c] > 0.05
+    )
 
     def edit(manifest: dict) -> None:
         manifest["done"][cloudy[0]].append(list(cloudy[1]))
