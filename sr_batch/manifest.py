@@ -184,3 +184,21 @@ def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settin
         raise OutputError(
             f"output.uri: {target} was made with other settings ({shown}); pass --overwrite to recompute it with these, or write to another output.uri"
         )
+
+
+def written_mask(store: Path) -> Any:
+    """For readers: (time, tile_row, tile_col) True where the window is recorded as written.
+
+    The store's time axis may run ahead of the record during a run; those dates are all False."""
+    import xarray as xr
+
+    manifest = Manifest.read(store)
+    if manifest is None:
+        raise OutputError(f"output.uri: {store} has no manifest; not an sr-batch output")
+    with xr.open_zarr(store, consolidated=False) as ds:
+        dates = [str(t)[:10] for t in ds.time.values]
+        mask = np.zeros((len(dates), ds.sizes["tile_row"], ds.sizes["tile_col"]), bool)
+        for k, date in enumerate(dates):
+            for row, col in manifest.done.get(date, []) if k < len(manifest.times) else []:
+                mask[k, row, col] = True
+        return xr.DataArray(mask, dims=("time", "tile_row", "tile_col"), coords={"time": ds.time.values}, name="written")

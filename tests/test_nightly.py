@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from sr_batch.errors import OutputError
 from sr_batch.job import JobResult, run_job
 from sr_batch.lock import OutputLock, lock_path
-from sr_batch.manifest import Manifest, manifest_path
+from sr_batch.manifest import Manifest, manifest_path, written_mask
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
 from sr_batch.verify import verify_output
@@ -154,11 +155,23 @@ def test_client_killed_twice_then_resumed_equals_an_uninterrupted_run(reference:
     # The store's time axis grew, but the manifest never recorded the dates: nothing counts as done.
     assert zarr.open_array(store=str(out), path="time", mode="r").shape[0] == len(reference.added_dates)
     assert Manifest.read(out).times == [] and lock_path(out).exists()
+    # What a reader sees meanwhile: the new dates, no tile of them recorded as written, their pixels NaN.
+    with xr.open_zarr(out, decode_coords="all", consolidated=False) as ds:
+        assert ds.sizes["time"] == len(reference.added_dates) and not written_mask(out).any()
+        assert np.isnan(ds.sr.values).all() and (ds.frames_used.values > 0).any()
 
     second = cli_run(job, "--scheduler", scheduler, kill="recorded:5")
     assert second.returncode == -9, second.stderr[-2000:]
     recorded = Manifest.read(out).done_count()
     assert 5 <= recorded < total
+    # Every window recorded is fully there and equal to the reference's; the rest may be anything.
+    mask = written_mask(out)
+    assert int(mask.sum()) == recorded
+    with xr.open_zarr(out, consolidated=False) as got, xr.open_zarr(reference.output, consolidated=False) as want:
+        for t, row, col in zip(*np.nonzero(mask.values)):
+            ys = slice(4 * reference.plan.rows[row][0], 4 * reference.plan.rows[row][1])
+            xs = slice(4 * reference.plan.cols[col][0], 4 * reference.plan.cols[col][1])
+            np.testing.assert_array_equal(got.sr[t, :, ys, xs].values, want.sr[t, :, ys, xs].values)
 
     third = cli_run(job, "--scheduler", scheduler)
     assert third.returncode == 0, third.stderr[-2000:]
