@@ -120,7 +120,7 @@ def test_changed_crs_attribute(damaged: Path) -> None:
 
 def test_missing_manifest_and_missing_folder(damaged: Path, tmp_path: Path) -> None:
     shutil.rmtree(manifest_path(damaged).parent)
-    proc = verify_cli(damaged)
-    assert proc.returncode == 1 and "no manifest" in proc.stdout
+    problems = verify_output(damaged)
+    assert len(problems) == 1 and "no manifest" in problems[0]
     proc = verify_cli(tmp_path / "absent.zarr")
     assert proc.returncode == 2 and proc.stderr.startswith("sr-batch: error: OUT:") and len(proc.stderr.splitlines()) == 1
