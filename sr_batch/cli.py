@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sr-batch: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sr-batch: interrupted; nothing was moved into the output location", file=sys.stderr)
+        print("sr-batch: interrupted; what the manifest records as written is kept: run again to finish", file=sys.stderr)
         return 130
 
 
@@ -28,13 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-batch", description="Super-resolve Sentinel-2 time series from a STAC API into Zarr.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a job: search, plan, super-resolve, write Zarr")
+    run = commands.add_parser("run", help="run a job: search, plan, super-resolve, write Zarr; on an existing output, only what is new")
     _job_arguments(run)
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--overwrite", action="store_true", help="recompute the whole output (the previous one is replaced only when the new one is complete)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--performance-report", type=Path, metavar="FILE.html", help="write Dask's performance report of the run")
     run.add_argument("--yes", action="store_true", help="run even when the AOI is larger than the unconfirmed limit (2,500 km²)")
     run.set_defaults(handler=_run)
+
+    verify = commands.add_parser("verify", help="check an output against its manifest: recorded windows present and readable, georeferencing consistent")
+    verify.add_argument("output", type=Path, help="the output's Zarr store (a folder)")
+    verify.set_defaults(handler=_verify)
 
     plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")
     _job_arguments(plan)
@@ -89,6 +93,18 @@ def _run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         performance_report=args.performance_report,
     )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sr_batch.verify import verify_line, verify_output
+
+    problems = verify_output(args.output)
+    for problem in problems:
+        print(f"sr-batch verify: {problem}")
+    if problems:
+        return 1
+    print(verify_line(args.output))
     return 0
 
 

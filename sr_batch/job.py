@@ -1,31 +1,65 @@
 """A region job from start to finish: spec → plan → lazy cube → super-resolution per tile → Zarr.
 
-Everything that can be checked without the cluster (the output location, the checkpoint) is checked
-first, so a bad job fails in a second and writes nothing.
+Everything that can be checked without the cluster (the output location, the checkpoint, the search)
+is checked first, so a bad job fails in seconds and writes nothing.
+
+Every run is incremental. Under the output's lock (lock.py), the run reads the output's manifest
+(manifest.py), refuses an output made with another model or other settings, and plans only what the
+manifest does not record as written: the windows of days it has not seen, and windows a killed run
+left unfinished (increment.py). With nothing to do it stops before starting a cluster and writes
+nothing. Otherwise it appends the new dates to the store, super-resolves the pending windows, and
+records each tile's windows once its task has written them (sink.py). A run killed at any moment
+leaves an output the next run completes, equal to an uninterrupted run's.
+
+`--overwrite` recomputes everything into a hidden staging store beside the output and swaps it in
+only when complete: a failed or killed overwrite never destroys the previous output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dask
+from dask.base import tokenize
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+from distributed import Client, as_completed
 
+from sr_batch import kill_points
 from sr_batch.cluster import dask_client, gpu_workers
-from sr_batch.errors import SpecError
+from sr_batch.errors import OutputError, SpecError
+from sr_batch.increment import Increment, check_frames_available, plan_increment
+from sr_batch.lock import OutputLock, output_lock
+from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
-from sr_batch.plan import Plan, make_plan
+from sr_batch.plan import SCALE, Plan, Window, make_plan
 from sr_batch.progress import tile_progress
-from sr_batch.sink import build_dataset, check_writable, describe_output, write_dataset
+from sr_batch.search import search
+from sr_batch.sink import (
+    align_time_axis,
+    append_dates,
+    check_location,
+    create_store,
+    describe_output,
+    has_layout,
+    move_into_place,
+    remove_stale_staging,
+    staging_path,
+    time_length,
+    write_tile_dates,
+)
 from sr_batch.spec import JobSpec
 from sr_batch.superres import ModelRef, load_model, pick_device
 from sr_batch.tiles import superresolve_plan
 
 Echo = Callable[[str], None]
+Pending = dict[tuple[int, int], list[Window]]
 
 
 @dataclass
@@ -34,6 +68,23 @@ class JobResult:
     output: Path
     seconds: float
     model: LoadedModel
+    added_dates: list[dt.date] = field(default_factory=list)
+    """Dates appended to the time axis by this run."""
+    written_windows: int = 0
+    """(tile, date) windows this run wrote (new dates, and any a killed run left unfinished)."""
+    written_tiles: int = 0
+    written_km2: float = 0.0
+    """Area of the written windows, summed over dates."""
+    late: list[dt.date] = field(default_factory=list)
+
+    def report(self) -> str:
+        if not self.written_windows and not self.added_dates:
+            return f"Nothing new: {self.output} is up to date ({self.seconds:.1f} s)"
+        dates = f" ({self.added_dates[0]} … {self.added_dates[-1]})" if self.added_dates else ""
+        return (
+            f"Added {len(self.added_dates)} dates{dates}; wrote {self.written_windows} tile-dates on {self.written_tiles} tiles, "
+            f"{self.written_km2:.2f} km² in {self.seconds:.1f} s"
+        )
 
 
 def model_ref(spec: JobSpec) -> ModelRef:
@@ -83,35 +134,176 @@ def run_job(
     performance_report: Path | None = None,
 ) -> JobResult:
     started = time.monotonic()
-    target = check_writable(spec.output.uri, overwrite)
-    ref = model_ref(spec)
+    target = check_location(spec.output.uri, overwrite)
     loaded = checked_model(spec)
+    settings = output_settings(spec)
+    if not overwrite:
+        existing_manifest(target, loaded, settings)  # refuse a mismatch before searching
     if not loaded.info.trained:
         echo(f"WARNING: model {loaded.info.name} is UNTRAINED (random weights): the output checks the pipeline, it is not super-resolution.")
-    with dask_client(scheduler, workers, echo) as client:
-        plan = make_plan(spec, receptive_radius(loaded.info.architecture, spec.model.frames))
-        echo(plan.summary())
-        if not plan.output_days:
-            echo("No cloudless date in any tile for this period: writing an output with an empty time axis.")
-        on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
-        if on_gpus:
-            echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
-        sr = superresolve_plan(plan, ref, dates_per_task=spec.model.batch_size, gpu_workers_only=bool(on_gpus))
-        dataset = build_dataset(plan, sr, loaded)
-        report = performance_report_to(performance_report)
-        with report, tile_progress(client, spec.output.uri, plan.tile_dates, show_progress, echo), keep_annotations(bool(on_gpus)):
-            write_dataset(dataset, target, spec.tiling.tile, overwrite, lambda delayed: client.compute(delayed).result())
-        if performance_report:
-            echo(f"Dask performance report: {performance_report}")
-    result = JobResult(plan=plan, output=target, seconds=time.monotonic() - started, model=loaded)
-    echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s")
+    radius = receptive_radius(loaded.info.architecture, spec.model.frames)
+    found = search(spec)
+    with output_lock(target) as lock:
+        remove_stale_staging(target)
+        manifest = None if overwrite else existing_manifest(target, loaded, settings)
+        store = staging_path(target) if overwrite and target.exists() else target
+        quick = plan_increment(spec, found, manifest, radius, score_new=False)
+        if manifest is not None and not quick.new_days and not _count(quick.pending(manifest)):
+            _warn_late(quick, echo)
+            result = JobResult(plan=quick.plan, output=target, seconds=time.monotonic() - started, model=loaded, late=[d.date for d in quick.late])
+            echo(result.report())
+            return result
+        with dask_client(scheduler, workers, echo) as client:
+            increment = plan_increment(spec, found, manifest, radius)
+            echo(increment.plan.summary())
+            _warn_late(increment, echo)
+            manifest, added = commit_dates(store, increment, manifest, loaded, settings, lock)
+            pending = increment.pending(manifest)
+            check_frames_available(increment.plan, pending)
+            if not increment.plan.output_days:
+                echo("No cloudless date in any tile for this period: the output's time axis stays empty.")
+            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+            if on_gpus:
+                echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
+            with (
+                performance_report_to(performance_report),
+                tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
+                keep_annotations(bool(on_gpus)),
+            ):
+                written = write_pending(client, store, increment.plan, pending, manifest, lock, model_ref(spec), bool(on_gpus), echo)
+            if performance_report:
+                echo(f"Dask performance report: {performance_report}")
+        if store != target:
+            move_into_place(store, target)
+    plan = increment.plan
+    result = JobResult(
+        plan=plan,
+        output=target,
+        seconds=time.monotonic() - started,
+        model=loaded,
+        added_dates=[plan.days[d].date for d in added],
+        written_windows=_count(written),
+        written_tiles=sum(1 for windows in written.values() if windows),
+        written_km2=sum(_tile_km2(plan, tile) * len(windows) for tile, windows in written.items()),
+        late=[d.date for d in increment.late],
+    )
+    echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
 
 
+def existing_manifest(target: Path, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:
+    """The output's manifest, checked against this job; None for a new output."""
+    manifest = Manifest.read(target) if target.exists() else None
+    if manifest is None:
+        if target.exists() and any(target.iterdir()):
+            raise OutputError(
+                f"output.uri: {target} already exists and is not an sr-batch output with a manifest; choose another path or pass --overwrite to replace it"
+            )
+        return None
+    check_compatible(manifest, target, model.checksum, settings)
+    return manifest
+
+
+def commit_dates(
+    store: Path, increment: Increment, manifest: Manifest | None, model: LoadedModel, settings: dict[str, Any], lock: OutputLock
+) -> tuple[Manifest, list[int]]:
+    """Make the store hold every planned date, then record the new days: the manifest never claims more than the store has."""
+    plan = increment.plan
+    if manifest is None:
+        manifest = Manifest(
+            model_sha256=model.checksum, settings=settings, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols]
+        )
+        store.mkdir(parents=True, exist_ok=True)
+        manifest.write(store)  # first, so an interrupted first run leaves a store the next run recognises
+    if not has_layout(store):
+        if manifest.times:
+            raise OutputError(f"output.uri: {store} has a manifest but no Zarr layout; run `sr-batch verify`, or pass --overwrite to recompute")
+        create_store(store, plan, model)
+    if time_length(store) < len(manifest.times):
+        raise OutputError(f"output.uri: {store} holds fewer dates than its manifest records; run `sr-batch verify`, or pass --overwrite to recompute")
+    align_time_axis(store, len(manifest.times))
+    new = set(increment.new_days)
+    added = [day for day in plan.output_days if day in new]
+    if not new and not increment.late:
+        return manifest, added
+    if added:
+        append_dates(store, plan, added, model)
+        kill_points.reached("appended")
+    manifest.days.extend(KnownDay(date=plan.days[d].date.isoformat(), items=plan.days[d].item_ids, cloud=plan.cloud[d].tolist()) for d in sorted(new))
+    manifest.times.extend(plan.days[d].date.isoformat() for d in added)
+    manifest.late_days = sorted(set(manifest.late_days) | {day.date.isoformat() for day in increment.late})
+    lock.check_held()
+    manifest.write(store)
+    return manifest, added
+
+
+def write_pending(
+    client: Client, store: Path, plan: Plan, pending: Pending, manifest: Manifest, lock: OutputLock, ref: ModelRef, gpu_workers_only: bool, echo: Echo
+) -> Pending:
+    """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
+    written: Pending = {tile: [] for tile in pending}
+    if not _count(pending):
+        return written
+    tasks = write_tasks(store, replace(plan, windows=pending), manifest, ref, gpu_workers_only)
+    time_index = {date: k for k, date in enumerate(manifest.times)}
+    date_at = {k: date for date, k in time_index.items()}
+    by_date = {(plan.days[w.target].date.isoformat(), tile): w for tile, windows in pending.items() for w in windows}
+
+    def record(tile: tuple[int, int], result: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        for index, empty_chunks in result:
+            manifest.record_done(date_at[index], *tile, empty_chunks)
+        lock.check_held()
+        manifest.write(store)
+        for index, _ in result:
+            written[tile].append(by_date[(date_at[index], tile)])
+            kill_points.reached("recorded")
+
+    _compute(client, tasks, echo, record)
+    return written
+
+
+def write_tasks(store: Path, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool) -> dict[tuple[int, int], list[Delayed]]:
+    """Per tile, one task per group of its dates: super-resolve (tiles.py), then write the tile's pending dates."""
+    sr = superresolve_plan(work, ref, dates_per_task=work.spec.model.batch_size, gpu_workers_only=gpu_workers_only)
+    time_index = {date: k for k, date in enumerate(manifest.times)}
+    outputs = work.output_days
+    name = f"write-sr-{tokenize(sr.name, str(store))}"
+    graph: dict[Any, Any] = {}
+    tiles: dict[Any, tuple[int, int]] = {}
+    start = 0
+    for g, size in enumerate(sr.chunks[0]):
+        group, start = outputs[start : start + size], start + size
+        for (row, col), windows in work.windows.items():
+            targets = {w.target for w in windows}
+            slots = [(k, time_index[work.days[day].date.isoformat()]) for k, day in enumerate(group) if day in targets]
+            if not slots:
+                continue
+            ys = (SCALE * work.rows[row][0], SCALE * work.rows[row][1])
+            xs = (SCALE * work.cols[col][0], SCALE * work.cols[col][1])
+            graph[(name, g, row, col)] = (write_tile_dates, (sr.name, g, 0, row, col), str(store), slots, ys, xs)
+            tiles[(name, g, row, col)] = (row, col)
+    layers = HighLevelGraph.from_collections(name, graph, dependencies=[sr])
+    tasks: dict[tuple[int, int], list[Delayed]] = {}
+    for key, tile in tiles.items():
+        tasks.setdefault(tile, []).append(Delayed(key, layers, layer=name))
+    return tasks
+
+
+def _compute(client: Client, tasks: dict[tuple[int, int], list[Delayed]], echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
+    """Run the write tasks on the cluster; `on_done(tile, result)` as each returns, in completion order.
+    Progress comes from the tasks' own events (progress.py)."""
+    flat = [(tile, task) for tile, group in tasks.items() for task in group]
+    futures = client.compute([task for _, task in flat])
+    tile_of = {future.key: tile for future, (tile, _) in zip(futures, flat)}
+    echo(f"Computing {len(futures)} tile tasks … (dashboard: {client.dashboard_link})")
+    for future, result in as_completed(futures, with_results=True):
+        on_done(tile_of[future.key], result)
+
+
 def keep_annotations(needed: bool) -> Any:
-    """Low-level task fusion merges a tile's read, super-resolution and write into one task and drops the
-    GPU annotation on the way (dask 2026.8; tests/test_gpu_workers.py catches it): switch fusion off
-    while such a graph is built and run. Without GPU workers the fused graph is kept (fewer tasks)."""
+    """Low-level task fusion can merge a tile's read, super-resolution and write into one task and drop
+    the GPU annotation on the way (dask 2026.8; tests/test_gpu_workers.py checks where tasks ran):
+    switch fusion off while such a graph is built and run. Without GPU workers nothing changes."""
     return dask.config.set({"optimization.fuse.active": False}) if needed else contextlib.nullcontext()
 
 
@@ -123,3 +315,21 @@ def performance_report_to(path: Path | None) -> Any:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return performance_report(filename=str(path))
+
+
+def _warn_late(increment: Increment, echo: Echo) -> None:
+    if increment.late:
+        shown = ", ".join(str(day.date) for day in increment.late[:5]) + (" …" if len(increment.late) > 5 else "")
+        echo(
+            f"WARNING: {len(increment.late)} late-arriving dates older than the newest date already processed ({shown}) are SKIPPED: "
+            "including them would change outputs already written. Run with --overwrite to recompute the output with them."
+        )
+
+
+def _count(windows: Pending) -> int:
+    return sum(len(w) for w in windows.values())
+
+
+def _tile_km2(plan: Plan, tile: tuple[int, int]) -> float:
+    (top, bottom), (left, right) = plan.rows[tile[0]], plan.cols[tile[1]]
+    return (bottom - top) * (right - left) * plan.grid.resolution**2 / 1e6

@@ -1,14 +1,23 @@
-"""Stage 6, the Zarr sink: the super-resolved cube as a self-describing Zarr v3 store.
+"""Stage 6, the Zarr sink: the super-resolved cube as a self-describing, growing Zarr v3 store.
 
 Layout: `sr` (time, band, y, x) at 2.5 m, stored as uint16 reflectance x 10000 with nodata 0 and CF
 scale_factor/_FillValue, so `xr.open_zarr` returns float reflectance with NaN. Georeferencing is a CF
 grid-mapping variable (`spatial_ref`, with a GDAL GeoTransform) that rioxarray reads back with
-`decode_coords="all"`; x/y are pixel centres. Per date and tile: cloud fraction and frames used;
-per date: the source item ids. The model's name and checksum are in the attributes.
+`decode_coords="all"`; x/y are pixel centres. Per date and tile: cloud fraction, frames used and the
+window's first date; per date: the source item ids. The model's name and checksum are in the attributes.
 
-Each Dask chunk covers whole Zarr chunks (one date x one tile), so no two tasks write one chunk.
-A job writes into a hidden staging store beside the target and renames it into place only when
-every chunk is written: a failure never leaves a half-written store where the output belongs.
+How the store grows (the order is what makes a kill at any moment harmless):
+1. `create_store` writes the layout with an empty time axis (every time-dependent variable is chunked
+   by one date, so an append never rewrites an existing chunk).
+2. `append_dates` extends the time axis with the new dates: their coordinates and per-tile tables are
+   written, `sr` is only resized (unwritten chunks read as fill: NaN).
+3. `write_tile_dates` runs on the workers, one task per tile and group of dates: it encodes and writes
+   the whole Zarr chunks of its windows, and only those (a tile-date that is already done or has no
+   window is never touched). zarr's LocalStore writes every key to a temporary file and renames it,
+   so no reader sees a torn chunk.
+4. The job records a window in the manifest only after its task returned (see manifest.py).
+The manifest's `times` is committed after step 2; `align_time_axis` cuts the store back to it when a
+run was killed between the two, before anything else is written.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
 import zarr
 
-from sr_batch import __version__
+from sr_batch import __version__, kill_points
 from sr_batch.assets import unreadable_attributes
 from sr_batch.cube import BANDS
 from sr_batch.errors import OutputError
@@ -37,40 +46,45 @@ from sr_batch.spec import spec_json
 
 SENTINEL2_BANDS = ("B02", "B03", "B04", "B08")
 MAX_REFLECTANCE = 65535 / 10000
+SR_ENCODING = {"dtype": "uint16", "scale_factor": 1e-4, "add_offset": 0.0, "_FillValue": np.uint16(0)}
+TIME_ENCODING = {"units": "days since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64", "chunks": (1,)}
+"""Whole days since the epoch: every appended date encodes exactly under the units of the first run."""
 
 
-def check_writable(uri: str, overwrite: bool) -> Path:
-    """Fail before any work if the output exists (without --overwrite) or its folder is not writable."""
+def check_location(uri: str, overwrite: bool = False) -> Path:
+    """Fail before any work if the output's folder cannot be written, or if --overwrite would replace
+    something that is not a Zarr store (a folder of the user's own files, say)."""
     target = Path(uri)
-    if target.exists() and not overwrite:
-        raise OutputError(f"output.uri: {target} already exists; choose another path or pass --overwrite to replace it")
-    if target.exists() and not (target / "zarr.json").is_file():
-        raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     # The nearest folder that exists must be writable; missing folders are made only when writing.
     existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output.uri: cannot write in {existing}; choose a writable location")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output.uri: {target} is a file, not a Zarr store; choose another path")
+    if overwrite and target.exists() and any(target.iterdir()) and not (target / "zarr.json").is_file():
+        raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     return target
 
 
-def build_dataset(plan: Plan, sr: da.Array, model: LoadedModel) -> xr.Dataset:
-    """The output Dataset, lazily: `sr` still a Dask array, everything else small and in memory."""
-    outputs = plan.output_days
-    times = pd.DatetimeIndex([pd.Timestamp(plan.days[d].date) for d in outputs], name="time")
+def dates_dataset(plan: Plan, days: list[int], model: LoadedModel) -> xr.Dataset:
+    """The output Dataset for output days `days` (indices into plan.days): `sr` a lazy placeholder, never computed."""
+    times = pd.DatetimeIndex([pd.Timestamp(plan.days[d].date) for d in days], name="time")
     xs, ys = plan.grid.centres(SCALE)
-    reflectance = xr.DataArray(
-        da.clip(sr, 1e-4, MAX_REFLECTANCE),
-        dims=("time", "band", "y", "x"),
-        attrs={"long_name": "super-resolved surface reflectance", "units": "1"},
-    )
-    frames_used, window_start = _window_tables(plan)
+    tile = plan.spec.tiling.tile
+    placeholder = da.full((len(days), len(BANDS), len(ys), len(xs)), np.nan, dtype=np.float32, chunks=(1, len(BANDS), SCALE * tile, SCALE * tile))
+    reflectance = xr.DataArray(placeholder, dims=("time", "band", "y", "x"), attrs={"long_name": "super-resolved surface reflectance", "units": "1"})
+    frames_used, window_start = _window_tables(plan, days)
     ds = xr.Dataset(
         {
             "sr": reflectance,
-            "cloud_fraction": (("time", "tile_row", "tile_col"), plan.cloud[outputs], {"long_name": "unusable fraction of the tile on this date (SCL)"}),
+            "cloud_fraction": (("time", "tile_row", "tile_col"), plan.cloud[days], {"long_name": "unusable fraction of the tile on this date (SCL)"}),
             "frames_used": (("time", "tile_row", "tile_col"), frames_used, {"long_name": "real frames in the window; 0 = no output for this tile and date"}),
             "window_start": (("time", "tile_row", "tile_col"), window_start, {"long_name": "date of the oldest frame in the window"}),
-            "source_items": (("time",), _strings([",".join(plan.days[d].item_ids) for d in outputs]), {"long_name": "STAC item ids of this date"}),
+            "source_items": (
+                ("time",),
+                np.array([",".join(plan.days[d].item_ids) for d in days], dtype=np.dtypes.StringDType()),
+                {"long_name": "STAC item ids of this date"},
+            ),
         },
         coords={
             "time": times,
@@ -95,24 +109,26 @@ def _strings(values: Any) -> np.ndarray:
     return np.array(list(values), dtype=object)
 
 
-def _window_tables(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    outputs = plan.output_days
-    slot = {day: k for k, day in enumerate(outputs)}
-    frames_used = np.zeros((len(outputs), len(plan.rows), len(plan.cols)), np.uint8)
+def _window_tables(plan: Plan, days: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    slot = {day: k for k, day in enumerate(days)}
+    frames_used = np.zeros((len(days), len(plan.rows), len(plan.cols)), np.uint8)
     window_start = np.full(frames_used.shape, np.datetime64("NaT"), "datetime64[ns]")
     for (row, col), windows in plan.windows.items():
         for window in windows:
-            frames_used[slot[window.target], row, col] = len(window.frames)
-            window_start[slot[window.target], row, col] = np.datetime64(plan.days[window.frames[0]].date, "ns")
+            if window.target in slot:
+                frames_used[slot[window.target], row, col] = len(window.frames)
+                window_start[slot[window.target], row, col] = np.datetime64(plan.days[window.frames[0]].date, "ns")
     return frames_used, window_start
 
 
 def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
     spec = plan.spec
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {
         "title": f"sr-batch super-resolution: {spec.name}",
         "sr_batch_version": __version__,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created": now,
+        "updated": now,
         "model_name": model.info.name,
         "model_sha256": model.checksum,
         "model_trained": model.info.trained,
@@ -130,53 +146,106 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
 
 
 def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
-    """uint16 x 10000 with fill 0; one Zarr chunk per date and tile (matching the Dask chunks)."""
+    """uint16 x 10000 with fill 0; one Zarr chunk per date and tile; per-date tables chunked by date."""
     height, width = ds.sizes["y"], ds.sizes["x"]
+    by_date = {name: {"chunks": (1, *ds[name].shape[1:])} for name in ("cloud_fraction", "frames_used")}
     return {
-        "sr": {
-            "dtype": "uint16",
-            "scale_factor": 1e-4,
-            "add_offset": 0.0,
-            "_FillValue": np.uint16(0),
-            "chunks": (1, len(BANDS), min(SCALE * tile, height), min(SCALE * tile, width)),
-        },
-        "window_start": {"units": "days since 1970-01-01", "dtype": "int32", "_FillValue": np.int32(-(2**31))},
+        "sr": {**SR_ENCODING, "chunks": (1, len(BANDS), min(SCALE * tile, height), min(SCALE * tile, width))},
+        "window_start": {"units": "days since 1970-01-01", "dtype": "int32", "_FillValue": np.int32(-(2**31)), "chunks": (1, *ds["window_start"].shape[1:])},
+        "source_items": {"chunks": (1,)},
+        "time": TIME_ENCODING,
+        **by_date,
     }
 
 
-def write_dataset(ds: xr.Dataset, target: Path, tile: int, overwrite: bool, compute: Any) -> None:
-    """Write into a staging store, then move it into place; `compute` runs the Dask write (with progress)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}")
-    try:
-        layout = encoding(ds, tile)
-        # Metadata and the small variables are written here; `sr` itself below, one task per chunk.
-        ds.to_zarr(staging, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=layout)
-        compute(_store_reflectance(ds["sr"], layout["sr"], staging))
-        _move_into_place(staging, target, overwrite)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+# --- growing the store ------------------------------------------------------------------------------
 
 
-def _store_reflectance(sr: xr.DataArray, layout: dict[str, Any], store: Path) -> da.Array:
-    """The lazy write of `sr` into its Zarr array, CF-encoded exactly as xarray encodes it.
-
-    Not xarray's own delayed write: turning that into a Delayed rewrites the graph and drops the layer
-    annotations that keep super-resolution on GPU workers (dask 2026.8), where `da.store` keeps them."""
-    variable = sr.variable.copy(deep=False)
-    variable.encoding = {key: value for key, value in layout.items() if key != "chunks"}
-    encoded = xr.conventions.encode_cf_variable(variable, name="sr")
-    target = zarr.open_array(store / "sr", mode="r+")
-    return da.store(encoded.data, target, lock=False, compute=False)
+def create_store(store: Path, plan: Plan, model: LoadedModel) -> None:
+    """The layout with an empty time axis (mode "a": the folder may already hold the manifest)."""
+    ds = dates_dataset(plan, [], model)
+    ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, plan.spec.tiling.tile))
 
 
-def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+def has_layout(store: Path) -> bool:
+    return (store / "zarr.json").exists() and (store / "sr" / "zarr.json").exists()
+
+
+def time_length(store: Path) -> int:
+    return zarr.open_array(store=str(store), path="time", mode="r").shape[0]
+
+
+def align_time_axis(store: Path, length: int) -> None:
+    """Cut every time-dependent array back to the committed `length` (dates a killed run appended but never recorded)."""
+    group = zarr.open_group(store=str(store), mode="r+", zarr_format=3)
+    for _, array in group.arrays():
+        if "time" in (array.metadata.dimension_names or ()) and array.shape[0] > length:
+            array.resize((length, *array.shape[1:]))
+
+
+def append_dates(store: Path, plan: Plan, days: list[int], model: LoadedModel) -> None:
+    """Extend the time axis with output days `days` (all newer than the last date stored); `sr` is only resized."""
+    ds = dates_dataset(plan, days, model)
+    with xr.open_zarr(store, consolidated=False) as existing:
+        ds.attrs["created"] = existing.attrs.get("created", ds.attrs["created"])
+        last = existing.time.values[-1] if existing.sizes["time"] else None
+    if last is not None and days and not pd.Timestamp(plan.days[days[0]].date) > pd.Timestamp(last):
+        raise OutputError(f"output.uri: date {plan.days[days[0]].date} is not after the last stored date {str(last)[:10]}; the time axis must stay sorted")
+    timeless = [name for name in ds.variables if "time" not in ds[name].dims]
+    ds.drop_vars(timeless).to_zarr(store, mode="a", append_dim="time", zarr_format=3, consolidated=False, compute=False)
+
+
+def encode_reflectance(image: np.ndarray) -> np.ndarray:
+    """(band, y, x) float reflectance, NaN = none → the stored uint16 (xarray's own CF encoding)."""
+    clipped = np.clip(image, 1e-4, MAX_REFLECTANCE)
+    variable = xr.Variable(("band", "y", "x"), clipped, encoding=dict(SR_ENCODING))
+    return np.asarray(xr.conventions.encode_cf_variable(variable).values, dtype=np.uint16)
+
+
+def write_tile_dates(
+    block: np.ndarray, store: str, slots: list[tuple[int, int]], ys: tuple[int, int], xs: tuple[int, int]
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    """A task: write the tile's rows `slots` of `block` ((slot in block, index on the time axis)), chunk-aligned.
+
+    Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: zarr does not
+    store those, so the manifest lists them as absent by design."""
+    array = zarr.open_array(store=store, path="sr", mode="r+")
+    chunk_y, chunk_x = array.chunks[2], array.chunks[3]
+    written = []
+    for slot, index in slots:
+        encoded = encode_reflectance(block[slot])
+        array[index, :, ys[0] : ys[1], xs[0] : xs[1]] = encoded
+        empty = [
+            (iy, ix)
+            for iy in range(ys[0] // chunk_y, -(-ys[1] // chunk_y))
+            for ix in range(xs[0] // chunk_x, -(-xs[1] // chunk_x))
+            if not encoded[:, iy * chunk_y - ys[0] : (iy + 1) * chunk_y - ys[0], ix * chunk_x - xs[0] : (ix + 1) * chunk_x - xs[0]].any()
+        ]
+        written.append((index, empty))
+    kill_points.reached("written")
+    return written
+
+
+# --- replacing an output (--overwrite) ----------------------------------------------------------------
+
+
+def staging_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Staging stores left by killed --overwrite runs; call only while holding the output's lock."""
+    stale = sorted(target.parent.glob(f".{target.name}.incomplete-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Swap a complete new store in; the previous output is removed only after the swap."""
     if not target.exists():
         staging.rename(target)
         return
-    if not overwrite:
-        raise OutputError(f"output.uri: {target} appeared while the job ran; nothing was replaced (the new output was discarded)")
     retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
     target.rename(retired)
     staging.rename(target)

@@ -155,7 +155,12 @@ def _read_geojson(path: Path) -> dict[str, Any]:
 class TimeRange(_Strict):
     start: dt.date
     end: dt.date | None = None
-    """Empty means now: a nightly run picks up whatever is new."""
+    """Empty (or "now") means now: each nightly run searches up to the present and picks up whatever is new."""
+
+    @field_validator("end", mode="before")
+    @classmethod
+    def _empty_is_now(cls, end: Any) -> Any:
+        return None if end is None or (isinstance(end, str) and end.strip().lower() in ("", "now")) else end
 
     @model_validator(mode="after")
     def _ordered(self) -> TimeRange:

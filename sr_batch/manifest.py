@@ -1,0 +1,215 @@
+"""The record of what an output holds: which (date, tile) windows are safely written, and with what.
+
+Why a manifest: Zarr v3 skips all-fill chunks and a killed run leaves chunks of unfinished windows, so
+which chunks exist proves nothing. The manifest is the one record a run trusts. It lives in the store
+as the attributes of an empty sub-group, `sr_batch_manifest/zarr.json`, which zarr tools can read and
+`xr.open_zarr` ignores. It holds:
+
+- `model_sha256` and `settings`: what the data was made with (settings = the job spec less the fields
+  that do not change a pixel: name, time.end, output, stac.url, model.device, model.batch_size);
+- `grid`, `rows`, `cols`: the output grid and tiles, fixed by the first run;
+- `days`: every solar day the runs have seen, in date order, with its item ids and its cloud score per
+  tile (cloudy days too, so a later run needs to score only days it has not seen);
+- `times`: the store's time axis as committed (the store may briefly be longer: see sink.py);
+- `done`: per date, the tiles whose window is written; `empty_chunks`: chunks of done windows that
+  were all fill, hence absent by design;
+- `late_days`: dates that appeared after later dates were written, skipped (see increment.py).
+
+Every update rewrites the file through a temporary file, fsync and rename, so a reader or a killed
+writer sees the previous record or the next one, never half of one. A window enters `done` only after
+its chunks are written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sr_batch.cube import Grid
+from sr_batch.errors import OutputError
+from sr_batch.spec import JobSpec, spec_json
+
+MANIFEST_GROUP = "sr_batch_manifest"
+FORMAT = 1
+
+EXECUTION_ONLY = (
+    ("name",),
+    ("time", "end"),
+    ("output",),
+    ("stac", "url"),
+    ("stac", "timeout_s"),
+    ("stac", "retries"),
+    ("stac", "max_unreadable_fraction"),
+    ("model", "device"),
+    ("model", "batch_size"),
+    ("model", "compile"),
+)
+"""Spec fields that do not change a written pixel: they may differ between runs on one output."""
+
+
+def manifest_path(store: Path) -> Path:
+    return store / MANIFEST_GROUP / "zarr.json"
+
+
+def output_settings(spec: JobSpec) -> dict[str, Any]:
+    """The spec fields that decide the output's pixels; any other field added later counts by default."""
+    return settings_of(json.loads(spec_json(spec)))
+
+
+def settings_of(job: dict[str, Any]) -> dict[str, Any]:
+    """A stored job spec (as JSON data) less its execution-only fields."""
+    data = json.loads(json.dumps(job))
+    for path in EXECUTION_ONLY:
+        node = data
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return data
+
+
+@dataclass
+class KnownDay:
+    date: str
+    items: list[str]
+    cloud: list[list[float]]
+    """(tile row, tile col) unusable fraction; float32 values, exact through JSON."""
+
+
+@dataclass
+class Manifest:
+    model_sha256: str
+    settings: dict[str, Any]
+    grid: dict[str, Any]
+    rows: list[list[int]]
+    cols: list[list[int]]
+    days: list[KnownDay] = field(default_factory=list)
+    times: list[str] = field(default_factory=list)
+    done: dict[str, list[list[int]]] = field(default_factory=dict)
+    empty_chunks: list[str] = field(default_factory=list)
+    late_days: list[str] = field(default_factory=list)
+    updated: str = ""
+    format: int = FORMAT
+
+    # --- reading and writing ------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, store: Path) -> Manifest | None:
+        """The store's manifest; None when it has none; OutputError when it is unreadable."""
+        path = manifest_path(store)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise OutputError(
+                f"output.uri: the manifest {path} is unreadable ({type(err).__name__}); run `sr-batch verify`, or pass --overwrite to recompute"
+            ) from None
+        try:
+            data = dict(raw["attributes"])
+            data["days"] = [KnownDay(**day) for day in data["days"]]
+            manifest = cls(**data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise OutputError(f"output.uri: the manifest {path} is malformed ({err}); run `sr-batch verify`, or pass --overwrite to recompute") from None
+        if manifest.format != FORMAT:
+            raise OutputError(f"output.uri: manifest format {manifest.format} is not {FORMAT}; pass --overwrite to recompute with this version")
+        return manifest
+
+    def write(self, store: Path) -> None:
+        """Replace the record atomically: temporary file, fsync, rename, fsync of the folder."""
+        self.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        path = manifest_path(store)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"zarr_format": 3, "node_type": "group", "attributes": asdict(self)}
+        temporary = path.with_name(f".zarr.json.{uuid.uuid4().hex[:8]}.partial")
+        with open(temporary, "w") as f:
+            json.dump(document, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def known_dates(self) -> list[dt.date]:
+        return [dt.date.fromisoformat(day.date) for day in self.days]
+
+    def cloud(self) -> np.ndarray:
+        """(known day, tile row, tile col) float32, bit-identical to the scores first computed."""
+        if not self.days:
+            return np.zeros((0, len(self.rows), len(self.cols)), np.float32)
+        return np.array([day.cloud for day in self.days], np.float32)
+
+    def is_done(self, date: str, row: int, col: int) -> bool:
+        return [row, col] in self.done.get(date, [])
+
+    def done_count(self) -> int:
+        return sum(len(tiles) for tiles in self.done.values())
+
+    def record_done(self, date: str, row: int, col: int, empty_chunks: list[tuple[int, int]]) -> None:
+        if not self.is_done(date, row, col):
+            self.done.setdefault(date, []).append([row, col])
+        self.empty_chunks.extend(f"{date}/{iy}/{ix}" for iy, ix in empty_chunks)
+
+    def the_grid(self) -> Grid:
+        return Grid(**self.grid)
+
+
+def grid_record(grid: Grid) -> dict[str, Any]:
+    return {"epsg": grid.epsg, "west": grid.west, "north": grid.north, "width": grid.width, "height": grid.height}
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: old → new' for each setting that differs, dotted like the spec."""
+    found = []
+    for key in sorted(stored.keys() | wanted.keys()):
+        old, new = stored.get(key), wanted.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            found.extend(differences(old, new, f"{name}."))
+        elif old != new:
+            found.append(f"{name}: {json.dumps(old)} → {json.dumps(new)}")
+    return found
+
+
+def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settings: dict[str, Any]) -> None:
+    """Refuse to extend an output made with another model or other settings."""
+    if manifest.model_sha256 != model_sha256:
+        raise OutputError(
+            f"output.uri: {target} was made with model sha256 {manifest.model_sha256[:12]}…, this job's model is {model_sha256[:12]}…; "
+            "pass --overwrite to recompute it with this model, or write to another output.uri"
+        )
+    changed = differences(manifest.settings, settings)
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise OutputError(
+            f"output.uri: {target} was made with other settings ({shown}); pass --overwrite to recompute it with these, or write to another output.uri"
+        )
+
+
+def written_mask(store: Path) -> Any:
+    """For readers: (time, tile_row, tile_col) True where the window is recorded as written.
+
+    The store's time axis may run ahead of the record during a run; those dates are all False."""
+    import xarray as xr
+
+    manifest = Manifest.read(store)
+    if manifest is None:
+        raise OutputError(f"output.uri: {store} has no manifest; not an sr-batch output")
+    with xr.open_zarr(store, consolidated=False) as ds:
+        dates = [str(t)[:10] for t in ds.time.values]
+        mask = np.zeros((len(dates), ds.sizes["tile_row"], ds.sizes["tile_col"]), bool)
+        for k, date in enumerate(dates):
+            for row, col in manifest.done.get(date, []) if k < len(manifest.times) else []:
+                mask[k, row, col] = True
+        return xr.DataArray(mask, dims=("time", "tile_row", "tile_col"), coords={"time": ds.time.values}, name="written")

@@ -1,0 +1,343 @@
+"""Nightly runs on a growing output: incremental append, nothing-new runs, refusals, late scenes, locks.
+
+All real: a STAC API on loopback serving the first part of the sample series, then another serving
+all of it (the API "gained" later dates), a real Dask cluster of processes, real Zarr stores. The
+reference is one uninterrupted run over the whole period; every other path must equal it bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from sr_batch.errors import OutputError
+from sr_batch.job import JobResult, run_job
+from sr_batch.lock import OutputLock, lock_path
+from sr_batch.manifest import Manifest, manifest_path, written_mask
+from sr_batch.spec import parse_spec
+from sr_batch.stac_server import serve_items
+from sr_batch.verify import verify_output
+
+from conftest import SMALL_MODEL, make_job
+
+PERIOD = {"start": "2019-06-01", "end": "2019-08-31"}
+SPLIT = dt.date(2019, 7, 20)
+"""The first API serves the series up to here; the second serves all of it."""
+SR_BATCH = Path(sys.executable).parent / "sr-batch"
+
+
+def item_date(item: dict[str, Any]) -> dt.date:
+    return dt.date.fromisoformat(item["properties"]["datetime"][:10])
+
+
+@pytest.fixture(scope="module")
+def early_url(catalog) -> Iterator[str]:
+    with serve_items(catalog.collection, [i for i in catalog.items if item_date(i) <= SPLIT]) as url:
+        yield url
+
+
+def nightly_job(url: str, out: Path, catalog, **sections: Any) -> dict[str, Any]:
+    return make_job(url, out, catalog, time=PERIOD, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, stac_url: str, catalog, scheduler: str) -> JobResult:
+    """One uninterrupted run over the whole period."""
+    out = tmp_path_factory.mktemp("reference") / "reference.zarr"
+    return run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the store as stored (uint16 codes, int64 days), read with zarr itself."""
+    group = zarr.open_group(store=str(path), mode="r")
+    return {name: array[...] for name, array in group.arrays()}
+
+
+def assert_same_store(path: Path, expected: Path) -> None:
+    """Bit for bit: every stored array, and the same windows recorded in the manifests."""
+    got, want = store_arrays(path), store_arrays(expected)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert np.array_equal(got[name], want[name]), f"{name} differs"
+    a, b = Manifest.read(path), Manifest.read(expected)
+    assert a is not None and b is not None
+    assert a.times == b.times
+    assert {d: sorted(t) for d, t in a.done.items()} == {d: sorted(t) for d, t in b.done.items()}
+    assert sorted(a.empty_chunks) == sorted(b.empty_chunks)
+    assert [(d.date, d.cloud) for d in a.days] == [(d.date, d.cloud) for d in b.days]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_reference_has_dates_on_both_sides_of_the_split(reference: JobResult) -> None:
+    manifest = Manifest.read(reference.output)
+    assert manifest is not None
+    dates = [dt.date.fromisoformat(t) for t in manifest.times]
+    assert sum(d <= SPLIT for d in dates) >= 2 and sum(d > SPLIT for d in dates) >= 2, dates
+    assert manifest.done_count() == reference.plan.tile_dates == reference.written_windows
+    assert reference.added_dates == dates
+
+
+def test_second_run_computes_only_the_new_dates_and_equals_one_full_run(
+    reference: JobResult, tmp_path: Path, early_url: str, stac_url: str, catalog, scheduler: str, capsys
+) -> None:
+    out = tmp_path / "nightly.zarr"
+    first = run_job(parse_spec(nightly_job(early_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert first.added_dates and all(d <= SPLIT for d in first.added_dates)
+    before = Manifest.read(out)
+    assert before is not None
+    old_chunks = {p: p.read_bytes() for p in (out / "sr" / "c").rglob("*") if p.is_file()}
+
+    second = run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    expected_new = [d for d in reference.added_dates if d > SPLIT]
+    assert second.added_dates == expected_new
+    # Only the new dates' windows were computed: exactly the reference's windows on those dates.
+    new_windows = sum(1 for ws in reference.plan.windows.values() for w in ws if reference.plan.days[w.target].date > SPLIT)
+    assert second.written_windows == new_windows > 0
+    assert f"Added {len(expected_new)} dates" in capsys.readouterr().out
+    # Earlier chunks were not rewritten, and the result is the single full run's, bit for bit.
+    assert all(p.read_bytes() == data for p, data in old_chunks.items())
+    assert_same_store(out, reference.output)
+
+    # A third run finds nothing new: it writes nothing at all and says so.
+    files = snapshot(out)
+    third = run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert third.written_windows == 0 and third.added_dates == []
+    assert "Nothing new" in capsys.readouterr().out
+    assert snapshot(out) == files
+    assert not lock_path(out).exists()
+
+
+# --- killed runs ------------------------------------------------------------------------------------
+
+
+def cli_run(job: Path, *args: str, kill: str = "", marker: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`sr-batch run` in its own session (its process group is the client and any LocalCluster it starts)."""
+    env = {**os.environ, "SR_BATCH_TEST_KILL": kill}
+    if marker is not None:
+        env["SR_BATCH_TEST_KILL_MARKER"] = str(marker)
+    return subprocess.run(
+        [str(SR_BATCH), "run", str(job), "--no-progress", *args], env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
+
+
+def write_job(folder: Path, job: dict[str, Any]) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def test_client_killed_twice_then_resumed_equals_an_uninterrupted_run(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """SIGKILL of the client (the cluster lives on): once right after the store grew, once mid-way."""
+    out = tmp_path / "killed.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    total = reference.written_windows
+
+    first = cli_run(job, "--scheduler", scheduler, kill="appended:1")
+    assert first.returncode == -9, first.stderr[-2000:]
+    # The store's time axis grew, but the manifest never recorded the dates: nothing counts as done.
+    assert zarr.open_array(store=str(out), path="time", mode="r").shape[0] == len(reference.added_dates)
+    assert Manifest.read(out).times == [] and lock_path(out).exists()
+    # What a reader sees meanwhile: the new dates, no tile of them recorded as written, their pixels NaN.
+    with xr.open_zarr(out, decode_coords="all", consolidated=False) as ds:
+        assert ds.sizes["time"] == len(reference.added_dates) and not written_mask(out).any()
+        assert np.isnan(ds.sr.values).all() and (ds.frames_used.values > 0).any()
+
+    second = cli_run(job, "--scheduler", scheduler, kill="recorded:5")
+    assert second.returncode == -9, second.stderr[-2000:]
+    recorded = Manifest.read(out).done_count()
+    assert 5 <= recorded < total
+    # Every window recorded is fully there and equal to the reference's; the rest may be anything.
+    mask = written_mask(out)
+    assert int(mask.sum()) == recorded
+    with xr.open_zarr(out, consolidated=False) as got, xr.open_zarr(reference.output, consolidated=False) as want:
+        for t, row, col in zip(*np.nonzero(mask.values)):
+            ys = slice(4 * reference.plan.rows[row][0], 4 * reference.plan.rows[row][1])
+            xs = slice(4 * reference.plan.cols[col][0], 4 * reference.plan.cols[col][1])
+            np.testing.assert_array_equal(got.sr[t, :, ys, xs].values, want.sr[t, :, ys, xs].values)
+
+    third = cli_run(job, "--scheduler", scheduler)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"wrote {total - recorded} tile-dates" in third.stdout
+    assert_same_store(out, reference.output)
+    assert not lock_path(out).exists()
+
+
+def test_whole_cluster_and_a_worker_killed_then_resumed_equals_an_uninterrupted_run(reference: JobResult, tmp_path: Path, stac_url: str, catalog) -> None:
+    """The run's own LocalCluster: a worker is SIGKILLed after writing a tile (Dask reruns its task), then
+    the whole process group (client and workers) is SIGKILLed after 9 windows are recorded."""
+    out = tmp_path / "killed.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    marker = tmp_path / "worker-killed"
+
+    first = cli_run(job, "--workers", "2", kill="written,recorded:9", marker=marker)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert marker.exists(), "no worker was killed"
+    recorded = Manifest.read(out).done_count()
+    assert 9 <= recorded < reference.written_windows
+
+    second = cli_run(job, "--workers", "2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert_same_store(out, reference.output)
+
+
+# --- refusals, overwrite, late scenes, locks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"cloud": {"max_cloud_fraction": 0.1}}, "cloud.max_cloud_fraction: 0.05 → 0.1"),
+        ({"model": {**SMALL_MODEL, "architecture": {**SMALL_MODEL["architecture"], "seed": 1}}}, "made with model sha256"),
+    ],
+)
+def test_changed_settings_or_model_is_refused(reference: JobResult, stac_url: str, catalog, scheduler: str, change: dict, named: str) -> None:
+    files = snapshot(reference.output)
+    with pytest.raises(OutputError, match="--overwrite") as refused:
+        run_job(parse_spec(nightly_job(stac_url, reference.output, catalog, **change)), scheduler=scheduler, show_progress=False)
+    assert named in str(refused.value)
+    assert snapshot(reference.output) == files
+
+
+def test_execution_settings_may_change(reference: JobResult, stac_url: str, catalog, scheduler: str) -> None:
+    """A new name, batch size or end date does not change a pixel: the run goes on (here: nothing new)."""
+    files = snapshot(reference.output)
+    model = {**SMALL_MODEL, "batch_size": 2}
+    job = nightly_job(stac_url, reference.output, catalog, name="renamed", model=model)
+    job["time"] = {"start": PERIOD["start"], "end": "2019-09-01"}
+    assert run_job(parse_spec(job), scheduler=scheduler, show_progress=False).written_windows == 0
+    assert snapshot(reference.output) == files
+
+
+def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(
+    reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str
+) -> None:
+    out = tmp_path / "kept.zarr"
+    shutil.copytree(reference.output, out)
+    files = snapshot(out)
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1}))
+    killed = cli_run(job, "--overwrite", "--scheduler", scheduler, kill="recorded:2")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert snapshot(out) == files, "a killed --overwrite touched the previous output"
+    assert list(tmp_path.glob(".kept.zarr.incomplete-*")), "the staging store should be left behind"
+
+    result = run_job(
+        parse_spec(nightly_job(stac_url, out, catalog, cloud={"max_cloud_fraction": 0.1})), scheduler=scheduler, overwrite=True, show_progress=False
+    )
+    assert not list(tmp_path.glob(".kept.zarr.*")), "staging stores are cleaned up"
+    manifest = Manifest.read(out)
+    assert manifest.settings["cloud"]["max_cloud_fraction"] == 0.1
+    assert manifest.done_count() == result.plan.tile_dates == result.written_windows
+    assert verify_output(out) == []
+
+
+def test_late_arriving_scene_is_skipped_with_a_warning(reference: JobResult, tmp_path: Path, catalog, early_url: str, scheduler: str, capsys) -> None:
+    """A cloudless date that turns up after a later date was written would change that later output."""
+    plan = reference.plan
+    early = [plan.days[d].date for d in plan.output_days if plan.days[d].date <= SPLIT]
+    late = early[1]
+    out = tmp_path / "late.zarr"
+    without = [i for i in catalog.items if item_date(i) <= SPLIT and item_date(i) != late]
+    with serve_items(catalog.collection, without) as url:
+        first = run_job(parse_spec(nightly_job(url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert late not in first.added_dates and max(first.added_dates) > late
+    files = snapshot(out)
+    second = run_job(parse_spec(nightly_job(early_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert second.late == [late] and second.written_windows == 0
+    assert f"late-arriving dates older than the newest date already processed ({late}) are SKIPPED" in capsys.readouterr().out
+    assert snapshot(out) == files
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(reference: JobResult, stac_url: str, catalog, scheduler: str) -> None:
+    files = snapshot(reference.output)
+    holder = OutputLock(reference.output)
+    holder.acquire()
+    try:
+        with pytest.raises(OutputError, match=r"is being written by another run \(process \d+ on .* lease until .*\); wait for it to finish"):
+            run_job(parse_spec(nightly_job(stac_url, reference.output, catalog)), scheduler=scheduler, show_progress=False)
+    finally:
+        holder.release()
+    assert snapshot(reference.output) == files and not lock_path(reference.output).exists()
+
+
+def plant_lock(target: Path, host: str, pid: int, expires_in: float) -> None:
+    lock_path(target).write_text(
+        json.dumps({"token": "planted", "host": host, "pid": pid, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in})
+    )
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(
+    ("host", "alive", "expires_in", "taken"),
+    [
+        ("elsewhere", False, 600, False),  # another host, lease valid: refused
+        ("elsewhere", False, -1, True),  # another host, lease expired: its holder died
+        ("here", False, 600, True),  # this host, process gone: no need to wait for the lease
+        ("here", True, 600, False),  # this host, process alive: refused
+    ],
+)
+def test_lock_lease(tmp_path: Path, host: str, alive: bool, expires_in: float, taken: bool) -> None:
+    target = tmp_path / "out.zarr"
+    plant_lock(target, socket.gethostname() if host == "here" else "elsewhere.example", os.getpid() if alive else dead_pid(), expires_in)
+    lock = OutputLock(target)
+    if not taken:
+        with pytest.raises(OutputError, match="being written by another run"):
+            lock.acquire()
+        assert json.loads(lock_path(target).read_text())["token"] == "planted"
+        return
+    lock.acquire()
+    assert json.loads(lock_path(target).read_text())["token"] == lock.token
+    lock.release()
+    assert not lock_path(target).exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_empty_end_means_now(stac_url: str, tmp_path: Path, catalog) -> None:
+    for end in ("", None, "now"):
+        spec = parse_spec(make_job(stac_url, tmp_path / "x.zarr", catalog, time={"start": "2019-06-01", "end": end}))
+        assert spec.time.end is None and spec.time.as_interval() == "2019-06-01T00:00:00Z/.."
+
+
+def test_two_runs_at_once_the_second_is_refused(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """Real processes: the first run is held (test hook) right after recording its first window."""
+    out = tmp_path / "busy.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+    release = tmp_path / "release"
+    env = {**os.environ, "SR_BATCH_TEST_HOLD_UNTIL": str(release)}
+    first = subprocess.Popen(
+        [str(SR_BATCH), "run", str(job), "--no-progress", "--scheduler", scheduler], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while not (manifest_path(out).exists() and Manifest.read(out).done_count()):
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        second = cli_run(job, "--scheduler", scheduler)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"sr-batch: error: output.uri: {out} is being written by another run (process {first.pid} on {socket.gethostname()}" in second.stderr
+    finally:
+        release.touch()
+        stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert_same_store(out, reference.output)
