@@ -1,4 +1,7 @@
-"""sr-batch: super-resolved Sentinel-2 time series, from a STAC API to Zarr."""
+"""sr-batch: super-resolved Sentinel-2 time series, from a STAC API to Zarr.
+
+`sr_batch.open_output(uri)` reads a result; `sr_batch.superresolve(frames)` runs the model on one window.
+"""
 
 __version__ = "0.1.0"
 
@@ -8,3 +11,10 @@ def superresolve(frames, checkpoint: str = "default", device: str = "auto"):  # 
     from sr_batch.superres import superresolve as _superresolve
 
     return _superresolve(frames, checkpoint=checkpoint, device=device)
+
+
+def open_output(uri):  # noqa: ANN001, ANN201 - lazy re-export: `import sr_batch` stays light for the CLI
+    """Open a written store as an xarray Dataset; see `sr_batch.output.open_output`."""
+    from sr_batch.output import open_output as _open_output
+
+    return _open_output(uri)
