@@ -164,6 +164,7 @@ def render(
                 axis.set_axis_off()
             else:
                 axis.tick_params(labelsize=7)
+                axis.ticklabel_format(useOffset=False, style="plain")
                 axis.set_xlabel(f"x (km, {crs})", fontsize=8)
                 axis.set_ylabel(f"y (km, {crs})", fontsize=8)
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
