@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,8 @@ def quicklook_store(
     try:
         low, note = load_input(job, view.grid, [view.date], echo).values[0], ""
     except SrBatchError as err:
-        low, note = None, f"10 m input unavailable ({err}): showing the output only"
-        echo(note)
+        echo(f"10 m input unavailable ({err}): showing the output only")
+        low, note = None, f"10 m input unavailable from {job['stac']['url']}: output only (the reason is printed where the quicklook was made)"
     title = f"{job['name']}  {view.date}  —  model {attrs['model_name']}"
     if not attrs.get("model_trained"):
         title += "  —  UNTRAINED MODEL: output is not super-resolution"
@@ -167,7 +168,8 @@ def render(
                 axis.ticklabel_format(useOffset=False, style="plain")
                 axis.set_xlabel(f"x (km, {crs})", fontsize=8)
                 axis.set_ylabel(f"y (km, {crs})", fontsize=8)
-    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=11)
+    width = 60 * len(columns)
+    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(note, width)), fontsize=11 if len(columns) > 1 else 9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
