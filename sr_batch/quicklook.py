@@ -76,7 +76,7 @@ def choose_view(ds: Any, date: str | None, bbox: tuple[float, float, float, floa
     """The date and the window (whole 10 m pixels of the source lattice, clipped to the store) that a quicklook shows."""
     dates = store_dates(ds)
     if not dates:
-        raise OutputError("the store has no dates (no cloudless date in its period); nothing to show")
+        raise OutputError(f"{ds.encoding.get('source', 'the output')}: no dates (no cloudless date in its period); nothing to show")
     index = len(dates) - 1 if date is None else _date_index(dates, date)
     full = source_grid(ds)
     rows, cols = (0, full.height), (0, full.width)

@@ -173,3 +173,14 @@ def test_quicklook_of_a_sample_store_serves_the_sample_again(store: Path, tmp_pa
     printed = capsys.readouterr().out
     assert "serving the bundled sample region again" in printed and "unavailable" not in printed
     assert _png_size(out) == (1000, 1060)
+
+
+def test_a_store_without_dates_is_inspected_and_has_no_quicklook(tmp_path: Path, stac_url: str, catalog, scheduler: str, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "winter.zarr"
+    job = make_job(stac_url, empty, catalog, time={"start": "2018-01-01", "end": "2018-03-01"})  # no cloudless date in the sample
+    run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lambda line: None)
+    assert main(["inspect", str(empty)]) == 0
+    assert "dates: 0 (no cloudless date in the period)" in capsys.readouterr().out
+    assert main(["quicklook", str(empty), "--out", str(tmp_path / "q.png")]) == 2
+    assert capsys.readouterr().err == f"sr-batch: error: {empty}: no dates (no cloudless date in its period); nothing to show\n"
+    assert not (tmp_path / "q.png").exists()
