@@ -1,4 +1,4 @@
-"""The `sr-batch` command line: run, plan, demo."""
+"""The `sr-batch` command line: run, plan, inspect, quicklook, demo, train, evaluate."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")
     _job_arguments(plan)
     plan.set_defaults(handler=_plan)
+
+    inspect = commands.add_parser("inspect", help="describe a written output: dates, extent, CRS, coverage per date, model, size")
+    inspect.add_argument("output", help="an output store (the job's output.uri)")
+    inspect.set_defaults(handler=_inspect)
+
+    quicklook = commands.add_parser("quicklook", help="PNG of one output date beside its 10 m input (true and false colour)")
+    quicklook.add_argument("output", help="an output store (the job's output.uri)")
+    quicklook.add_argument("--date", help="YYYY-MM-DD, one of the output's dates (default: the latest)")
+    quicklook.add_argument("--bbox", help="minx,miny,maxx,maxy in lon/lat degrees (default: the whole output)")
+    quicklook.add_argument("--out", type=Path, metavar="FILE.png", help="where to write the PNG (default: NAME-DATE.png in the current folder)")
+    quicklook.set_defaults(handler=_quicklook)
 
     train = commands.add_parser("train", help="train the network on real Sentinel-2 (Wald's protocol)")
     train.add_argument("config", type=Path, help="training config (YAML); see sr_batch/training/default.yaml")
@@ -116,6 +127,40 @@ def _plan(args: argparse.Namespace) -> int:
 
     plan_job(spec, scheduler=args.scheduler, workers=args.workers)
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from sr_batch.output import inspect_output
+
+    print(inspect_output(args.output).text())
+    return 0
+
+
+def _quicklook(args: argparse.Namespace) -> int:
+    from sr_batch.output import open_output
+    from sr_batch.quicklook import choose_view, quicklook_store
+
+    bbox = _lonlat_bbox(args.bbox) if args.bbox else None
+    out = args.out
+    if out is None:
+        with open_output(args.output) as ds:
+            view = choose_view(ds, args.date, bbox)
+        out = Path(f"{Path(args.output).name.removesuffix('.zarr')}-{view.date}.png")
+    if out.suffix.lower() != ".png":
+        raise SrBatchError(f"--out {out}: give a file name ending in .png")
+    print(f"Quicklook written: {quicklook_store(args.output, out, args.date, bbox)}")
+    return 0
+
+
+def _lonlat_bbox(text: str) -> tuple[float, float, float, float]:
+    hint = "give minx,miny,maxx,maxy in lon/lat degrees, e.g. --bbox 26.05,45.80,26.10,45.83"
+    try:
+        minx, miny, maxx, maxy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SrBatchError(f"--bbox {text!r}: {hint}") from None
+    if not (-180 <= minx < maxx <= 180 and -90 <= miny < maxy <= 90):
+        raise SrBatchError(f"--bbox {text!r}: out of range or min >= max; {hint}")
+    return minx, miny, maxx, maxy
 
 
 def _train(args: argparse.Namespace) -> int:

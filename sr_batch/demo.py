@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import xarray as xr
 import yaml
 
-from sr_batch.cube import BANDS, load_cube
 from sr_batch.job import JobResult, run_job
 from sr_batch.model import DEFAULT_CHECKPOINT
-from sr_batch.quicklook import render
+from sr_batch.quicklook import quicklook_store
 from sr_batch.sample import COLLECTION_ID, build_sample_catalog, sample_aoi
 from sr_batch.spec import load_spec
 from sr_batch.stac_server import serve_items
@@ -50,20 +47,12 @@ def run_demo(out_dir: Path = Path("out/demo"), start: str = "2018-01-01", end: s
     print(f"\nDemo output written to {result.output}")
     if picture:
         print(f"Quicklook (10 m input vs 2.5 m output, latest date): {picture}")
-    print(f'Read it with: xr.open_zarr("{result.output}", decode_coords="all")')
+    print(f'Read it with: sr_batch.open_output("{result.output}"); describe it with: sr-batch inspect {result.output}')
     return result
 
 
 def demo_quicklook(result: JobResult, path: Path) -> Path | None:
-    """The latest output date next to its 10 m input, read back from the STAC API and the Zarr store."""
-    plan = result.plan
-    if not plan.output_days:
+    """The latest output date next to its 10 m input, made the way `sr-batch quicklook` makes it (while the demo's STAC API is up)."""
+    if not result.plan.output_days:
         return None
-    day = plan.days[plan.output_days[-1]]
-    assets = plan.spec.stac.assets.in_model_order()[:4]
-    low = load_cube([day], plan.grid, assets, list(BANDS), ((plan.grid.height,), (plan.grid.width,))).values[0] / 10000.0
-    low[low == 0] = np.nan
-    with xr.open_zarr(result.output, consolidated=False) as ds:
-        high = ds.sr.isel(time=-1).values
-    untrained = "" if result.model.info.trained else "  —  UNTRAINED MODEL: output is not super-resolution"
-    return render(low, high, path, f"{plan.spec.name} {day.date}{untrained}")
+    return quicklook_store(result.output, path)
