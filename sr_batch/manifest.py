@@ -197,12 +197,13 @@ def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settin
         )
 
 
-def written_mask(store: Path) -> Any:
+def written_mask(store: str | Path) -> Any:
     """For readers: (time, tile_row, tile_col) True where the window is recorded as written.
 
     The store's time axis may run ahead of the record during a run; those dates are all False."""
     import xarray as xr
 
+    store = Path(store)
     manifest = Manifest.read(store)
     if manifest is None:
         raise OutputError(f"output.uri: {store} has no manifest; not an sr-batch output")

@@ -209,6 +209,12 @@ class ModelSettings(_Strict):
     """torch.compile mode: 'max-autotune' doubles GPU throughput after minutes of compiling, once per worker."""
     architecture: Architecture | None = None
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false and `on` as true."""
+        return {False: "off", True: "default"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("frames")
     @classmethod
     def _power_of_two(cls, frames: int) -> int:
