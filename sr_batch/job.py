@@ -38,7 +38,7 @@ from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
 from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
-from sr_batch.plan import SCALE, Plan, Window, make_plan
+from sr_batch.plan import SCALE, Plan, Window
 from sr_batch.progress import tile_progress
 from sr_batch.search import search
 from sr_batch.sink import (
@@ -116,12 +116,21 @@ def checked_model(spec: JobSpec) -> LoadedModel:
 
 
 def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, echo: Echo = print) -> Plan:
-    """The dry run: search, cloud scores and windows, without super-resolving anything."""
+    """The dry run: search, cloud scores and windows, without super-resolving anything; on an existing
+    output, what a run would add. The search runs before any cluster starts, so a bad one fails fast."""
     loaded = checked_model(spec)
+    target = check_location(spec.output.uri)
+    manifest = existing_manifest(target, loaded, output_settings(spec))
+    found = search(spec)
     with dask_client(scheduler, workers, echo):
-        plan = make_plan(spec, receptive_radius(loaded.info.architecture, spec.model.frames))
-    echo(plan.summary())
-    return plan
+        increment = plan_increment(spec, found, manifest, receptive_radius(loaded.info.architecture, spec.model.frames))
+    echo(increment.plan.summary())
+    _warn_late(increment, echo)
+    if manifest is not None:
+        new = set(increment.new_days)
+        added = [day for day in increment.plan.output_days if day in new]
+        echo(f"Existing output {target}: a run would add {len(added)} dates and compute {_count(increment.pending(manifest))} tile-dates.")
+    return increment.plan
 
 
 def run_job(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,12 @@ def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, cata
     with xr.open_zarr(out, consolidated=False) as ds:
         assert ds.sizes["time"] >= 1
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no staging store left behind"
+
+    # On an existing output, plan says what a run would add; after a complete run, nothing.
+    again = subprocess.run([SR_BATCH, "plan", str(job), "--scheduler", scheduler], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "a run would add 0 dates and compute 0 tile-dates" in again.stdout
+    longer = subprocess.run([SR_BATCH, "plan", str(job), "--scheduler", scheduler, "--set", "time.end=2019-08-31"], capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr
+    added = re.search(r"a run would add (\d+) dates and compute (\d+) tile-dates", longer.stdout)
+    assert added and int(added[1]) > 0 and int(added[2]) >= int(added[1])
