@@ -29,11 +29,11 @@ import dask
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
-from distributed import Client, as_completed
+from distributed import Client, KilledWorker, as_completed
 
 from sr_batch import kill_points
 from sr_batch.cluster import dask_client, gpu_workers
-from sr_batch.errors import OutputError, SpecError
+from sr_batch.errors import OutputError, SpecError, SrBatchError
 from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
 from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings
@@ -56,7 +56,7 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec
 from sr_batch.superres import ModelRef, load_model, pick_device
-from sr_batch.tiles import superresolve_plan
+from sr_batch.tiles import superresolve_plan, task_memory_bytes
 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
@@ -166,20 +166,28 @@ def run_job(
             increment = plan_increment(spec, found, manifest, radius)
             echo(increment.plan.summary())
             _warn_late(increment, echo)
+            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+            if on_gpus:
+                echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
+            echo(check_task_memory(client, increment.plan, on_gpus))  # before anything is written
             manifest, added = commit_dates(store, increment, manifest, loaded, settings, lock)
             pending = increment.pending(manifest)
             check_frames_available(increment.plan, pending)
             if not increment.plan.output_days:
                 echo("No cloudless date in any tile for this period: the output's time axis stays empty.")
-            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
-            if on_gpus:
-                echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
             with (
                 performance_report_to(performance_report),
                 tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
                 keep_annotations(bool(on_gpus)),
             ):
-                written = write_pending(client, store, increment.plan, pending, manifest, lock, model_ref(spec), bool(on_gpus), echo)
+                try:
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, model_ref(spec), bool(on_gpus), echo)
+                except KilledWorker as died:
+                    memory = task_memory_note(increment.plan, bool(on_gpus))
+                    raise SrBatchError(
+                        f"tiling.tile: Dask workers died running {died.task} (out of memory is the usual cause; {memory}); "
+                        "lower tiling.tile or model.batch_size, or give workers more memory, and run again: written windows are kept"
+                    ) from None
             if performance_report:
                 echo(f"Dask performance report: {performance_report}")
         if store != target:
@@ -198,6 +206,29 @@ def run_job(
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
+
+
+MEMORY_SHARE = 0.6
+"""Share of a worker's memory limit one super-resolution task may be estimated to need: Dask pauses a
+worker at 80 % and the worker also holds its neighbours' blocks and the write's encoded chunks."""
+
+
+def check_task_memory(client: Client, plan: Plan, on_gpus: list[str]) -> str:
+    """Refuse, before anything is written, a tiling whose tasks cannot fit the workers that run them."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    limits = [info.get("memory_limit") or 0 for address, info in workers.items() if not on_gpus or address in on_gpus]
+    needed = task_memory_bytes(plan, on_gpu=bool(on_gpus))
+    limit = min((value for value in limits if value), default=0)
+    if limit and needed > MEMORY_SHARE * limit:
+        raise SpecError(
+            f"tiling.tile: a super-resolution task needs about {needed / 1e9:.1f} GB but the workers have {limit / 1e9:.1f} GB each; "
+            "lower tiling.tile or model.batch_size, or give the workers more memory"
+        )
+    return task_memory_note(plan, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB each" if limit else "")
+
+
+def task_memory_note(plan: Plan, on_gpu: bool = False) -> str:
+    return f"Memory: about {task_memory_bytes(plan, on_gpu) / 1e9:.2f} GB per super-resolution task"
 
 
 def existing_manifest(target: Path, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:

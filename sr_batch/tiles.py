@@ -28,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph
 from sr_batch.clouds import usable_reflectance
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
-from sr_batch.superres import ModelRef, load_runner, superresolve_windows
+from sr_batch.superres import CPU_PASS_BYTES, ModelRef, load_runner, superresolve_windows
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -70,6 +70,25 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     return da.Array(layers, name, chunks, dtype=np.float32)
+
+
+def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
+    """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
+    halo: the tile's block of every day read, its reflectance, a batch of windows twice (stacked,
+    prepared), the network's activations (on CPU; capped per pass) and the full-size and cropped
+    outputs of the task's dates."""
+    spec = plan.spec
+    halo = spec.tiling.halo
+    core_y = max(bottom - top for top, bottom in plan.rows)
+    core_x = max(right - left for left, right in plan.cols)
+    height, width = core_y + 2 * halo, core_x + 2 * halo
+    days, dates, frames, bands = len(plan.frame_days), spec.model.batch_size, spec.model.frames, len(BANDS)
+    block = days * (bands + 1) * height * width * 2
+    reflectance = days * bands * height * width * 4
+    windows = 2 * dates * frames * bands * height * width * 4
+    activations = 0 if on_gpu else min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
+    outputs = dates * bands * SCALE**2 * (height * width + core_y * core_x) * 4
+    return block + reflectance + windows + int(activations) + outputs
 
 
 def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tuple[int, int, int, int]:

@@ -1,0 +1,57 @@
+"""Out of memory on a worker: a tiling whose tasks cannot fit is refused before anything is written, and
+a worker that dies anyway is reported in one line naming what to change, with written windows kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import yaml
+from distributed import LocalCluster
+
+from conftest import make_job
+
+SR_BATCH = str(Path(sys.executable).parent / "sr-batch")
+
+
+def _job(tmp_path: Path, stac_url: str, catalog, **sections) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(make_job(stac_url, tmp_path / "out.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, **sections)))
+    return job
+
+
+def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path, stac_url: str, catalog) -> None:
+    job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address="127.0.0.1:0") as cluster:
+        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "GB" in lines[0] and "lower tiling.tile" in lines[0], run.stderr
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_worker_that_dies_is_reported_in_one_line(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A worker is SIGKILLed in its first write (the resume tests' hook), and the scheduler allows no
+    retry: the run stops with one line; the store's finished windows stay recorded."""
+    job = _job(tmp_path, stac_url, catalog)
+    env = {"SR_BATCH_TEST_KILL": "written", "SR_BATCH_TEST_KILL_MARKER": str(tmp_path / "killed"), "SR_BATCH_TORCH_THREADS": "1"}
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(n_workers=1, threads_per_worker=1, env=env, dashboard_address="127.0.0.1:0") as cluster,
+    ):
+        run = subprocess.run(
+            [SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address, "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if not k.startswith("SR_BATCH_TEST")},
+        )
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = [line for line in run.stderr.strip().splitlines() if not line.startswith(("20", " "))]  # Dask's own log lines aside
+    assert lines == [lines[0]] and "workers died" in lines[0] and "lower tiling.tile or model.batch_size" in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    verify = subprocess.run([SR_BATCH, "verify", str(tmp_path / "out.zarr")], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # what was recorded is intact
