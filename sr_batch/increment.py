@@ -58,13 +58,24 @@ def split_days(found: SearchResult, manifest: Manifest | None) -> tuple[list[Sol
     newest = max(known)
     by_date = {day.date: day for day in found.days}
     ids = {dt.date.fromisoformat(day.date): day.items for day in manifest.days}
-    # A known day the search no longer returns keeps its place (its windows are written) with the items
-    # recorded; reading its pixels again needs the API, so a window needing it fails loudly later.
-    kept = [by_date.get(date) or SolarDay(date=date, items=()) for date in known]
+    # A known day is read from exactly the items recorded for it (its cloud scores and windows were made
+    # from them): a granule added since is left out. A known day the search no longer returns whole
+    # keeps its place (its windows are written) without items; a window needing its pixels fails loudly.
+    kept = [_as_recorded(by_date.get(date), date, ids[date]) for date in known]
     new = [day for day in found.days if day.date > newest]
     late = [day for day in found.days if day.date < newest and day.date not in ids]
-    vanished = [date for date in known if date not in by_date]
+    vanished = [day.date for day in kept if not day.items]
     return kept + new, new, late, vanished
+
+
+def _as_recorded(found: SolarDay | None, date: dt.date, recorded: list[str]) -> SolarDay:
+    """The day with the recorded items only; no items when any recorded item is missing tonight."""
+    if found is None:
+        return SolarDay(date=date, items=())
+    items = tuple(item for item in found.items if item["id"] in set(recorded))
+    if {item["id"] for item in items} != set(recorded):
+        return SolarDay(date=date, items=())
+    return SolarDay(date=date, items=items)
 
 
 def plan_increment(spec: JobSpec, found: SearchResult, manifest: Manifest | None, radius: int, score_new: bool = True) -> Increment:

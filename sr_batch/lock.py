@@ -1,7 +1,8 @@
 """One writer per output: a lock file beside the store, held under a lease.
 
-Strategy: the lock is `.NAME.lock` next to the output, created with O_EXCL (atomic on a local or POSIX
-file system), holding who took it and until when (`expires`). While the run lives, a daemon thread
+Strategy: the lock is `.NAME.lock` next to the output, written whole under a private name and
+then hard-linked into place (atomic, and refused when the lock exists, on a local or POSIX file
+system), holding who took it and until when (`expires`). While the run lives, a daemon thread
 renews the lease every quarter lease. A second run finds the file and is refused with one line naming
 the holder. A holder that died stops renewing: once its lease has expired (or at once, when the
 holder ran on this host and its process is gone) the next run breaks the lock. Breaking renames the
@@ -112,14 +113,19 @@ class OutputLock:
         raise OutputError(f"output.uri: could not take the lock {self.path} (other runs keep taking it); try again")
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
+        """Write the whole lock file under a private name, then link it into place: link() fails when the
+        lock exists, and a reader never sees a half-written lock (which it would judge stale)."""
+        private = self.path.with_name(f"{self.path.name}.{self.token[:8]}.new")
+        with open(private, "w") as f:
             f.write(self._content())
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink(missing_ok=True)
         return True
 
     def _break_stale(self, judged: LockHolder) -> None:
