@@ -54,6 +54,8 @@ class Runner:
     autocast_dtype: torch.dtype | None
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     compiled: bool
+    denormalise: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(std, mean) on the device, made at the first batch."""
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
@@ -181,8 +183,7 @@ def _submit(
     autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         result = runner.forward(x, a)[:count]
-        scale_back = torch.as_tensor(std, device=runner.device)[:, None, None]
-        offset = torch.as_tensor(mean, device=runner.device)[:, None, None]
+        scale_back, offset = _denormalisation(runner, std, mean)
         result = result.float() * scale_back + offset
     done = None
     if cuda:
@@ -193,6 +194,17 @@ def _submit(
         result = host
     latest_missing = np.stack([np.isnan(w[-1]).any(axis=0) for w in chunk])
     return _Submitted(result, done, start, latest_missing)
+
+
+def _denormalisation(runner: Runner, std: np.ndarray, mean: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output's scale and offset on the device, copied there once per runner: a copy from pageable
+    memory after the forward pass is queued would wait for it and undo the pipelining."""
+    if runner.denormalise is None:
+        runner.denormalise = (
+            torch.as_tensor(std, device=runner.device)[:, None, None],
+            torch.as_tensor(mean, device=runner.device)[:, None, None],
+        )
+    return runner.denormalise
 
 
 def _collect(batch: _Submitted, out: np.ndarray, scale: int) -> None:
