@@ -108,7 +108,8 @@ def _load_from(url: str, job: dict[str, Any], grid: Grid, dates: list[dt.date]) 
     west, south, east, north = grid.bounds
     lonlat = [float(v) for v in transform_bounds(f"EPSG:{grid.epsg}", "EPSG:4326", west, south, east, north, densify_pts=21)]
     raw = {**job, "stac": {**job["stac"], "url": url}, "aoi": {"bbox": lonlat}, "crs": grid.epsg}
-    raw["time"] = {"start": str(min(dates) - dt.timedelta(days=1)), "end": str(max(dates) + dt.timedelta(days=1))}
+    today = dt.datetime.now(dt.UTC).date()  # the spec refuses an end in the future: a date written today ends today
+    raw["time"] = {"start": str(min(dates) - dt.timedelta(days=1)), "end": str(min(max(dates) + dt.timedelta(days=1), today))}
     spec = parse_spec(raw, source="the store's job spec")
     wanted = set(dates)
     days = [day for day in search(spec).days if day.date in wanted]
