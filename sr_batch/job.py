@@ -216,15 +216,20 @@ worker at 80 % and the worker also holds its neighbours' blocks and the write's 
 def check_task_memory(client: Client, plan: Plan, on_gpus: list[str]) -> str:
     """Refuse, before anything is written, a tiling whose tasks cannot fit the workers that run them."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    limits = [info.get("memory_limit") or 0 for address, info in workers.items() if not on_gpus or address in on_gpus]
+    # A GPU worker runs one super-resolution task at a time (its GPU resource); a CPU worker one per thread.
+    per_task = [
+        (info.get("memory_limit") or 0) / (1 if on_gpus else max(1, int(info.get("nthreads", 1))))
+        for address, info in workers.items()
+        if not on_gpus or address in on_gpus
+    ]
     needed = task_memory_bytes(plan, on_gpu=bool(on_gpus))
-    limit = min((value for value in limits if value), default=0)
+    limit = min((value for value in per_task if value), default=0)
     if limit and needed > MEMORY_SHARE * limit:
         raise SpecError(
-            f"tiling.tile: a super-resolution task needs about {needed / 1e9:.1f} GB but the workers have {limit / 1e9:.1f} GB each; "
-            "lower tiling.tile or model.batch_size, or give the workers more memory"
+            f"tiling.tile: a super-resolution task needs about {needed / 1e9:.1f} GB but the workers have {limit / 1e9:.1f} GB per running task; "
+            "lower tiling.tile or model.batch_size, or give the workers more memory (or fewer threads)"
         )
-    return task_memory_note(plan, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB each" if limit else "")
+    return task_memory_note(plan, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB per running task" if limit else "")
 
 
 def task_memory_note(plan: Plan, on_gpu: bool = False) -> str:
