@@ -45,10 +45,6 @@ class Increment:
             for tile, windows in self.plan.windows.items()
         }
 
-    @property
-    def has_unseen_days(self) -> bool:
-        return bool(self.new_days)
-
 
 def split_days(found: SearchResult, manifest: Manifest | None) -> tuple[list[SolarDay], list[SolarDay], list[SolarDay], list[dt.date]]:
     """(days in the plan, of which new, late days skipped, known days not found)."""

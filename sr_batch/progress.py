@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,13 +23,12 @@ Echo = Callable[[str], None]
 
 
 class TileProgress:
-    """Counts finished tile-dates from task events; `where` tells which workers and devices ran them."""
+    """Counts finished tile-dates from task events."""
 
     def __init__(self, output: str, total_tile_dates: int, echo: Echo, bar: Any | None) -> None:
         self.output = output
         self.total = total_tile_dates
         self.done = 0
-        self.where: Counter[tuple[str, str]] = Counter()
         self._echo = echo
         self._bar = bar
         self._task = bar.add_task("super-resolving tile-dates", total=total_tile_dates) if bar else None
@@ -44,7 +42,6 @@ class TileProgress:
             return  # another job on the same cluster
         with self._lock:
             self.done += int(message["dates"])
-            self.where[(message["worker"], message["device"])] += 1
             if self._bar is not None:
                 self._bar.update(self._task, completed=self.done)
                 return
