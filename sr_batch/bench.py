@@ -138,13 +138,20 @@ def end_to_end(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers
         }
         spec = parse_spec(job)
         with dask_client(workers=workers, echo=lambda _: None) as client, PeakWorkerMemory(client) as memory:
-            started = time.perf_counter()
+            started, wall_started = time.perf_counter(), time.time()
             result = run_job(spec, scheduler=client.scheduler.address, show_progress=False, echo=lambda _: None)
-            seconds = time.perf_counter() - started
-            devices = sorted({event["device"] for _, event in client.get_events("sr-batch-tile")})
+            seconds, wall_ended = time.perf_counter() - started, time.time()
+            events = client.get_events("sr-batch-tile")
+            devices = sorted({event["device"] for _, event in events})
     plan = result.plan
     lr_pixels = sum(len(ws) * (plan.rows[r][1] - plan.rows[r][0]) * (plan.cols[c][1] - plan.cols[c][0]) for (r, c), ws in plan.windows.items())
     mpx = lr_pixels / 1e6 / seconds
+    # The super-resolution phase, from the tile tasks' own events: the first task's start to the last
+    # task's end. Its rate is what a long job streams at; the rest of `seconds` is the job's fixed cost
+    # (cluster, search, cloud scores, layout) and the last writes.
+    first = min(stamp - event["seconds"] for stamp, event in events)
+    last = max(stamp for stamp, _ in events)
+    phase = max(last - first, 1e-9)
     return {
         "pixels": plan.grid.width * plan.grid.height,
         "tile_dates": plan.tile_dates,
@@ -153,6 +160,11 @@ def end_to_end(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers
         "km2_date_per_s": mpx * KM2_PER_MPX,
         "peak_worker_memory_mb": memory.peak / 1e6,
         "devices": devices,
+        "sr_phase_seconds": phase,
+        "sr_phase_lr_mpx_per_s": lr_pixels / 1e6 / phase,
+        "sr_task_seconds": sum(event["seconds"] for _, event in events),
+        "before_sr_seconds": first - wall_started,
+        "after_sr_seconds": wall_ended - last,
     }
 
 
@@ -227,16 +239,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
                 f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB  ({row['seconds']:.1f} s on {', '.join(row['devices'])})"
             )
+            print(
+                f"            super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s "
+                f"(tasks busy {row['sr_task_seconds']:.1f} s); {row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it"
+            )
             _write(report, args.out)
     report["best_model_only"] = best["variant"]
     report["ratio_end_to_end_over_model_only"] = report["end_to_end_1x"]["lr_mpx_per_s"] / best["lr_mpx_per_s"]
     report["ratio_end_to_end_4x_over_model_only"] = report["end_to_end_4x"]["lr_mpx_per_s"] / best["lr_mpx_per_s"]
+    report["ratio_sr_phase_4x_over_model_only"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / best["lr_mpx_per_s"]
     report["ratio_memory_4x_over_1x"] = report["end_to_end_4x"]["peak_worker_memory_mb"] / report["end_to_end_1x"]["peak_worker_memory_mb"]
     target = "0.8 on CUDA" if device.type == "cuda" else "0.85 on CPU"
     print(
         f"end to end ÷ best model only ({best['variant']}): 1x {report['ratio_end_to_end_over_model_only']:.2f}, "
         f"4x {report['ratio_end_to_end_4x_over_model_only']:.2f}   (target ≥ {target})"
     )
+    print(f"super-resolution phase of the 4x job ÷ best model only: {report['ratio_sr_phase_4x_over_model_only']:.2f}")
     print(f"peak worker memory 4x ÷ 1x area: {report['ratio_memory_4x_over_1x']:.2f}   (target ≤ 1.2)")
     _write(report, args.out)
     print(f"written: {args.out}")

@@ -7,8 +7,13 @@ and saturation are exact and are not grown.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 NO_DATA, SATURATED, SHADOW, CLOUD_MEDIUM, CLOUD_HIGH, CIRRUS = 0, 1, 3, 8, 9, 10
 EXACT_CLASSES = (NO_DATA, SATURATED)
@@ -47,6 +52,26 @@ def usable_reflectance(block: np.ndarray, dilate_pixels: int) -> np.ndarray:
     missing = ((bands <= 0) | (bands >= SATURATED_DN)).any(axis=1) | unusable_mask(block[:, 4], dilate_pixels)
     values[np.broadcast_to(missing[:, None], values.shape)] = np.nan
     return values
+
+
+def usable_reflectance_tensor(block: torch.Tensor, dilate_pixels: int) -> torch.Tensor:
+    """`usable_reflectance` on a torch device, value for value: the inference path runs it where the
+    network runs, so a GPU worker's CPU is not the bottleneck. `block` holds uint16 DN viewed as int16
+    (torch's uint16 is not usable on every device), shape (days, 4 bands + SCL, y, x)."""
+    import torch
+
+    dn = block.to(torch.int32) & 0xFFFF
+    bands, scl = dn[:, :4], dn[:, 4]
+    values = bands.to(torch.float32) / 10000.0
+    grown = torch.isin(scl, torch.tensor(GROWN_CLASSES, device=block.device))
+    if dilate_pixels > 0:
+        # Binary dilation by the disk = "any grown pixel under the disk": a convolution of 0/1 values,
+        # exact in float32 (and in TF32); zero padding is scipy's border_value=0.
+        disk = torch.from_numpy(_disk(dilate_pixels).astype(np.float32)).to(block.device)[None, None]
+        grown = torch.nn.functional.conv2d(grown[:, None].to(torch.float32), disk, padding=dilate_pixels)[:, 0] > 0.5
+    exact = torch.isin(scl, torch.tensor(EXACT_CLASSES, device=block.device))
+    missing = ((bands <= 0) | (bands >= SATURATED_DN)).any(dim=1) | grown | exact
+    return values.masked_fill_(missing[:, None], float("nan"))
 
 
 def _disk(radius: int) -> np.ndarray:

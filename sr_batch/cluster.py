@@ -1,9 +1,10 @@
 """Where the work runs: a LocalCluster of worker processes by default, or an existing Dask cluster.
 
 A LocalCluster on a machine with CUDA GPUs gets one extra worker process per GPU, pinned to it with
-CUDA_VISIBLE_DEVICES and advertising the Dask resource `GPU`; the job then sends super-resolution only
-to those workers, and the other workers read and write. On an existing cluster the same holds for any
-worker started with `--resources GPU=1`.
+CUDA_VISIBLE_DEVICES and advertising the Dask resource `GPU` (two super-resolution slots); the job then
+sends super-resolution only to those workers. The other workers read; writes follow the output to the
+GPU workers, which get half the cores for them. On an existing cluster the same holds for any worker
+started with `--resources GPU=N` (N tasks at once on its GPU).
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from distributed import Client, LocalCluster
 from sr_batch.errors import SrBatchError
 from sr_batch.tiles import GPU_RESOURCE
 
-GPU_WORKER_THREADS = 2
-"""Threads of a GPU worker: one super-resolution task at a time (resource GPU=1), the other thread reads
-or writes beside it."""
+GPU_SLOTS = 2
+"""Super-resolution tasks a LocalCluster's GPU worker runs at once (its resource GPU=2; each task takes 1):
+one task's host work (the tile's upload, the result's copy back) overlaps the other's kernels."""
+MIN_GPU_WORKER_THREADS = 4
+
+
+def gpu_worker_threads(cores: int, gpus: int) -> int:
+    """Threads of a LocalCluster's GPU worker: its super-resolution slots, and the rest write. The writes
+    land there because that is where their 2.5 m input is (Dask moves work to its data), and compressing
+    the output costs several times the network's time on a fast GPU, so half the cores go to them."""
+    return max(MIN_GPU_WORKER_THREADS, cores // (2 * gpus))
 
 
 @contextlib.contextmanager
@@ -45,7 +54,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
         return
     cores = os.cpu_count() or 1
     gpus = visible_gpus()
-    cpu_cores = max(1, cores - GPU_WORKER_THREADS * gpus)
+    gpu_threads = gpu_worker_threads(cores, gpus) if gpus else 0
+    cpu_cores = max(1, cores - gpu_threads * gpus)
     workers = workers or min(cpu_cores, 4)
     threads = max(1, cpu_cores // workers)
     # Without a GPU each worker process runs one task at a time and gives PyTorch its share of the cores.
@@ -53,7 +63,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     env = {"SR_BATCH_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     per_worker = threads if gpus else 1
     with LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
-        _add_gpu_workers(cluster, gpus)
+        _add_gpu_workers(cluster, gpus, gpu_threads)
         with Client(cluster) as client:
             client.wait_for_workers(workers + gpus, timeout=120)
             gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
@@ -68,14 +78,14 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _add_gpu_workers(cluster: LocalCluster, gpus: int) -> None:
+def _add_gpu_workers(cluster: LocalCluster, gpus: int, threads: int) -> None:
     """One worker process per GPU, alone on its device, marked with the GPU resource."""
     if not gpus:
         return
     template = cluster.new_spec
     for index in range(gpus):
-        env = {**template["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": str(index), "SR_BATCH_TORCH_THREADS": str(GPU_WORKER_THREADS)}
-        options = {**template["options"], "nthreads": GPU_WORKER_THREADS, "resources": {GPU_RESOURCE: 1}, "env": env}
+        env = {**template["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": str(index), "SR_BATCH_TORCH_THREADS": str(GPU_SLOTS)}
+        options = {**template["options"], "nthreads": threads, "resources": {GPU_RESOURCE: GPU_SLOTS}, "env": env}
         cluster.worker_spec[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
     cluster.scale(len(cluster.worker_spec))  # starts the workers just added to the spec
 

@@ -56,7 +56,7 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec
 from sr_batch.superres import ModelRef, load_model, pick_device
-from sr_batch.tiles import superresolve_plan, task_memory_bytes
+from sr_batch.tiles import GPU_RESOURCE, superresolve_plan, task_memory_bytes
 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
@@ -216,9 +216,9 @@ worker at 80 % and the worker also holds its neighbours' blocks and the write's 
 def check_task_memory(client: Client, plan: Plan, on_gpus: list[str]) -> str:
     """Refuse, before anything is written, a tiling whose tasks cannot fit the workers that run them."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    # A GPU worker runs one super-resolution task at a time (its GPU resource); a CPU worker one per thread.
+    # A GPU worker runs as many super-resolution tasks at once as its GPU resource says; a CPU worker one per thread.
     per_task = [
-        (info.get("memory_limit") or 0) / (1 if on_gpus else max(1, int(info.get("nthreads", 1))))
+        (info.get("memory_limit") or 0) / max(1, int(info.get("resources", {}).get(GPU_RESOURCE, 1) if on_gpus else info.get("nthreads", 1)))
         for address, info in workers.items()
         if not on_gpus or address in on_gpus
     ]

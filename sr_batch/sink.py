@@ -33,6 +33,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import rioxarray  # noqa: F401 - registers the .rio accessor
+import torch
 import xarray as xr
 import zarr
 
@@ -195,17 +196,20 @@ def append_dates(store: Path, plan: Plan, days: list[int], model: LoadedModel) -
     ds.drop_vars(timeless).to_zarr(store, mode="a", append_dim="time", zarr_format=3, consolidated=False, compute=False)
 
 
-def encode_reflectance(image: np.ndarray) -> np.ndarray:
-    """(band, y, x) float reflectance, NaN = none → the stored uint16 (xarray's own CF encoding)."""
-    clipped = np.clip(image, 1e-4, MAX_REFLECTANCE)
-    variable = xr.Variable(("band", "y", "x"), clipped, encoding=dict(SR_ENCODING))
-    return np.asarray(xr.conventions.encode_cf_variable(variable).values, dtype=np.uint16)
+def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:
+    """(..., y, x) float reflectance, NaN = none → the stored integers, on the device the image is on:
+    exactly xarray's CF encoding (clip, divide by the scale factor in float32, NaN to the fill value,
+    round half to even; tests/test_sink_encoding.py). The result is int16 holding the
+    uint16 bit pattern (torch's uint16 is not usable on every device): view it as uint16 on the host."""
+    scaled = torch.clamp(image.float(), 1e-4, MAX_REFLECTANCE) / torch.tensor(SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)
+    return torch.round(torch.nan_to_num(scaled, nan=0.0)).to(torch.int32).to(torch.int16)
 
 
 def write_tile_dates(
     block: np.ndarray, store: str, slots: list[tuple[int, int]], ys: tuple[int, int], xs: tuple[int, int]
 ) -> list[tuple[int, list[tuple[int, int]]]]:
     """A task: write the tile's rows `slots` of `block` ((slot in block, index on the time axis)), chunk-aligned.
+    `block` holds the stored values already (uint16, encoded where the network ran).
 
     Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: zarr does not
     store those, so the manifest lists them as absent by design."""
@@ -213,7 +217,7 @@ def write_tile_dates(
     chunk_y, chunk_x = array.chunks[2], array.chunks[3]
     written = []
     for slot, index in slots:
-        encoded = encode_reflectance(block[slot])
+        encoded = block[slot]
         array[index, :, ys[0] : ys[1], xs[0] : xs[1]] = encoded
         empty = [
             (iy, ix)

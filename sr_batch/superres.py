@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -56,6 +56,9 @@ class Runner:
     compiled: bool
     denormalise: tuple[torch.Tensor, torch.Tensor] | None = None
     """(std, mean) on the device, made at the first batch."""
+    forward_lock: threading.Lock = field(default_factory=threading.Lock)
+    """A compiled forward pass is entered by one thread at a time (a GPU worker runs two tasks at once;
+    torch.compile is not thread-safe while it compiles). Eager passes need no lock."""
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
@@ -126,34 +129,64 @@ def _limit_cpu_threads() -> None:
 
 
 def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
-    """Each window (t ≤ frames, 4, H, W) float reflectance, NaN = no data → (n, 4, sH, sW) float32.
+    """Each window (t ≤ frames, 4, H, W) float reflectance, oldest first, NaN = no data → (n, 4, sH, sW) float32."""
+    if not windows:
+        raise ValueError("no windows to super-resolve")
+    frames = runner.loaded.info.frames
+    kept = [np.asarray(w, np.float32)[-frames:] for w in windows]
+    ends = np.cumsum([len(w) for w in kept])
+    stack = to_device(torch.from_numpy(np.concatenate(kept)), runner.device)
+    return superresolve_frames(runner, stack, [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)], batch_size)
 
-    Windows go through the network `batch_size` at a time. On a GPU the batches are pipelined: a batch is
-    copied from pinned memory and run asynchronously, and the next batch is prepared on the CPU while the
-    GPU works; its result comes back through pinned memory once the one after it has been submitted.
+
+def superresolve_frames(
+    runner: Runner,
+    frames: torch.Tensor,
+    windows: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0),
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """The windows of a stack of frames, super-resolved where the network runs.
+
+    `frames` is (days, 4, H, W) float32 reflectance, NaN = no data, already on the runner's device;
+    each window lists the positions of its frames, oldest first. Everything from gathering a window to
+    the finished output happens on that device: normalisation, gap filling, the network, the NaN of
+    pixels the latest frame did not see, the crop of the halo `crop` (top, bottom, left, right, at 10 m)
+    and, with `encode`, the conversion to the stored integers. Only the result crosses back to the host.
+
+    Windows go through the network `batch_size` at a time. On a GPU a batch's result is copied back
+    through pinned memory asynchronously and collected once the next batch has been queued, so the
+    GPU is not left waiting for the host.
     """
     if not windows:
         raise ValueError("no windows to super-resolve")
     info = runner.loaded.info
     scale = info.architecture.scale
-    height, width = windows[0].shape[-2:]
+    height, width = frames.shape[-2:]
+    top, bottom, left, right = crop
     batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width))
-    out = np.empty((len(windows), 4, height * scale, width * scale), np.float32)
-    mean = np.asarray(info.mean, np.float32)
-    std = np.asarray(info.std, np.float32)
+    out_dtype = np.float32 if encode is None else np.int16
+    out = np.empty((len(windows), 4, scale * (height - top - bottom), scale * (width - left - right)), out_dtype)
+    std, mean = _statistics(runner)
     in_flight: _Submitted | None = None
-    for start in range(0, len(windows), batch_size):
-        # Windows are taken a batch at a time (a lazy sequence builds them only now), never more
-        # frames than the model was built for.
-        chunk = [windows[k][-info.frames :] for k in range(start, min(start + batch_size, len(windows)))]
-        frames, alphas = prepare_windows(chunk, info.frames, mean, std)
-        submitted = _submit(runner, frames, alphas, batch_size, mean, std, start, chunk)
-        if in_flight is not None:
-            _collect(in_flight, out, scale)
-        in_flight = submitted
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            chunk = [tuple(windows[k])[-info.frames :] for k in range(start, min(start + batch_size, len(windows)))]
+            submitted = _submit(runner, frames, chunk, batch_size, std, mean, scale, crop, encode, start)
+            if in_flight is not None:
+                _collect(in_flight, out)
+            in_flight = submitted
     if in_flight is not None:
-        _collect(in_flight, out, scale)
-    return out
+        _collect(in_flight, out)
+    return out if encode is None else out.view(np.uint16)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device, through pinned memory on CUDA so the copy does not stall the queue."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 @dataclass
@@ -163,57 +196,66 @@ class _Submitted:
     result: torch.Tensor
     done: torch.cuda.Event | None
     start: int
-    latest_missing: np.ndarray
 
 
 def _submit(
-    runner: Runner, frames: np.ndarray, alphas: np.ndarray, batch_size: int, mean: np.ndarray, std: np.ndarray, start: int, chunk: list[np.ndarray]
+    runner: Runner,
+    frames: torch.Tensor,
+    chunk: list[tuple[int, ...]],
+    batch_size: int,
+    std: torch.Tensor,
+    mean: torch.Tensor,
+    scale: int,
+    crop: tuple[int, int, int, int],
+    encode: Callable[[torch.Tensor], torch.Tensor] | None,
+    start: int,
 ) -> _Submitted:
-    """Start one forward pass; on CUDA it returns before the GPU has finished."""
-    count = len(frames)
+    """Queue one batch, from gathering its frames to its finished output; on CUDA it returns before the GPU has finished."""
+    count = len(chunk)
+    x, alphas = gather_windows(frames, chunk, runner.loaded.info.frames)
+    normalise_and_fill(x, alphas, mean, std)
     if runner.compiled and count < batch_size:
         # A compiled graph is specialised to its batch: pad the last one with copies instead of recompiling.
-        frames = np.concatenate([frames, np.repeat(frames[-1:], batch_size - count, axis=0)])
-        alphas = np.concatenate([alphas, np.repeat(alphas[-1:], batch_size - count, axis=0)])
-    cuda = runner.device.type == "cuda"
-    x, a = torch.from_numpy(frames), torch.from_numpy(alphas)
-    if cuda:
-        x, a = x.pin_memory(), a.pin_memory()
-    x, a = x.to(runner.device, non_blocking=True), a.to(runner.device, non_blocking=True)
+        x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
+        alphas = torch.cat([alphas, alphas[-1:].expand(batch_size - count, -1)])
     autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        result = runner.forward(x, a)[:count]
-        scale_back, offset = _denormalisation(runner, std, mean)
-        result = result.float() * scale_back + offset
-    done = None
-    if cuda:
-        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(result, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        result = host
-    latest_missing = np.stack([np.isnan(w[-1]).any(axis=0) for w in chunk])
-    return _Submitted(result, done, start, latest_missing)
+    with autocast, runner.forward_lock if runner.compiled else contextlib.nullcontext():
+        result = runner.forward(x, alphas)[:count]
+    result = result.float() * std + mean
+    # The latest frame of each window: where it saw nothing, the output is NaN.
+    latest = torch.stack([frames[w[-1]] for w in chunk])
+    unseen = torch.isnan(latest).any(dim=1, keepdim=True)
+    result = result.masked_fill_(unseen.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3), float("nan"))
+    top, bottom, left, right = crop
+    result = result[:, :, scale * top : result.shape[2] - scale * bottom, scale * left : result.shape[3] - scale * right]
+    if encode is not None:
+        result = encode(result)
+    if runner.device.type != "cuda":
+        return _Submitted(result, None, start)
+    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+    host.copy_(result, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return _Submitted(host, done, start)
 
 
-def _denormalisation(runner: Runner, std: np.ndarray, mean: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output's scale and offset on the device, copied there once per runner: a copy from pageable
-    memory after the forward pass is queued would wait for it and undo the pipelining."""
-    if runner.denormalise is None:
-        runner.denormalise = (
-            torch.as_tensor(std, device=runner.device)[:, None, None],
-            torch.as_tensor(mean, device=runner.device)[:, None, None],
-        )
-    return runner.denormalise
-
-
-def _collect(batch: _Submitted, out: np.ndarray, scale: int) -> None:
-    """Wait for a submitted batch and write it into `out`, NaN where the latest frame saw nothing."""
+def _collect(batch: _Submitted, out: np.ndarray) -> None:
+    """Wait for a submitted batch and write it into `out`."""
     if batch.done is not None:
         batch.done.synchronize()
-    result = batch.result.numpy()
-    missing = batch.latest_missing.repeat(scale, axis=1).repeat(scale, axis=2)
-    out[batch.start : batch.start + len(result)] = np.where(missing[:, None], np.nan, result)
+    out[batch.start : batch.start + len(batch.result)] = batch.result.numpy()
+
+
+def _statistics(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's (std, mean) per band on the device, copied there once per runner: a copy from
+    pageable memory queued after a forward pass would wait for it and undo the pipelining."""
+    if runner.denormalise is None:
+        info = runner.loaded.info
+        runner.denormalise = (
+            torch.as_tensor(np.asarray(info.std, np.float32), device=runner.device)[:, None, None],
+            torch.as_tensor(np.asarray(info.mean, np.float32), device=runner.device)[:, None, None],
+        )
+    return runner.denormalise
 
 
 CPU_PASS_BYTES = 1.5e9
@@ -229,40 +271,58 @@ def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: in
     return max(1, int(budget // per_window))
 
 
-def prepare_windows(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise, fill gaps with the per-pixel median of the valid frames, pad to `frames` with alpha 0."""
-    height, width = windows[0].shape[-2:]
-    batch = np.zeros((len(windows), frames, 4, height, width), np.float32)
-    alphas = np.zeros((len(windows), frames), np.float32)
+# --- preparing windows: the one definition, shared by inference, training and the benchmark ------------
+
+
+def gather_windows(frames: torch.Tensor, windows: list[tuple[int, ...]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(days, 4, H, W) frames + the positions of each window's frames → (n, size, 4, H, W) windows whose
+    frames come first, NaN after them, and their alphas (1 for a frame, 0 for padding)."""
+    n, (height, width) = len(windows), frames.shape[-2:]
+    x = torch.full((n, size, 4, height, width), float("nan"), dtype=torch.float32, device=frames.device)
+    alphas = torch.zeros((n, size), dtype=torch.float32, device=frames.device)
     for i, window in enumerate(windows):
-        normalised = batch[i, : len(window)]  # a view: normalised and filled in place
-        np.subtract(window, mean[:, None, None], out=normalised)
-        np.divide(normalised, std[:, None, None], out=normalised)
-        _fill_gaps_with_median(normalised)
+        x[i, : len(window)] = frames[list(window)]
         alphas[i, : len(window)] = 1.0
-    return batch, alphas
+    return x, alphas
 
 
-def _fill_gaps_with_median(frames: np.ndarray) -> None:
-    """In place: NaN → the per-pixel median of the pixel's valid frames (0, the mean, where none is valid).
-    The median is taken only over pixels that have a gap: nanmedian is slow, and most pixels have none."""
-    gaps = np.isnan(frames)
-    holes = gaps.any(axis=0)
-    if not holes.any():
-        return
-    columns = frames[:, holes]
-    frames[:, holes] = np.where(np.isnan(columns), nanmedian_first_axis(columns)[None], columns)
+def normalise_and_fill(x: torch.Tensor, alphas: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """In place: normalise with the checkpoint's statistics, fill each gap with the per-pixel median of
+    the window's valid frames (0, the mean, where none is valid) and zero the padding frames."""
+    x.sub_(mean).div_(std)
+    frames_first = x.transpose(0, 1)  # a view: (frames, windows, band, y, x)
+    if x.device.type == "cuda":
+        # On a GPU the median of every pixel costs less than finding the pixels that have a gap (a sync).
+        frames_first.copy_(torch.where(torch.isnan(frames_first), nanmedian_frames(frames_first), frames_first))
+    else:
+        # On a CPU only pixels with a gap are sorted: most pixels have none.
+        holes = torch.isnan(frames_first).any(dim=0)
+        if holes.any():
+            columns = frames_first[:, holes]
+            frames_first[:, holes] = torch.where(torch.isnan(columns), nanmedian_frames(columns), columns)
+    x.masked_fill_(alphas[:, :, None, None, None] == 0, 0.0)
 
 
-def nanmedian_first_axis(columns: np.ndarray) -> np.ndarray:
-    """np.nanmedian(columns, axis=0) with 0 where a column has no valid value, by one sort: NumPy's own
-    nanmedian takes a slow masked-array path for short axes like a window's 8 frames (10x slower)."""
-    ordered = np.sort(columns, axis=0)  # NaN sorts last
-    valid = np.count_nonzero(~np.isnan(columns), axis=0)
+def nanmedian_frames(columns: torch.Tensor) -> torch.Tensor:
+    """np.nanmedian(columns, axis=0) (the mean of the two middle values for an even count), 0 where a
+    column has no valid value, by one sort (NaN sorts last). torch.nanmedian takes the lower middle value."""
+    ordered = torch.sort(columns, dim=0).values
+    valid = (~torch.isnan(columns)).sum(dim=0)
     last = columns.shape[0] - 1
-    low = np.take_along_axis(ordered, np.clip((valid - 1) // 2, 0, last)[None], axis=0)[0]
-    high = np.take_along_axis(ordered, np.clip(valid // 2, 0, last)[None], axis=0)[0]
-    return np.where(valid > 0, (low + high) / 2, 0).astype(columns.dtype)
+    low = torch.gather(ordered, 0, ((valid - 1) // 2).clamp(0, last)[None])[0]
+    high = torch.gather(ordered, 0, (valid // 2).clamp(0, last)[None])[0]
+    return torch.where(valid > 0, (low + high) / 2, torch.zeros_like(low))
+
+
+def prepare_windows(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy windows (t ≤ frames, 4, H, W), NaN = no data → the network's input (n, frames, 4, H, W) and
+    alphas (n, frames), prepared exactly as at inference (for training and the benchmark)."""
+    stack = torch.from_numpy(np.concatenate([np.asarray(w, np.float32)[-frames:] for w in windows]))
+    ends = np.cumsum([min(len(w), frames) for w in windows])
+    positions = [tuple(range(end - min(len(w), frames), end)) for w, end in zip(windows, ends)]
+    x, alphas = gather_windows(stack, positions, frames)
+    normalise_and_fill(x, alphas, torch.from_numpy(np.asarray(mean, np.float32))[:, None, None], torch.from_numpy(np.asarray(std, np.float32))[:, None, None])
+    return x.numpy(), alphas.numpy()
 
 
 def superresolve(frames: np.ndarray, checkpoint: str = "default", device: str = "auto") -> np.ndarray:

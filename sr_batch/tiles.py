@@ -4,31 +4,36 @@ Strategy: the cube holds only the days some window reads, chunked by tile with e
 chunk. Each tile's chunk is extended by a halo from its neighbours (no padding at the region's edge,
 exactly as a whole-image run sees it). One task super-resolves one tile for a group of output dates
 and crops the halo (4 x halo at 2.5 m), so with halo >= the receptive field the tiles join without
-seams. Output chunks are (dates of the group, band, 4·tile, 4·tile): the Zarr sink writes each one
-whole, never sharing a Zarr chunk between tasks.
+seams. Output chunks are (dates of the group, band, 4·tile, 4·tile), already encoded as the sink
+stores them (uint16): the Zarr sink writes each one whole, never sharing a Zarr chunk between tasks.
+
+A task moves its tile to the network's device as read (uint16) and does everything else there: the
+cloud mask, gathering the windows, normalisation and gap filling, the network, the crop and the
+encoding. On a GPU worker the CPU then only moves bytes, and the GPU is not kept waiting for it.
 
 On a cluster with GPU workers (workers that advertise the Dask resource `GPU`), the super-resolution
-layer carries the annotation resources={"GPU": 1}, so only those workers run it, one task per GPU at a
-time; reading and writing stay on any worker. The annotation is on the layer itself, which graph
-optimisation keeps (the job tests check where the tasks really ran). Every task reports itself on the
+layer carries the annotation resources={"GPU": 1}, so only those workers run it, as many tasks at a
+time as a worker's GPU resource; reading and writing stay on any worker. The annotation is on the
+layer itself, which graph optimisation keeps (the job tests check where the tasks really ran). Every task reports itself on the
 `sr-batch-tile` event topic: that drives the per-tile progress bar and shows where tiles ran.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import dask
 import dask.array as da
 import numpy as np
+import torch
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from sr_batch.clouds import usable_reflectance
+from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
-from sr_batch.superres import CPU_PASS_BYTES, ModelRef, load_runner, superresolve_windows
+from sr_batch.sink import encode_reflectance_tensor
+from sr_batch.superres import CPU_PASS_BYTES, ModelRef, load_runner, superresolve_frames, to_device
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -40,13 +45,13 @@ TILE_TOPIC = "sr-batch-tile"
 
 
 def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> da.Array:
-    """(output date, band, y, x) float32 reflectance at 2.5 m, NaN where nothing was computed."""
+    """(output date, band, y, x) at 2.5 m, uint16 as the sink stores it (reflectance x 10000; 0 where nothing was computed)."""
     spec = plan.spec
     ychunks, xchunks = plan.chunks()
     hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
     outputs = plan.output_days
     if not outputs:
-        return da.full((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), np.nan, dtype=np.float32, chunks=((0,), *hr_chunks))
+        return da.zeros((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), dtype=np.uint16, chunks=((0,), *hr_chunks))
     frame_days = plan.frame_days
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
@@ -69,14 +74,14 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     with dask.annotate(**annotations):
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    return da.Array(layers, name, chunks, dtype=np.float32)
+    return da.Array(layers, name, chunks, dtype=np.uint16)
 
 
 def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo: the tile's block of every day read, its reflectance, a batch of windows twice (stacked,
-    prepared), the network's activations (on CPU; capped per pass) and the full-size and cropped
-    outputs of the task's dates."""
+    halo: the tile's block of every day read and, on a CPU, what the device holds on a GPU (the
+    reflectance of those days, a batch of windows twice, the network's activations capped per pass and
+    a batch's float32 output), then the task's encoded output and its pinned copy."""
     spec = plan.spec
     halo = spec.tiling.halo
     core_y = max(bottom - top for top, bottom in plan.rows)
@@ -84,11 +89,14 @@ def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     height, width = core_y + 2 * halo, core_x + 2 * halo
     days, dates, frames, bands = len(plan.frame_days), spec.model.batch_size, spec.model.frames, len(BANDS)
     block = days * (bands + 1) * height * width * 2
+    encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2
+    if on_gpu:
+        return block + encoded
     reflectance = days * bands * height * width * 4
     windows = 2 * dates * frames * bands * height * width * 4
-    activations = 0 if on_gpu else min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
-    outputs = dates * bands * SCALE**2 * (height * width + core_y * core_x) * 4
-    return block + reflectance + windows + int(activations) + outputs
+    activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
+    output = dates * bands * SCALE**2 * height * width * 4
+    return block + reflectance + windows + int(activations) + output + encoded
 
 
 def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tuple[int, int, int, int]:
@@ -104,40 +112,36 @@ def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tu
 def superresolve_tile(
     block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef, tile: tuple[str, int, int]
 ) -> np.ndarray:
-    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) float32, halo cropped.
-    `tile` is (output uri, row, col): which job and tile, for the progress events."""
+    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) uint16 as stored, halo cropped.
+    `tile` is (output uri, row, col): which job and tile, for the progress events.
+
+    The tile goes to the network's device as it was read (uint16, the smallest form) and everything
+    after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
+    CPU only moves bytes, and the result that travels on to the writer is half the size of float32."""
     started = time.perf_counter()
     top, bottom, left, right = crop
     height = block.shape[2] - top - bottom
     width = block.shape[3] - left - right
-    out = np.full((n_dates, len(BANDS), SCALE * height, SCALE * width), np.nan, np.float32)
     if not windows:
-        return out
-    needed = sorted({f for _, frames in windows for f in frames})
-    reflectance = dict(zip(needed, usable_reflectance(block[needed], dilate)))
-    stacks = _Windows(reflectance, [frames for _, frames in windows])
+        return np.zeros((n_dates, len(BANDS), SCALE * height, SCALE * width), np.uint16)
     runner = load_runner(model)
-    result = superresolve_windows(runner, stacks, batch_size=model.batch_size)
-    ys = slice(SCALE * top, SCALE * (top + height))
-    xs = slice(SCALE * left, SCALE * (left + width))
-    for (slot, _), image in zip(windows, result):
-        out[slot] = image[:, ys, xs]
+    needed = sorted({f for _, frames in windows for f in frames})
+    at = {day: k for k, day in enumerate(needed)}
+    with torch.inference_mode():
+        raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), runner.device)
+        frames = usable_reflectance_tensor(raw, dilate)
+        del raw
+        encoded = superresolve_frames(
+            runner, frames, [tuple(at[f] for f in positions) for _, positions in windows], model.batch_size, crop, encode_reflectance_tensor
+        )
+    slots = [slot for slot, _ in windows]
+    if slots == list(range(n_dates)):
+        out = encoded
+    else:
+        out = np.zeros((n_dates, *encoded.shape[1:]), np.uint16)
+        out[slots] = encoded
     _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
     return out
-
-
-class _Windows(Sequence[np.ndarray]):
-    """The tile's windows, each stacked only when asked for: a batch at a time is alive, not all of them."""
-
-    def __init__(self, frames: dict[int, np.ndarray], windows: list[tuple[int, ...]]) -> None:
-        self.frames = frames
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
-        return np.stack([self.frames[f] for f in self.windows[index]])
 
 
 def _report_tile(tile: tuple[str, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:

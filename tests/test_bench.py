@@ -17,6 +17,7 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     for factor in ("1x", "4x"):
         row = report[f"end_to_end_{factor}"]
         assert row["lr_mpx_per_s"] > 0 and row["peak_worker_memory_mb"] > 0 and row["tile_dates"] > 0
+        assert 0 < row["sr_phase_seconds"] <= row["seconds"] and row["sr_task_seconds"] > 0 and row["before_sr_seconds"] > 0
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
     assert report["ratio_end_to_end_over_model_only"] > 0
     assert "end to end ÷ best model only" in capsys.readouterr().out

@@ -47,7 +47,7 @@ def _forget(dask_scheduler) -> None:
 def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str, catalog) -> None:
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
-        _add_gpu_workers(cluster, 1)
+        _add_gpu_workers(cluster, 1, 2)
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=60)
             gpu = gpu_workers(client)

@@ -507,7 +507,7 @@ def test_normalisation_is_inverted_exactly() -> None:
 @pytest.mark.parametrize("frames", [1, 2, 3, 8])
 def test_fast_nanmedian_equals_numpy(frames: int) -> None:
     """The gap filler's median is NumPy's nanmedian exactly (0 where a pixel has no valid frame)."""
-    from sr_batch.superres import nanmedian_first_axis
+    from sr_batch.superres import nanmedian_frames
 
     rng = np.random.default_rng(frames)
     columns = rng.random((frames, 20000), dtype=np.float32)
@@ -516,4 +516,40 @@ def test_fast_nanmedian_equals_numpy(frames: int) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         expected = np.nan_to_num(np.nanmedian(columns, axis=0), nan=0.0)
     assert (np.isnan(columns).all(axis=0)).any()  # the all-gap case is exercised
-    np.testing.assert_array_equal(nanmedian_first_axis(columns), expected)
+    np.testing.assert_array_equal(nanmedian_frames(torch.from_numpy(columns)).numpy(), expected)
+
+
+def _prepare_reference(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The preparation written plainly in NumPy, one window at a time: what the torch version must equal."""
+    height, width = windows[0].shape[-2:]
+    batch = np.zeros((len(windows), frames, 4, height, width), np.float32)
+    alphas = np.zeros((len(windows), frames), np.float32)
+    for i, window in enumerate(windows):
+        normalised = (window[-frames:] - mean[:, None, None]) / std[:, None, None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nan_to_num(np.nanmedian(normalised, axis=0), nan=0.0)
+        batch[i, : len(normalised)] = np.where(np.isnan(normalised), median[None], normalised)
+        alphas[i, : len(normalised)] = 1.0
+    return batch, alphas
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_window_preparation_equals_the_plain_numpy_definition(device: str) -> None:
+    """Normalisation, median gap filling and padding, batched on a torch device (the CPU path sorts only
+    pixels with a gap, the GPU path every pixel), equal the per-window NumPy definition exactly."""
+    from sr_batch.superres import gather_windows, normalise_and_fill
+
+    rng = np.random.default_rng(21)
+    windows = [reflectance(rng, t, 4, 9, 7) for t in (8, 3, 1, 10, 5)]
+    for k, window in enumerate(windows):
+        window[rng.random(window.shape) < 0.2 * (k % 3)] = np.nan
+    windows[0][:, :, 2, 2] = np.nan  # a pixel no frame saw
+    mean, std = np.array([0.05, 0.08, 0.06, 0.3], np.float32), np.array([0.02, 0.03, 0.04, 0.1], np.float32)
+    expected, expected_alphas = _prepare_reference(windows, 8, mean, std)
+    stack = torch.from_numpy(np.concatenate([w[-8:] for w in windows])).to(device)
+    ends = np.cumsum([min(len(w), 8) for w in windows])
+    x, alphas = gather_windows(stack, [tuple(range(end - min(len(w), 8), end)) for w, end in zip(windows, ends)], 8)
+    normalise_and_fill(x, alphas, torch.from_numpy(mean).to(device)[:, None, None], torch.from_numpy(std).to(device)[:, None, None])
+    np.testing.assert_array_equal(x.cpu().numpy(), expected)
+    np.testing.assert_array_equal(alphas.cpu().numpy(), expected_alphas)

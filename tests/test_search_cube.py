@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
+import torch
 import xarray as xr
 from affine import Affine
 
+from sr_batch.clouds import usable_reflectance, usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, choose_grid, dn_offset, load_cube
 from sr_batch.sample import ASSETS
 from sr_batch.search import deduplicate, group_by_solar_day, search
@@ -152,3 +154,18 @@ def test_deduplicate_and_group_rules() -> None:
 )
 def test_dn_offset_rules(asset: dict, properties: dict, expected: int) -> None:
     assert dn_offset({"assets": {"red": asset}, "properties": properties}, "red") == expected
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dilate", [0, 2, 3])
+def test_cloud_mask_on_the_device_equals_the_numpy_definition(source_cube: xr.Dataset, device: str, dilate: int) -> None:
+    """Inference masks clouds where the network runs: on the real sample's scenes (clouds, shadows, no
+    data) and with saturated and zero DNs added, the same NaN and values as `usable_reflectance`."""
+    names = ("B2", "B3", "B4", "B8", "SCL")
+    block = np.stack([source_cube[name].values for name in names], axis=1).astype(np.uint16)[:12]
+    block[0, 1, :5, :5] = 65535
+    block[1, 2, 5:9, :3] = 0
+    expected = usable_reflectance(block, dilate)
+    assert 0.01 < np.isnan(expected).mean() < 0.99  # the sample has clouds and clear sky
+    ours = usable_reflectance_tensor(torch.from_numpy(block.view(np.int16)).to(device), dilate).cpu().numpy()
+    np.testing.assert_array_equal(ours, expected)
