@@ -62,7 +62,8 @@ def usable_reflectance_tensor(block: torch.Tensor, dilate_pixels: int) -> torch.
 
     dn = block.to(torch.int32) & 0xFFFF
     bands, scl = dn[:, :4], dn[:, 4]
-    values = bands.to(torch.float32) / 10000.0
+    # A true division, as NumPy's: CUDA turns a division by a Python number into a multiplication by its reciprocal.
+    values = bands.to(torch.float32) / torch.tensor(10000.0, device=block.device)
     grown = torch.isin(scl, torch.tensor(GROWN_CLASSES, device=block.device))
     if dilate_pixels > 0:
         # Binary dilation by the disk = "any grown pixel under the disk": a convolution of 0/1 values,
