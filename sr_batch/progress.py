@@ -23,12 +23,14 @@ Echo = Callable[[str], None]
 
 
 class TileProgress:
-    """Counts finished tile-dates from task events."""
+    """Counts finished tile-dates from task events, each task once: a task Dask runs again (its worker
+    died, or its result was lost before the write) reports itself again."""
 
     def __init__(self, output: str, total_tile_dates: int, echo: Echo, bar: Any | None) -> None:
         self.output = output
         self.total = total_tile_dates
         self.done = 0
+        self._seen: set[tuple[int, int, int]] = set()
         self._echo = echo
         self._bar = bar
         self._task = bar.add_task("super-resolving tile-dates", total=total_tile_dates) if bar else None
@@ -40,7 +42,11 @@ class TileProgress:
         _, message = event
         if message.get("output") != self.output:
             return  # another job on the same cluster
+        task = (*message["tile"], message.get("group", 0))
         with self._lock:
+            if task in self._seen:
+                return
+            self._seen.add(task)
             self.done += int(message["dates"])
             if self._bar is not None:
                 self._bar.update(self._task, completed=self.done)

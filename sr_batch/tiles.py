@@ -66,7 +66,7 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
         for (row, col), windows in plan.windows.items():
             selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
             crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
-            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model, (spec.output.uri, row, col))
+            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model, (spec.output.uri, row, col, g))
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident.
     name = f"superresolve-{tokenize(tasks)}"
     graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
@@ -110,10 +110,10 @@ def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tu
 
 
 def superresolve_tile(
-    block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef, tile: tuple[str, int, int]
+    block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef, tile: tuple[str, int, int, int]
 ) -> np.ndarray:
     """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) uint16 as stored, halo cropped.
-    `tile` is (output uri, row, col): which job and tile, for the progress events.
+    `tile` is (output uri, row, col, group of dates): which job and task, for the progress events.
 
     The tile goes to the network's device as it was read (uint16, the smallest form) and everything
     after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
@@ -144,7 +144,7 @@ def superresolve_tile(
     return out
 
 
-def _report_tile(tile: tuple[str, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
+def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
     """Tell the client a tile is done (progress, and where it ran); silent outside a Dask worker."""
     from distributed import get_worker
 
@@ -152,6 +152,7 @@ def _report_tile(tile: tuple[str, int, int], dates: int, pixels: int, device: st
         worker = get_worker()
     except ValueError:
         return
-    output, row, col = tile
-    event = {"output": output, "tile": [row, col], "dates": dates, "pixels": pixels, "device": device, "seconds": seconds, "worker": worker.address}
+    output, row, col, group = tile
+    event = {"output": output, "tile": [row, col], "group": group, "dates": dates, "pixels": pixels}
+    event |= {"device": device, "seconds": seconds, "worker": worker.address}
     worker.log_event(TILE_TOPIC, event)
