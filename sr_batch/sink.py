@@ -58,7 +58,8 @@ def check_location(uri: str | Path | Location, overwrite: bool = False) -> Locat
     target.check_writable()
     if target.is_file():
         raise OutputError(f"output.uri: {target} is a file, not a Zarr store; choose another path")
-    if overwrite and not target.is_empty() and not target.has("zarr.json"):
+    # (A store whose replacement a killed --overwrite left half done on S3 may lack its zarr.json: it is ours.)
+    if overwrite and not target.is_empty() and not target.has("zarr.json") and not target.replace_interrupted():
         raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     return target
 
