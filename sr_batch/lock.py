@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -255,10 +256,19 @@ class OutputLock:
         self._renewer.start()
 
     def _renew_until_released(self) -> None:
+        """Renew every quarter lease. A renewal that fails to reach the storage (a network error on S3) is
+        retried at the next tick; only when none has succeeded for a whole lease is the lock taken as lost."""
+        renewed = time.monotonic()
         while not self._stop.wait(self.lease_s / 4):
-            if not self.renew():
-                self.lost = True
-                return
+            try:
+                if not self.renew():
+                    self.lost = True
+                    return
+                renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - a network error must not end the renewals silently
+                if time.monotonic() - renewed > self.lease_s:
+                    self.lost = True
+                    return
 
     def renew(self) -> bool:
         """Extend the lease; False when the lock is no longer ours (our lease ran out and someone took it)."""

@@ -15,8 +15,9 @@ as the attributes of an empty sub-group, `sr_batch_manifest/zarr.json`, which za
   were all fill, hence absent by design;
 - `late_days`: dates that appeared after later dates were written, skipped (see increment.py).
 
-Every update rewrites the file through a temporary file, fsync and rename, so a reader or a killed
-writer sees the previous record or the next one, never half of one. A window enters `done` only after
+Every update replaces the file whole (storage.py: through a temporary file, fsync and rename locally;
+one PUT, atomic per object, on S3), so a reader or a killed writer sees the previous record or the
+next one, never half of one. A window enters `done` only after
 its chunks are written.
 """
 

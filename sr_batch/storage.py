@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sr_batch import kill_points
 from sr_batch.errors import OutputError
@@ -323,7 +324,10 @@ class S3Location(Location):
     def _delete_keys(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": key} for key in keys[start : start + 1000]]
-            self._call("delete_objects", Delete={"Objects": batch, "Quiet": True})
+            failed = self._call("delete_objects", Delete={"Objects": batch, "Quiet": True}).get("Errors", [])
+            if failed:  # a multi-object delete reports failures in its answer, not as an error
+                code = failed[0].get("Code")
+                raise OutputError(f"output.uri: S3 did not delete {len(failed)} objects under {self} ({code}); check the bucket's permissions and run again")
 
     def siblings(self, prefix: str) -> list[Location]:
         page = self._call("list_objects_v2", Prefix=self._parent_key + prefix, Delimiter="/")
@@ -343,7 +347,7 @@ class S3Location(Location):
             raise OutputError(self._access_problem(s3_error_code(err))) from None
 
     def _access_problem(self, code: str) -> str:
-        where = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        where = _shown_endpoint(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
         if code == "NoSuchBucket":
             return f"output.uri: the bucket {self.bucket!r} does not exist at {where}; create it, or fix the bucket name in output.uri"
         if code in ("NoCredentialsError", "PartialCredentialsError"):
@@ -450,6 +454,14 @@ class S3Location(Location):
             kill_points.reached("replacing")
         self._call("delete_object", Key=self._replace_marker)
         staging.remove()
+
+
+def _shown_endpoint(url: str) -> str:
+    """The endpoint without any user:password part, for messages."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "") + parts.path
 
 
 async def _get_object(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
