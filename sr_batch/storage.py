@@ -231,6 +231,10 @@ def s3_filesystem() -> Any:
     return s3fs.S3FileSystem(**S3_OPTIONS)
 
 
+CONNECTION_ERRORS = ("HTTPClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "ProxyConnectionError")
+"""botocore's failures to reach an endpoint at all (all HTTPClientError or below)."""
+
+
 class PreconditionFailed(Exception):
     """A conditional S3 write lost: the object exists (If-None-Match) or changed (If-Match)."""
 
@@ -355,7 +359,7 @@ class S3Location(Location):
                 f"output.uri: no S3 credentials to write {self}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
                 "in the environment (and AWS_ENDPOINT_URL for an S3-compatible server)"
             )
-        if code in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError"):
+        if code in CONNECTION_ERRORS:
             return f"output.uri: cannot reach the S3 endpoint {where} to write {self}; check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network"
         return (
             f"output.uri: S3 refused a test write to {self} ({code}); check the credentials in the environment "

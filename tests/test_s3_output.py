@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from sr_batch.errors import OutputError
 from sr_batch.job import JobResult, run_job
 from sr_batch.lock import OutputLock, holder_of, lock_file, lock_location
 from sr_batch.manifest import Manifest, written_mask
-from sr_batch.output import open_output
+from sr_batch.output import inspect_output, open_output
 from sr_batch.spec import parse_spec
 from sr_batch.storage import location, s3_filesystem
 from sr_batch.verify import verify_output
@@ -163,6 +164,9 @@ def test_killed_first_run_resumed_then_nightly_append_equal_one_local_run(
         assert got.rio.crs == want.rio.crs
     assert verify_output(uri) == []
     assert holder_of(uri) is None, "the lock was released"
+    found = inspect_output(uri)
+    assert found.path == uri and found.bytes_on_disk == sum(s3_filesystem().du(f"{BUCKET}/nightly/region.zarr", total=False).values()) > 0
+    assert found.text().startswith(f"Output: {uri}\n")
 
     third = run_job(parse_spec(nightly_job(stac_url, uri, catalog)), scheduler=s3_scheduler, show_progress=False)
     assert third.written_windows == 0 and third.added_dates == []
@@ -184,7 +188,8 @@ def test_lock_refuses_a_second_writer_and_a_stale_lock_is_broken_once(s3_env: di
     first = OutputLock(uri)
     first.acquire()
     try:
-        with pytest.raises(OutputError, match=rf"output.uri: {uri} is being written by another run \(process {os.getpid()} on .*; wait for it to finish"):
+        refusal = rf"output.uri: {re.escape(uri)} is being written by another run \(process {os.getpid()} on .*; wait for it to finish.*lock file {re.escape(f's3://{BUCKET}/.locked.zarr.lock')}\)"
+        with pytest.raises(OutputError, match=refusal):
             OutputLock(uri).acquire()
         assert first.renew() and holder_of(uri)["token"] == first.token
     finally:
@@ -275,6 +280,7 @@ def test_overwrite_killed_anywhere_never_leaves_a_trusted_mix(reference: JobResu
             ("no-credentials", "no S3 credentials"),
             ("credentials-in-uri", "must not carry credentials"),
             ("bad-bucket-name", "is not a valid S3 bucket name"),
+            ("unreachable-endpoint", "cannot reach the S3 endpoint http://127.0.0.1:1 "),
         )
     ],
 )
@@ -284,8 +290,11 @@ def test_bad_s3_output_is_refused_in_one_line(case: str, expected: str, tmp_path
         "no-credentials": f"s3://{BUCKET}/no-credentials.zarr",
         "credentials-in-uri": f"s3://{KEY_ID}:{SECRET}@{BUCKET}/out.zarr",
         "bad-bucket-name": "s3://Bad_Bucket/out.zarr",
+        "unreachable-endpoint": f"s3://{BUCKET}/out.zarr",
     }[case]
     env = {**os.environ}
+    if case == "unreachable-endpoint":  # nothing listens on port 1; the user:password part must not be shown
+        env["AWS_ENDPOINT_URL"] = f"http://{KEY_ID}:{SECRET}@127.0.0.1:1"
     if case == "no-credentials":
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
             env.pop(name, None)
