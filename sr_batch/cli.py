@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     verify = commands.add_parser("verify", help="check an output against its manifest: recorded windows present and readable, georeferencing consistent")
-    verify.add_argument("output", type=Path, help="the output's Zarr store (a folder)")
+    verify.add_argument("output", help="the output's Zarr store (a folder, or an s3:// URI)")
     verify.set_defaults(handler=_verify)
 
     plan = commands.add_parser("plan", help="dry run: scenes found, cloudless dates per tile, windows, work size")

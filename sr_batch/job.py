@@ -12,7 +12,8 @@ records each tile's windows once its task has written them (sink.py). A run kill
 leaves an output the next run completes, equal to an uninterrupted run's.
 
 `--overwrite` recomputes everything into a hidden staging store beside the output and swaps it in
-only when complete: a failed or killed overwrite never destroys the previous output.
+only when complete: a failed or killed overwrite never destroys the previous output. The output may
+be a local folder or an S3 prefix (storage.py: what differs, and how a swap works without rename).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from sr_batch.sink import (
     write_tile_dates,
 )
 from sr_batch.spec import JobSpec
+from sr_batch.storage import Location
 from sr_batch.superres import ModelRef, load_model, pick_device
 from sr_batch.tiles import GPU_RESOURCE, superresolve_plan, task_memory_bytes
 
@@ -65,7 +67,8 @@ Pending = dict[tuple[int, int], list[Window]]
 @dataclass
 class JobResult:
     plan: Plan
-    output: Path
+    output: Path | str
+    """A Path for a local output, the s3:// URI for one in object storage."""
     seconds: float
     model: LoadedModel
     added_dates: list[dt.date] = field(default_factory=list)
@@ -159,7 +162,7 @@ def run_job(
         quick = plan_increment(spec, found, manifest, radius, score_new=False)
         if manifest is not None and not quick.new_days and not _count(quick.pending(manifest)):
             _warn_late(quick, echo)
-            result = JobResult(plan=quick.plan, output=target, seconds=time.monotonic() - started, model=loaded, late=[d.date for d in quick.late])
+            result = JobResult(plan=quick.plan, output=target.native, seconds=time.monotonic() - started, model=loaded, late=[d.date for d in quick.late])
             echo(result.report())
             return result
         with dask_client(scheduler, workers, echo) as client:
@@ -195,7 +198,7 @@ def run_job(
     plan = increment.plan
     result = JobResult(
         plan=plan,
-        output=target,
+        output=target.native,
         seconds=time.monotonic() - started,
         model=loaded,
         added_dates=[plan.days[d].date for d in added],
@@ -236,11 +239,12 @@ def task_memory_note(plan: Plan, on_gpu: bool = False) -> str:
     return f"Memory: about {task_memory_bytes(plan, on_gpu) / 1e9:.2f} GB per super-resolution task"
 
 
-def existing_manifest(target: Path, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:
-    """The output's manifest, checked against this job; None for a new output."""
+def existing_manifest(target: Location, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:
+    """The output's manifest, checked against this job; None for a new output, or for one whose --overwrite
+    was killed while swapping on S3 (the run finishes that swap under the lock, then reads it again)."""
     manifest = Manifest.read(target) if target.exists() else None
     if manifest is None:
-        if target.exists() and any(target.iterdir()):
+        if not target.is_empty() and not target.replace_interrupted():
             raise OutputError(
                 f"output.uri: {target} already exists and is not an sr-batch output with a manifest; choose another path or pass --overwrite to replace it"
             )
@@ -250,7 +254,7 @@ def existing_manifest(target: Path, model: LoadedModel, settings: dict[str, Any]
 
 
 def commit_dates(
-    store: Path, increment: Increment, manifest: Manifest | None, model: LoadedModel, settings: dict[str, Any], lock: OutputLock
+    store: Location, increment: Increment, manifest: Manifest | None, model: LoadedModel, settings: dict[str, Any], lock: OutputLock
 ) -> tuple[Manifest, list[int]]:
     """Make the store hold every planned date, then record the new days: the manifest never claims more than the store has."""
     plan = increment.plan
@@ -258,7 +262,7 @@ def commit_dates(
         manifest = Manifest(
             model_sha256=model.checksum, settings=settings, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols]
         )
-        store.mkdir(parents=True, exist_ok=True)
+        store.mkdir()
         manifest.write(store)  # first, so an interrupted first run leaves a store the next run recognises
     if not has_layout(store):
         if manifest.times:
@@ -283,7 +287,7 @@ def commit_dates(
 
 
 def write_pending(
-    client: Client, store: Path, plan: Plan, pending: Pending, manifest: Manifest, lock: OutputLock, ref: ModelRef, gpu_workers_only: bool, echo: Echo
+    client: Client, store: Location, plan: Plan, pending: Pending, manifest: Manifest, lock: OutputLock, ref: ModelRef, gpu_workers_only: bool, echo: Echo
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
     written: Pending = {tile: [] for tile in pending}
@@ -307,7 +311,7 @@ def write_pending(
     return written
 
 
-def write_tasks(store: Path, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool) -> dict[tuple[int, int], list[Delayed]]:
+def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool) -> dict[tuple[int, int], list[Delayed]]:
     """Per tile, one task per group of its dates: super-resolve (tiles.py), then write the tile's pending dates."""
     sr = superresolve_plan(work, ref, dates_per_task=work.spec.model.batch_size, gpu_workers_only=gpu_workers_only)
     time_index = {date: k for k, date in enumerate(manifest.times)}

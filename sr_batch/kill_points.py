@@ -4,6 +4,7 @@ environment sets SR_BATCH_TEST_KILL; never set it in production.
 SR_BATCH_TEST_KILL=POINT:N[,POINT:N] kills when POINT is reached for the N-th time in this process:
 - `appended`: the client, after the store's time axis grew and before the manifest records it;
 - `recorded`: the client, after the N-th window is recorded in the manifest;
+- `replacing`: the client, after the N-th object copied while an --overwrite swaps an S3 store in;
 - `written`: a worker, after it wrote a tile's chunks and before it returns them (N ignored; once per
   marker file SR_BATCH_TEST_KILL_MARKER, so the restarted worker and the others go on).
 SR_BATCH_TEST_HOLD_UNTIL=FILE makes the client wait at its first `recorded` point until FILE exists

@@ -8,6 +8,13 @@ the holder. A holder that died stops renewing: once its lease has expired (or at
 holder ran on this host and its process is gone) the next run breaks the lock. Breaking renames the
 stale file to a unique name first, so of two runs breaking one stale lock only one succeeds, and a
 run never deletes a lock it did not judge stale.
+
+On S3 (storage.py) there is no link or rename; the same protocol runs on conditional PUTs. Taking the
+lock is a PUT with `If-None-Match: *` (refused when the lock object exists). Renewing and breaking
+are PUTs with `If-Match: <etag of the lock we read>`: a renewal fails when someone else took the lock,
+and of two runs breaking one stale lock only the first PUT matches, so only one wins, and it holds the
+lock at once. Releasing deletes the lock only if it is still the one we wrote (`If-Match`). The PID
+liveness test applies only when the holder's host is this host, as locally.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sr_batch.errors import OutputError
+from sr_batch.storage import LocalLocation, Location, PreconditionFailed, S3Location, location
 
 DEFAULT_LEASE_S = 120.0
 """A crashed holder on another host blocks the output for at most this long."""
@@ -32,6 +41,12 @@ DEFAULT_LEASE_S = 120.0
 
 def lock_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.lock")
+
+
+def lock_location(target: str | Path | Location) -> Path | S3Location:
+    """The lock beside the store: a file path locally, an object (same bucket, parent prefix) on S3."""
+    where = location(target)
+    return lock_path(where.path) if isinstance(where, LocalLocation) else where.with_name(f".{where.name}.lock")
 
 
 @dataclass
@@ -47,11 +62,18 @@ class LockHolder:
     @classmethod
     def read(cls, path: Path) -> LockHolder | None:
         try:
-            data = json.loads(path.read_text())
-            return cls(token=str(data["token"]), host=str(data["host"]), pid=int(data["pid"]), started=str(data["started"]), expires=float(data["expires"]))
+            return cls.parse(path.read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
+            return cls.parse("")
+
+    @classmethod
+    def parse(cls, text: str) -> LockHolder:
+        try:
+            data = json.loads(text)
+            return cls(token=str(data["token"]), host=str(data["host"]), pid=int(data["pid"]), started=str(data["started"]), expires=float(data["expires"]))
+        except (ValueError, KeyError, TypeError):
             # A torn or foreign file: treat it as a holder whose lease expired long ago.
             return cls(token="unreadable", host="?", pid=-1, started="?", expires=0.0)
 
@@ -77,12 +99,125 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+class LocalLockFile:
+    """The lock as a file: written whole under a private name, then hard-linked into place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def prepare(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def read(self) -> LockHolder | None:
+        return LockHolder.read(self.path)
+
+    def create(self, content: str, token: str) -> bool:
+        """link() fails when the lock exists, and a reader never sees a half-written lock (which it would judge stale)."""
+        private = self.path.with_name(f"{self.path.name}.{token[:8]}.new")
+        with open(private, "w") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink(missing_ok=True)
+        return True
+
+    def take_over(self, judged: LockHolder, content: str, token: str) -> bool:
+        """Remove the stale lock, unless another run replaced it meanwhile (then put that one back);
+        False: the caller then creates its own."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = LockHolder.read(aside)
+        if moved is not None and moved.token != judged.token:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return False
+
+    def renew(self, content: str, token: str) -> bool:
+        holder = self.read()
+        if holder is None or holder.token != token:
+            return False
+        fresh = self.path.with_name(f"{self.path.name}.{token[:8]}.renew")
+        fresh.write_text(content)
+        os.replace(fresh, self.path)
+        return True
+
+    def release(self, token: str) -> None:
+        holder = self.read()
+        if holder is not None and holder.token == token:
+            self.path.unlink(missing_ok=True)
+
+
+class ObjectLockFile:
+    """The lock as an S3 object, taken, renewed, broken and released by conditional requests."""
+
+    def __init__(self, lock: S3Location) -> None:
+        self.lock = lock
+        self.etag: str | None = None
+        """Of the lock object as we last wrote it."""
+        self._seen: str | None = None
+        """Of the lock object as we last read it (the holder judged stale)."""
+
+    def prepare(self) -> None:
+        """Nothing: S3 has no folders."""
+
+    def read(self) -> LockHolder | None:
+        found = self.lock.read_object(self.lock.key)
+        self._seen = None if found is None else found[1]
+        return None if found is None else LockHolder.parse(found[0])
+
+    def create(self, content: str, token: str) -> bool:
+        try:
+            self.etag = self.lock.create_object(self.lock.key, content)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def take_over(self, judged: LockHolder, content: str, token: str) -> bool:
+        """Replace the stale lock we read with ours: fails if anyone changed it since (another breaker won)."""
+        if self._seen is None:
+            return False
+        try:
+            self.etag = self.lock.replace_object(self.lock.key, content, self._seen)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def renew(self, content: str, token: str) -> bool:
+        if self.etag is None:
+            return False
+        try:
+            self.etag = self.lock.replace_object(self.lock.key, content, self.etag)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def release(self, token: str) -> None:
+        if self.etag is not None:
+            self.lock.delete_object(self.lock.key, self.etag)
+            self.etag = None
+
+
+def lock_file(target: str | Path | Location) -> LocalLockFile | ObjectLockFile:
+    where = lock_location(target)
+    return LocalLockFile(where) if isinstance(where, Path) else ObjectLockFile(where)
+
+
 class OutputLock:
     """The lock of one output; `with output_lock(target):` holds it for the run."""
 
-    def __init__(self, target: Path, lease_s: float = DEFAULT_LEASE_S) -> None:
-        self.target = target
-        self.path = lock_path(target)
+    def __init__(self, target: str | Path | Location, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.target = location(target)
+        self.path = lock_location(target)
+        self.file = lock_file(target)
         self.lease_s = lease_s
         self.token = uuid.uuid4().hex
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -95,13 +230,12 @@ class OutputLock:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": self.started, "expires": expires})
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file.prepare()
         for _ in range(3):
             if self._create():
-                self._renewer = threading.Thread(target=self._renew_until_released, name="sr-batch-lock-lease", daemon=True)
-                self._renewer.start()
+                self._start_renewing()
                 return
-            holder = LockHolder.read(self.path)
+            holder = self.file.read()
             if holder is None:
                 continue  # released between our attempt and the read: try again
             if not holder.is_stale(dt.datetime.now(dt.UTC).timestamp()):
@@ -109,53 +243,36 @@ class OutputLock:
                     f"output.uri: {self.target} is being written by another run ({holder.describe()}); "
                     f"wait for it to finish (a dead holder's lock expires with its lease; lock file {self.path})"
                 )
-            self._break_stale(holder)
+            if self.file.take_over(holder, self._content(), self.token):
+                self._start_renewing()
+                return
         raise OutputError(f"output.uri: could not take the lock {self.path} (other runs keep taking it); try again")
 
     def _create(self) -> bool:
-        """Write the whole lock file under a private name, then link it into place: link() fails when the
-        lock exists, and a reader never sees a half-written lock (which it would judge stale)."""
-        private = self.path.with_name(f"{self.path.name}.{self.token[:8]}.new")
-        with open(private, "w") as f:
-            f.write(self._content())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(private, self.path)
-        except FileExistsError:
-            return False
-        finally:
-            private.unlink(missing_ok=True)
-        return True
+        return self.file.create(self._content(), self.token)
 
-    def _break_stale(self, judged: LockHolder) -> None:
-        """Remove the stale lock, unless another run replaced it meanwhile (then put that one back)."""
-        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        moved = LockHolder.read(aside)
-        if moved is not None and moved.token != judged.token:
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-        aside.unlink(missing_ok=True)
+    def _start_renewing(self) -> None:
+        self._renewer = threading.Thread(target=self._renew_until_released, name="sr-batch-lock-lease", daemon=True)
+        self._renewer.start()
 
     def _renew_until_released(self) -> None:
+        """Renew every quarter lease. A renewal that fails to reach the storage (a network error on S3) is
+        retried at the next tick; only when none has succeeded for a whole lease is the lock taken as lost."""
+        renewed = time.monotonic()
         while not self._stop.wait(self.lease_s / 4):
-            if not self.renew():
-                self.lost = True
-                return
+            try:
+                if not self.renew():
+                    self.lost = True
+                    return
+                renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - a network error must not end the renewals silently
+                if time.monotonic() - renewed > self.lease_s:
+                    self.lost = True
+                    return
 
     def renew(self) -> bool:
-        """Extend the lease; False when the file is no longer ours (our lease ran out and someone took it)."""
-        holder = LockHolder.read(self.path)
-        if holder is None or holder.token != self.token:
-            return False
-        fresh = self.path.with_name(f"{self.path.name}.{self.token[:8]}.renew")
-        fresh.write_text(self._content())
-        os.replace(fresh, self.path)
-        return True
+        """Extend the lease; False when the lock is no longer ours (our lease ran out and someone took it)."""
+        return self.file.renew(self._content(), self.token)
 
     def check_held(self) -> None:
         """Before each write that matters: refuse to go on without the lock."""
@@ -166,13 +283,11 @@ class OutputLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        holder = LockHolder.read(self.path)
-        if holder is not None and holder.token == self.token:
-            self.path.unlink(missing_ok=True)
+        self.file.release(self.token)
 
 
 @contextlib.contextmanager
-def output_lock(target: Path, lease_s: float | None = None) -> Iterator[OutputLock]:
+def output_lock(target: str | Path | Location, lease_s: float | None = None) -> Iterator[OutputLock]:
     """Hold the output's lock for the block; raises OutputError at once when another run holds it."""
     lock = OutputLock(target, lease_s or float(os.environ.get("SR_BATCH_LOCK_LEASE_S", DEFAULT_LEASE_S)))
     lock.acquire()
@@ -182,7 +297,7 @@ def output_lock(target: Path, lease_s: float | None = None) -> Iterator[OutputLo
         lock.release()
 
 
-def holder_of(target: Path) -> dict[str, Any] | None:
+def holder_of(target: str | Path | Location) -> dict[str, Any] | None:
     """The current lock holder's record, for messages and tests; None when unlocked."""
-    holder = LockHolder.read(lock_path(target))
+    holder = lock_file(target).read()
     return None if holder is None else holder.__dict__

@@ -15,8 +15,9 @@ as the attributes of an empty sub-group, `sr_batch_manifest/zarr.json`, which za
   were all fill, hence absent by design;
 - `late_days`: dates that appeared after later dates were written, skipped (see increment.py).
 
-Every update rewrites the file through a temporary file, fsync and rename, so a reader or a killed
-writer sees the previous record or the next one, never half of one. A window enters `done` only after
+Every update replaces the file whole (storage.py: through a temporary file, fsync and rename locally;
+one PUT, atomic per object, on S3), so a reader or a killed writer sees the previous record or the
+next one, never half of one. A window enters `done` only after
 its chunks are written.
 """
 
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ import numpy as np
 from sr_batch.cube import Grid
 from sr_batch.errors import OutputError
 from sr_batch.spec import JobSpec, spec_json
+from sr_batch.storage import Location, location
 
 MANIFEST_GROUP = "sr_batch_manifest"
+MANIFEST_KEY = f"{MANIFEST_GROUP}/zarr.json"
 FORMAT = 1
 
 EXECUTION_ONLY = (
@@ -55,7 +56,7 @@ EXECUTION_ONLY = (
 
 
 def manifest_path(store: Path) -> Path:
-    return store / MANIFEST_GROUP / "zarr.json"
+    return store / MANIFEST_KEY
 
 
 def output_settings(spec: JobSpec) -> dict[str, Any]:
@@ -100,13 +101,15 @@ class Manifest:
     # --- reading and writing ------------------------------------------------------------------
 
     @classmethod
-    def read(cls, store: Path) -> Manifest | None:
+    def read(cls, store: str | Path | Location) -> Manifest | None:
         """The store's manifest; None when it has none; OutputError when it is unreadable."""
-        path = manifest_path(store)
+        store = location(store)
+        path = f"{store}/{MANIFEST_KEY}"
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
+            text = store.read_text(MANIFEST_KEY)
+            if text is None:
+                return None
+            raw = json.loads(text)
         except (OSError, ValueError) as err:
             raise OutputError(
                 f"output.uri: the manifest {path} is unreadable ({type(err).__name__}); run `sr-batch verify`, or pass --overwrite to recompute"
@@ -121,23 +124,11 @@ class Manifest:
             raise OutputError(f"output.uri: manifest format {manifest.format} is not {FORMAT}; pass --overwrite to recompute with this version")
         return manifest
 
-    def write(self, store: Path) -> None:
-        """Replace the record atomically: temporary file, fsync, rename, fsync of the folder."""
+    def write(self, store: str | Path | Location) -> None:
+        """Replace the record atomically (storage.py: temporary file, fsync and rename locally; one PUT on S3)."""
         self.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        path = manifest_path(store)
-        path.parent.mkdir(parents=True, exist_ok=True)
         document = {"zarr_format": 3, "node_type": "group", "attributes": asdict(self)}
-        temporary = path.with_name(f".zarr.json.{uuid.uuid4().hex[:8]}.partial")
-        with open(temporary, "w") as f:
-            json.dump(document, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        location(store).write_text(MANIFEST_KEY, json.dumps(document, separators=(",", ":")))
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -182,7 +173,7 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
     return found
 
 
-def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settings: dict[str, Any]) -> None:
+def check_compatible(manifest: Manifest, target: Path | Location, model_sha256: str, settings: dict[str, Any]) -> None:
     """Refuse to extend an output made with another model or other settings."""
     if manifest.model_sha256 != model_sha256:
         raise OutputError(
@@ -197,17 +188,17 @@ def check_compatible(manifest: Manifest, target: Path, model_sha256: str, settin
         )
 
 
-def written_mask(store: str | Path) -> Any:
+def written_mask(store: str | Path | Location) -> Any:
     """For readers: (time, tile_row, tile_col) True where the window is recorded as written.
 
     The store's time axis may run ahead of the record during a run; those dates are all False."""
     import xarray as xr
 
-    store = Path(store)
+    store = location(store)
     manifest = Manifest.read(store)
     if manifest is None:
         raise OutputError(f"output.uri: {store} has no manifest; not an sr-batch output")
-    with xr.open_zarr(store, consolidated=False) as ds:
+    with xr.open_zarr(**store.zarr_args(), consolidated=False) as ds:
         dates = [str(t)[:10] for t in ds.time.values]
         mask = np.zeros((len(dates), ds.sizes["tile_row"], ds.sizes["tile_col"]), bool)
         for k, date in enumerate(dates):

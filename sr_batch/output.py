@@ -33,6 +33,7 @@ from rasterio.warp import transform_bounds
 
 from sr_batch.cube import BANDS, Grid, load_cube
 from sr_batch.errors import OutputError, SrBatchError
+from sr_batch.storage import Location, location, s3_error_code
 
 REQUIRED_ATTRIBUTES = ("model_name", "model_sha256", "job")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -40,9 +41,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def open_output(uri: str | Path) -> xr.Dataset:
     """The store as a lazy Dataset: (time, band, y, x) float reflectance with CRS, band names and per-date tables."""
-    path = _checked_path(uri)
+    path = _checked_location(uri)
     try:
-        ds = xr.open_zarr(path, decode_coords="all", consolidated=False)
+        ds = xr.open_zarr(**path.zarr_args(), decode_coords="all", consolidated=False)
     except Exception as err:  # noqa: BLE001 - zarr raises many types for a folder that is not a store
         raise OutputError(
             f"{path}: not an sr-batch output (not a readable Zarr store: {type(err).__name__}); give the folder that sr-batch run wrote"
@@ -55,11 +56,15 @@ def open_output(uri: str | Path) -> xr.Dataset:
     return ds
 
 
-def _checked_path(uri: str | Path) -> Path:
-    path = Path(str(uri).removeprefix("file://"))
-    if not path.exists():
+def _checked_location(uri: str | Path | Location) -> Location:
+    path = location(uri)
+    try:
+        exists, is_store = path.exists(), path.has("zarr.json") and not path.is_file()
+    except Exception as err:  # noqa: BLE001 - object storage: credentials, bucket, endpoint; one line, no secret
+        raise OutputError(f"{path}: cannot read it ({s3_error_code(err)}); check the bucket name and the AWS_* credentials in the environment") from None
+    if not exists:
         raise OutputError(f"{path}: no such output; give the output.uri of a finished sr-batch run")
-    if not path.is_dir() or not (path / "zarr.json").is_file():
+    if not is_store:
         raise OutputError(f"{path}: not an sr-batch output (not a Zarr v3 store: no zarr.json); give the folder that sr-batch run wrote")
     return path
 
@@ -161,7 +166,7 @@ class DateCoverage:
 
 @dataclass(frozen=True)
 class Inspection:
-    path: Path
+    path: Path | str
     crs: str
     resolution_m: float
     source_resolution_m: float
@@ -180,12 +185,12 @@ class Inspection:
 def inspect_output(uri: str | Path) -> Inspection:
     """Everything `sr-batch inspect` prints; reads one band of `sr` once to count pixels with data."""
     with open_output(uri) as ds:
-        path = Path(str(uri).removeprefix("file://"))
+        where = location(uri)
         coverage = _coverage(ds)
         west, south, east, north = ds.rio.bounds()
         lonlat = ds.rio.transform_bounds("EPSG:4326", densify_pts=21) if ds.rio.crs else (np.nan,) * 4
         return Inspection(
-            path=path,
+            path=where.native,
             crs=str(ds.rio.crs),
             resolution_m=abs(float(ds.rio.resolution()[0])),
             source_resolution_m=float(ds.attrs.get("source_resolution_m", np.nan)),
@@ -195,7 +200,7 @@ def inspect_output(uri: str | Path) -> Inspection:
             coverage=coverage,
             attributes=dict(ds.attrs),
             job=json.loads(ds.attrs["job"]),
-            bytes_on_disk=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            bytes_on_disk=where.size_bytes(),
         )
 
 

@@ -23,8 +23,6 @@ run was killed between the two, before anything else is written.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from sr_batch.errors import OutputError
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE, Plan
 from sr_batch.spec import spec_json
+from sr_batch.storage import Location, location, zarr_options
 
 SENTINEL2_BANDS = ("B02", "B03", "B04", "B08")
 MAX_REFLECTANCE = 65535 / 10000
@@ -53,17 +52,16 @@ TIME_ENCODING = {"units": "days since 1970-01-01", "calendar": "proleptic_gregor
 """Whole days since the epoch: every appended date encodes exactly under the units of the first run."""
 
 
-def check_location(uri: str, overwrite: bool = False) -> Path:
-    """Fail before any work if the output's folder cannot be written, or if --overwrite would replace
-    something that is not a Zarr store (a folder of the user's own files, say)."""
-    target = Path(uri)
-    # The nearest folder that exists must be writable; missing folders are made only when writing.
-    existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"output.uri: cannot write in {existing}; choose a writable location")
-    if target.exists() and not target.is_dir():
+def check_location(uri: str | Path | Location, overwrite: bool = False) -> Location:
+    """Fail before any work if the output's location cannot be written (a local folder, or an S3 bucket:
+    credentials, bucket name, endpoint), or if --overwrite would replace something that is not a Zarr
+    store (a folder of the user's own files, say)."""
+    target = location(uri)
+    target.check_writable()
+    if target.is_file():
         raise OutputError(f"output.uri: {target} is a file, not a Zarr store; choose another path")
-    if overwrite and target.exists() and any(target.iterdir()) and not (target / "zarr.json").is_file():
+    # (A store whose replacement a killed --overwrite left half done on S3 may lack its zarr.json: it is ours.)
+    if overwrite and not target.is_empty() and not target.has("zarr.json") and not target.replace_interrupted():
         raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     return target
 
@@ -170,38 +168,38 @@ def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
 # --- growing the store ------------------------------------------------------------------------------
 
 
-def create_store(store: Path, plan: Plan, model: LoadedModel) -> None:
+def create_store(store: Location, plan: Plan, model: LoadedModel) -> None:
     """The layout with an empty time axis (mode "a": the folder may already hold the manifest)."""
     ds = dates_dataset(plan, [], model)
-    ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, plan.spec.tiling.tile))
+    ds.to_zarr(**store.zarr_args(), mode="a", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, plan.spec.tiling.tile))
 
 
-def has_layout(store: Path) -> bool:
-    return (store / "zarr.json").exists() and (store / "sr" / "zarr.json").exists()
+def has_layout(store: Location) -> bool:
+    return store.has("zarr.json") and store.has("sr/zarr.json")
 
 
-def time_length(store: Path) -> int:
-    return zarr.open_array(store=str(store), path="time", mode="r").shape[0]
+def time_length(store: Location) -> int:
+    return zarr.open_array(**store.zarr_args(), path="time", mode="r").shape[0]
 
 
-def align_time_axis(store: Path, length: int) -> None:
+def align_time_axis(store: Location, length: int) -> None:
     """Cut every time-dependent array back to the committed `length` (dates a killed run appended but never recorded)."""
-    group = zarr.open_group(store=str(store), mode="r+", zarr_format=3)
+    group = zarr.open_group(**store.zarr_args(), mode="r+", zarr_format=3)
     for _, array in group.arrays():
         if "time" in (array.metadata.dimension_names or ()) and array.shape[0] > length:
             array.resize((length, *array.shape[1:]))
 
 
-def append_dates(store: Path, plan: Plan, days: list[int], model: LoadedModel) -> None:
+def append_dates(store: Location, plan: Plan, days: list[int], model: LoadedModel) -> None:
     """Extend the time axis with output days `days` (all newer than the last date stored); `sr` is only resized."""
     ds = dates_dataset(plan, days, model)
-    with xr.open_zarr(store, consolidated=False) as existing:
+    with xr.open_zarr(**store.zarr_args(), consolidated=False) as existing:
         ds.attrs["created"] = existing.attrs.get("created", ds.attrs["created"])
         last = existing.time.values[-1] if existing.sizes["time"] else None
     if last is not None and days and not pd.Timestamp(plan.days[days[0]].date) > pd.Timestamp(last):
         raise OutputError(f"output.uri: date {plan.days[days[0]].date} is not after the last stored date {str(last)[:10]}; the time axis must stay sorted")
     timeless = [name for name in ds.variables if "time" not in ds[name].dims]
-    ds.drop_vars(timeless).to_zarr(store, mode="a", append_dim="time", zarr_format=3, consolidated=False, compute=False)
+    ds.drop_vars(timeless).to_zarr(**store.zarr_args(), mode="a", append_dim="time", zarr_format=3, consolidated=False, compute=False)
 
 
 def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:
@@ -221,7 +219,7 @@ def write_tile_dates(
 
     Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: zarr does not
     store those, so the manifest lists them as absent by design."""
-    array = zarr.open_array(store=store, path="sr", mode="r+")
+    array = zarr.open_array(store=store, path="sr", mode="r+", **zarr_options(store))
     chunk_y, chunk_x = array.chunks[2], array.chunks[3]
     written = []
     for slot, index in slots:
@@ -241,32 +239,28 @@ def write_tile_dates(
 # --- replacing an output (--overwrite) ----------------------------------------------------------------
 
 
-def staging_path(target: Path) -> Path:
+def staging_path(target: Location) -> Location:
     return target.with_name(f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}")
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Staging stores left by killed --overwrite runs; call only while holding the output's lock."""
-    stale = sorted(target.parent.glob(f".{target.name}.incomplete-*"))
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+def remove_stale_staging(target: Location) -> list[Location]:
+    """Staging stores left by killed --overwrite runs; call only while holding the output's lock.
+    A replacement a killed run left half done (S3: storage.py) is finished first: its staging store is complete."""
+    target.finish_interrupted_replace()
+    stale = target.siblings(f".{target.name}.incomplete-")
+    for staging in stale:
+        staging.remove()
     return stale
 
 
-def move_into_place(staging: Path, target: Path) -> None:
-    """Swap a complete new store in; the previous output is removed only after the swap."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
+def move_into_place(staging: Location, target: Location) -> None:
+    """Swap a complete new store in; the previous output is removed only after the swap (storage.py)."""
+    target.replace_by(staging)
 
 
-def describe_output(target: Path) -> str:
+def describe_output(target: Location) -> str:
     """A one-screen summary of a written store, read back the way users read it."""
-    with xr.open_zarr(target, decode_coords="all", consolidated=False) as ds:
+    with xr.open_zarr(**target.zarr_args(), decode_coords="all", consolidated=False) as ds:
         sr = ds["sr"]
         dates = [str(t)[:10] for t in ds.time.values]
         lines = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,19 +243,50 @@ class Tiling(_Strict):
         return self
 
 
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
 class Output(_Strict):
     uri: str
+    """A local folder, or `s3://bucket/path/name.zarr` (credentials and endpoint from the environment)."""
 
     @field_validator("uri")
     @classmethod
-    def _local_zarr(cls, uri: str) -> str:
+    def _zarr_store(cls, uri: str) -> str:
+        if uri.startswith("s3://"):
+            return _s3_zarr(uri)
         if "://" in uri and not uri.startswith("file://"):
-            raise ValueError(f"only local paths are supported so far (got {uri!r}); give a directory path ending in .zarr")
+            # Only the scheme is shown: the rest of a URI may carry a secret.
+            raise ValueError(f"only local paths and s3:// URIs are supported (got a {uri.split('://')[0]}:// URI); give a path or s3://bucket/name.zarr")
         path = uri.removeprefix("file://")
         # The store is replaced whole on --overwrite: a name that is not a .zarr (a home folder, `.`) must never be.
         if not Path(path).name.endswith(".zarr") or Path(path).name == ".zarr" or "\x00" in path:
             raise ValueError(f"must name a Zarr store, a folder whose name ends in .zarr (got {uri!r}); e.g. out/my-region.zarr")
         return path
+
+
+def _s3_zarr(uri: str) -> str:
+    """`s3://bucket/path/name.zarr`, normalised; never echoes a URI that carries credentials."""
+    from urllib.parse import urlsplit
+
+    netloc = uri.removeprefix("s3://").split("/", 1)[0]
+    if "@" in netloc or ":" in netloc:
+        raise ValueError(
+            "an s3:// URI must not carry credentials (or a port); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, "
+            "and AWS_ENDPOINT_URL for an S3-compatible server"
+        )
+    parts = urlsplit(uri)
+    if parts.query or parts.fragment or "?" in uri or "#" in uri:
+        raise ValueError("an s3:// URI takes no query or fragment; give s3://bucket/path/name.zarr")
+    bucket, key = parts.netloc, parts.path.strip("/")
+    if not S3_BUCKET.match(bucket):
+        raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, dots, hyphens); give s3://bucket/path/name.zarr")
+    segments = key.split("/")
+    name = segments[-1]
+    # The store is replaced whole on --overwrite: only a prefix named *.zarr may ever be.
+    if not name.endswith(".zarr") or name == ".zarr" or any(part in ("", ".", "..") for part in segments) or "\x00" in key:
+        raise ValueError(f"must name a Zarr store, a prefix whose name ends in .zarr (got {uri!r}); e.g. s3://{bucket}/my-region.zarr")
+    return f"s3://{bucket}/{key}"
 
 
 class JobSpec(_Strict):

@@ -26,11 +26,13 @@ from sr_batch.errors import OutputError
 from sr_batch.manifest import Manifest, differences, settings_of
 from sr_batch.plan import SCALE, causal_windows
 from sr_batch.sink import SR_ENCODING
+from sr_batch.storage import Location, location
 
 
-def verify_output(path: Path) -> list[str]:
+def verify_output(path: str | Path | Location) -> list[str]:
     """Every problem found, one line each; empty when the output is consistent."""
-    if not path.is_dir():
+    path = location(path)
+    if path.is_file() or not path.exists():
         raise OutputError(f"OUT: {path} is not a folder; give the path of an sr-batch Zarr output")
     try:
         manifest = Manifest.read(path)
@@ -39,7 +41,7 @@ def verify_output(path: Path) -> list[str]:
     if manifest is None:
         return [f"{path}: no manifest (sr_batch_manifest/zarr.json): not an sr-batch output, or one written before manifests"]
     try:
-        ds = xr.open_zarr(path, decode_coords="all", consolidated=False)
+        ds = xr.open_zarr(**path.zarr_args(), decode_coords="all", consolidated=False)
     except Exception as err:  # any failure to open is the finding
         return [f"{path}: does not open with xr.open_zarr ({type(err).__name__}: {err})"]
     with ds:
@@ -107,7 +109,7 @@ def _grid_problems(ds: xr.Dataset, manifest: Manifest) -> list[str]:
     return problems
 
 
-def _window_problems(path: Path, ds: xr.Dataset, manifest: Manifest) -> list[str]:
+def _window_problems(path: Location, ds: xr.Dataset, manifest: Manifest) -> list[str]:
     """Each recorded window: planned, with the right frame count, its chunks present and readable."""
     settings = manifest.settings
     windows = causal_windows(manifest.cloud(), settings["cloud"]["max_cloud_fraction"], settings["model"]["frames"])
@@ -115,7 +117,7 @@ def _window_problems(path: Path, ds: xr.Dataset, manifest: Manifest) -> list[str
     planned = {(days[w.target], tile): len(w.frames) for tile, ws in windows.items() for w in ws}
     index = {date: k for k, date in enumerate(manifest.times)}
     empty = set(manifest.empty_chunks)
-    array = zarr.open_array(store=str(path), path="sr", mode="r")
+    array = zarr.open_array(**path.zarr_args(), path="sr", mode="r")
     chunk_y, chunk_x = array.chunks[2], array.chunks[3]
     frames_used = ds.frames_used.values if "frames_used" in ds else None
     problems = []
@@ -139,9 +141,9 @@ def _window_problems(path: Path, ds: xr.Dataset, manifest: Manifest) -> list[str
     return problems
 
 
-def _chunk_problem(path: Path, array: zarr.Array, coords: tuple[int, int, int, int], empty_by_design: bool) -> str | None:
+def _chunk_problem(path: Location, array: zarr.Array, coords: tuple[int, int, int, int], empty_by_design: bool) -> str | None:
     key = array.metadata.encode_chunk_key(coords)
-    if not (path / "sr" / key).is_file():
+    if not path.has(f"sr/{key}"):
         return None if empty_by_design else f"sr/{key} is missing"
     t, _, iy, ix = coords
     cy, cx = array.chunks[2], array.chunks[3]
@@ -152,7 +154,7 @@ def _chunk_problem(path: Path, array: zarr.Array, coords: tuple[int, int, int, i
     return None
 
 
-def verify_line(path: Path) -> str:
+def verify_line(path: str | Path | Location) -> str:
     """The one-line verdict for a consistent output."""
     manifest = Manifest.read(path)
     assert manifest is not None
