@@ -13,6 +13,9 @@ waiting on storage), and only its header is read, never its pixels, so nothing i
 
 A catalogue cannot make the job read local files: an href that is a local path (or a GDAL /vsi
 path) is refused unless the STAC API itself is on this machine (loopback), as the bundled sample is.
+Nor can a public catalogue make the job's machines request internal addresses (a cloud's metadata
+service at 169.254.169.254, a private network, this machine): an http(s) href whose host is, or
+resolves to, a non-global address is refused unless the STAC API itself is at such an address.
 
 An item with a failed asset is dropped from the search. Its solar day then has no data wherever that
 item was the only cover, which is exactly the tiles it touches; other granules of the same day still
@@ -30,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,10 +65,10 @@ def check_assets(
     """The items whose every asset in `asset_keys` is readable and on the grid its item states, and the problems found.
 
     Raises SearchError when more than `max_unreadable_fraction` of the items have a problem."""
-    local_allowed = is_loopback(stac_url)
+    local_allowed, internal_allowed = is_loopback(stac_url), is_internal(stac_url)
     jobs = [(item, key) for item in items for key in asset_keys]
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        found = list(pool.map(lambda job: asset_problem(*job, local_allowed=local_allowed), jobs))
+        found = list(pool.map(lambda job: asset_problem(*job, local_allowed=local_allowed, internal_allowed=internal_allowed), jobs))
     problems = [problem for problem in found if problem is not None]
     bad_items = {problem.item for problem in problems}
     if items and len(bad_items) / len(items) > max_unreadable_fraction:
@@ -88,18 +92,39 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def href_refusal(href: str, local_allowed: bool) -> str | None:
-    """Why an href may not be opened at all: local files only from a STAC API on this machine."""
+def is_internal(url: str) -> bool:
+    """Whether a URL's host is, or resolves to, an address that is not on the public internet
+    (loopback, private, link-local, reserved). A name that does not resolve is not judged here."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)]
+        except (OSError, UnicodeError, ValueError):
+            return False
+    return any(not address.is_global for address in addresses)
+
+
+def href_refusal(href: str, local_allowed: bool, internal_allowed: bool | None = None) -> str | None:
+    """Why an href may not be opened at all: local files only from a STAC API on this machine, and
+    internal addresses only from a STAC API at an internal address (`internal_allowed`, by default
+    `local_allowed`)."""
     scheme = urlsplit(href).scheme.lower()
     local = scheme in ("", "file") or href.lower().startswith("/vsi")
     if local and not local_allowed:
         return "refused: a local path from a remote STAC API (a catalogue may not make the job read this machine's files)"
     if not local and scheme not in REMOTE_SCHEMES:
         return f"refused: unsupported href scheme {scheme!r} (use one of {', '.join(REMOTE_SCHEMES)})"
+    allowed = local_allowed if internal_allowed is None else internal_allowed
+    if scheme in ("http", "https") and not allowed and is_internal(href):
+        return "refused: an internal address from a public STAC API (a catalogue may not make the job request this machine or its networks)"
     return None
 
 
-def asset_problem(item: dict[str, Any], key: str, local_allowed: bool = True) -> AssetProblem | None:
+def asset_problem(item: dict[str, Any], key: str, local_allowed: bool = True, internal_allowed: bool | None = None) -> AssetProblem | None:
     """None when the asset opens and agrees with its item; otherwise what is wrong, in a few words."""
     import rasterio
     from rasterio.errors import RasterioError
@@ -111,7 +136,7 @@ def asset_problem(item: dict[str, Any], key: str, local_allowed: bool = True) ->
     if not asset or not asset.get("href"):
         return problem("no href")
     href = asset["href"]
-    refusal = href_refusal(href, local_allowed)
+    refusal = href_refusal(href, local_allowed, internal_allowed)
     if refusal:
         return problem(refusal)
     try:

@@ -19,7 +19,7 @@ import yaml
 from distributed import LocalCluster
 from distributed.security import Security
 
-from sr_batch.assets import check_assets, href_refusal, is_loopback
+from sr_batch.assets import check_assets, href_refusal, is_internal, is_loopback
 from sr_batch.errors import SearchError, SpecError
 from sr_batch.sample import SampleCatalog
 from sr_batch.spec import parse_spec
@@ -133,3 +133,28 @@ def test_tls_scheduler_without_tls_settings_is_one_line(tls_cluster: tuple[str, 
     assert len(lines) == 1 and lines[0].startswith(f"sr-batch: error: --scheduler: {address} needs TLS settings"), proc.stderr
     assert "DASK_DISTRIBUTED__COMM__TLS__CA_FILE" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+@pytest.mark.parametrize(
+    "href",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",  # a cloud's metadata service
+        "http://10.0.3.7:9000/bucket/B04.tif",
+        "https://192.168.1.20/B04.tif",
+        "http://127.0.0.1:8786/",
+        "http://localhost:8787/status",
+        "http://[::1]/x.tif",
+        "http://[fd00::5]/x.tif",
+    ],
+)
+def test_a_public_catalogue_cannot_point_at_internal_addresses(href: str) -> None:
+    """Server-side request forgery: a public API's item may not make the workers request internal hosts;
+    an API that is itself internal (a private pgstac) may, and public hosts are always fine."""
+    assert "internal address" in (href_refusal(href, local_allowed=False, internal_allowed=False) or "")
+    assert href_refusal(href, local_allowed=False, internal_allowed=True) is None
+    assert href_refusal("http://52.92.16.10/sentinel-cogs/B04.tif", local_allowed=False, internal_allowed=False) is None
+
+
+@pytest.mark.parametrize(("stac_url", "expected"), [("http://10.1.2.3/stac", True), ("http://localhost:8080", True), ("https://52.92.16.10/v1", False)])
+def test_internal_stac_apis_are_recognised(stac_url: str, expected: bool) -> None:
+    assert is_internal(stac_url) is expected
