@@ -24,8 +24,8 @@ count. The failures are listed in the plan summary and in the output's attribute
 stops with one line: that is a storage or access problem, not a few bad scenes.
 
 A block whose compressed bytes are corrupt cannot be seen in a header; the cube reads such a block as
-no data (stackstac's `errors_as_nodata`, see `cube.READ_ERRORS_AS_NODATA`) rather than failing the job.
-stackstac warns about it in the worker's log; it is not counted here.
+no data (`cube.READ_ERRORS_AS_NODATA`) rather than failing the job, and its worker reports the read:
+the job counts them in its summary and in the output's `unreadable_blocks` attribute.
 """
 
 from __future__ import annotations

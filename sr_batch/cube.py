@@ -13,6 +13,7 @@ reads only the SCL band, the super-resolution only the dates its windows use.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import xarray as xr
 from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
+from stackstac.rio_reader import AutoParallelRioReader, exception_matches, nodata_for_window
 
 from sr_batch.clouds import SATURATED_DN
 from sr_batch.errors import SearchError
@@ -35,7 +37,9 @@ READ_ERRORS_AS_NODATA = (
     r".*IReadBlock failed",
 )
 """Read errors that become no data for that asset's chunk instead of failing the job. The assets were
-checked before the cube was built (sr_batch.assets), so these are rare, local defects."""
+checked before the cube was built (sr_batch.assets), so these are rare, local defects; each one is
+reported on the Dask event topic READ_ERROR_TOPIC, and the job counts them (job.py)."""
+READ_ERROR_TOPIC = "sr-batch-read-error"
 BANDS = ("blue", "green", "red", "nir")
 SCL = "scl"
 
@@ -172,12 +176,49 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
         properties=False,
         sortby_date=False,
         errors_as_nodata=tuple(RasterioIOError(pattern) for pattern in READ_ERRORS_AS_NODATA),
+        reader=ReportingReader,
     )
     _check_grid(stack, grid)
     stack = stack.assign_coords(band=band_names)
     stack = _harmonise(stack, items, asset_keys, band_names)
     stack = _mosaic_solar_days(stack, days)
     return stack.drop_vars([c for c in stack.coords if c not in ("time", "band", "y", "x")])
+
+
+class ReportingReader(AutoParallelRioReader):
+    """stackstac's reader, except that a read error it turns into no data is also reported: stackstac
+    only warns in the worker's log, where no one counts."""
+
+    def __init__(self, *, errors_as_nodata: tuple[Exception, ...] = (), **options: Any) -> None:
+        super().__init__(errors_as_nodata=(), **options)  # stackstac raises; read() decides
+        self.as_nodata = errors_as_nodata
+
+    def __getstate__(self) -> dict[str, Any]:  # stackstac pickles a reader as its __init__ arguments
+        return {**super().__getstate__(), "errors_as_nodata": self.as_nodata}
+
+    def read(self, window: Any, **options: Any) -> np.ndarray:
+        try:
+            return super().read(window, **options)
+        except RuntimeError as err:  # stackstac wraps the error of an open or a read
+            cause = err.__cause__
+            if cause is None or not exception_matches(cause, self.as_nodata):
+                raise
+            report_read_error(self.url, cause)
+            return nodata_for_window(window, self.fill_value, self.dtype)
+
+
+def report_read_error(url: str, error: BaseException) -> None:
+    """Tell the job that a read became no data: a Dask event from a worker, a warning elsewhere."""
+    lines = str(error).strip().splitlines()
+    message = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        warnings.warn(f"read as no data: {url}: {message}", stacklevel=2)
+        return
+    worker.log_event(READ_ERROR_TOPIC, {"url": url, "error": message})
 
 
 def _check_grid(stack: xr.DataArray, grid: Grid) -> None:

@@ -34,6 +34,7 @@ from distributed import Client, KilledWorker, as_completed
 
 from sr_batch import kill_points
 from sr_batch.cluster import dask_client, gpu_workers
+from sr_batch.cube import READ_ERROR_TOPIC
 from sr_batch.errors import OutputError, SpecError, SrBatchError
 from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
@@ -41,8 +42,9 @@ from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record,
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
 from sr_batch.plan import SCALE, Plan, Window
 from sr_batch.progress import tile_progress
-from sr_batch.search import search
+from sr_batch.search import SearchResult, search
 from sr_batch.sink import (
+    ReadError,
     align_time_axis,
     append_dates,
     check_location,
@@ -50,6 +52,7 @@ from sr_batch.sink import (
     describe_output,
     has_layout,
     move_into_place,
+    record_read_errors,
     remove_stale_staging,
     staging_path,
     time_length,
@@ -79,15 +82,24 @@ class JobResult:
     written_km2: float = 0.0
     """Area of the written windows, summed over dates."""
     late: list[dt.date] = field(default_factory=list)
+    read_errors: list[ReadError] = field(default_factory=list)
+    """Reads of checked assets that failed (corrupt blocks) and were taken as no data."""
 
     def report(self) -> str:
         if not self.written_windows and not self.added_dates:
             return f"Nothing new: {self.output} is up to date ({self.seconds:.1f} s)"
         dates = f" ({self.added_dates[0]} … {self.added_dates[-1]})" if self.added_dates else ""
-        return (
+        line = (
             f"Added {len(self.added_dates)} dates{dates}; wrote {self.written_windows} tile-dates on {self.written_tiles} tiles, "
             f"{self.written_km2:.2f} km² in {self.seconds:.1f} s"
         )
+        if self.read_errors:
+            first = self.read_errors[0]
+            line += (
+                f"\nRead as no data: {sum(e.reads for e in self.read_errors)} reads of {len(self.read_errors)} assets failed "
+                f"(first: {first.url}: {first.error}); listed in the output's unreadable_blocks attribute"
+            )
+        return line
 
 
 def model_ref(spec: JobSpec) -> ModelRef:
@@ -166,6 +178,7 @@ def run_job(
             echo(result.report())
             return result
         with dask_client(scheduler, workers, echo) as client:
+            connected = time.time()
             increment = plan_increment(spec, found, manifest, radius)
             echo(increment.plan.summary())
             _warn_late(increment, echo)
@@ -193,6 +206,8 @@ def run_job(
                     ) from None
             if performance_report:
                 echo(f"Dask performance report: {performance_report}")
+            read_errors = read_errors_since(client, connected, job_hrefs(found))
+            record_read_errors(store, read_errors)
         if store != target:
             move_into_place(store, target)
     plan = increment.plan
@@ -206,9 +221,30 @@ def run_job(
         written_tiles=sum(1 for windows in written.values() if windows),
         written_km2=sum(_tile_km2(plan, tile) * len(windows) for tile, windows in written.items()),
         late=[d.date for d in increment.late],
+        read_errors=read_errors,
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
+
+
+def job_hrefs(found: SearchResult) -> set[str]:
+    """Every asset href of the job's items: read errors of other jobs on a shared cluster are not ours."""
+    return {asset["href"] for day in found.days for item in day.items for asset in item.get("assets", {}).values() if "href" in asset}
+
+
+def read_errors_since(client: Client, since: float, hrefs: set[str]) -> list[ReadError]:
+    """The job's reads that became no data (cube.READ_ERROR_TOPIC events), one entry per asset. The
+    events are kept by the scheduler; a margin covers worker clocks a little behind this one's."""
+    counts: dict[str, ReadError] = {}
+    for stamp, event in client.get_events(READ_ERROR_TOPIC):
+        if stamp < since - CLOCK_MARGIN_S or event.get("url") not in hrefs:
+            continue
+        known = counts.setdefault(event["url"], ReadError(url=event["url"], error=str(event.get("error", "")), reads=0))
+        known.reads += 1
+    return sorted(counts.values(), key=lambda e: e.url)
+
+
+CLOCK_MARGIN_S = 5.0
 
 
 MEMORY_SHARE = 0.6

@@ -23,7 +23,9 @@ run was killed between the two, before anything else is written.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,11 +197,35 @@ def append_dates(store: Location, plan: Plan, days: list[int], model: LoadedMode
     ds = dates_dataset(plan, days, model)
     with xr.open_zarr(**store.zarr_args(), consolidated=False) as existing:
         ds.attrs["created"] = existing.attrs.get("created", ds.attrs["created"])
+        if "unreadable_blocks" in existing.attrs:  # the group's attributes are rewritten whole: keep the record of earlier runs
+            ds.attrs["unreadable_blocks"] = existing.attrs["unreadable_blocks"]
         last = existing.time.values[-1] if existing.sizes["time"] else None
     if last is not None and days and not pd.Timestamp(plan.days[days[0]].date) > pd.Timestamp(last):
         raise OutputError(f"output.uri: date {plan.days[days[0]].date} is not after the last stored date {str(last)[:10]}; the time axis must stay sorted")
     timeless = [name for name in ds.variables if "time" not in ds[name].dims]
     ds.drop_vars(timeless).to_zarr(**store.zarr_args(), mode="a", append_dim="time", zarr_format=3, consolidated=False, compute=False)
+
+
+@dataclass
+class ReadError:
+    """An asset whose reads failed during a run (corrupt blocks) and were taken as no data."""
+
+    url: str
+    error: str
+    reads: int
+
+
+def record_read_errors(store: Location, errors: list[ReadError]) -> None:
+    """Add this run's failed reads to the store's `unreadable_blocks` attribute (JSON, one entry per
+    asset, reads summed over runs), beside `unreadable_items` for the assets skipped before reading."""
+    if not errors:
+        return
+    group = zarr.open_group(**store.zarr_args(), mode="r+", zarr_format=3)
+    known = {entry["url"]: entry for entry in json.loads(group.attrs.get("unreadable_blocks", "[]"))}
+    for error in errors:
+        entry = known.setdefault(error.url, {"url": error.url, "error": error.error, "reads": 0})
+        entry["reads"] += error.reads
+    group.attrs["unreadable_blocks"] = json.dumps(sorted(known.values(), key=lambda entry: entry["url"]))
 
 
 def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:

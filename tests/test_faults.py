@@ -296,3 +296,31 @@ def test_corrupt_block_behind_a_sound_header_reads_as_no_data(catalog: SampleCat
         cube = load_cube(found.days, grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((grid.height,), (grid.width,))).values
     assert (cube[0, 2] == 0).all()  # red: no data
     assert (cube[0, 0] > 0).mean() > 0.9  # blue of the same date is intact
+
+
+def test_corrupt_blocks_read_by_a_job_are_counted_and_recorded(catalog: SampleCatalog, tmp_path: Path, scheduler: str) -> None:
+    """The same corrupt block read by a job's workers: the job completes, says how many reads became no
+    data and of which asset, and the output's attributes list it (kept when the next run appends)."""
+    import rasterio
+
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    href = by_id[CLEAR_DAY]["assets"]["red"]["href"]
+    path = Path(href.removeprefix("file://"))
+    with rasterio.open(path) as dataset:
+        offset = int(dataset.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        length = int(dataset.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    content = bytearray(path.read_bytes())
+    content[offset : offset + length] = bytes(length)
+    path.write_bytes(bytes(content))
+    lines: list[str] = []
+    with serve_items(catalog.collection, items) as url:
+        job = make_job(url, tmp_path / "sr.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-10"})
+        result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lines.append)
+        assert [(e.url, e.reads > 0) for e in result.read_errors] == [(href, True)]
+        assert any(line.startswith("Read as no data: ") and "red.tif" in line for text in lines for line in text.splitlines())
+        recorded = json.loads(xr.open_zarr(result.output, consolidated=False).attrs["unreadable_blocks"])
+        assert [entry["url"] for entry in recorded] == [href] and recorded[0]["reads"] == result.read_errors[0].reads
+        job["time"]["end"] = "2019-07-31"  # the next night appends: the record stays
+        run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lines.append)
+        after = json.loads(xr.open_zarr(result.output, consolidated=False).attrs["unreadable_blocks"])
+        assert [entry["url"] for entry in after] == [href] and after[0]["reads"] >= recorded[0]["reads"]
