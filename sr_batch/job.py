@@ -38,7 +38,7 @@ from sr_batch.cube import READ_ERROR_TOPIC
 from sr_batch.errors import OutputError, SpecError, SrBatchError
 from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
-from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings
+from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings, with_precision
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
 from sr_batch.plan import SCALE, Plan, Window
 from sr_batch.progress import tile_progress
@@ -60,7 +60,7 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec
 from sr_batch.storage import Location
-from sr_batch.superres import ModelRef, load_model, pick_device
+from sr_batch.superres import ModelRef, auto_precision, load_model, pick_device
 from sr_batch.tiles import GPU_RESOURCE, superresolve_plan, task_memory_bytes
 
 Echo = Callable[[str], None]
@@ -186,6 +186,11 @@ def run_job(
             if on_gpus:
                 echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
             echo(check_task_memory(client, increment.plan, on_gpus))  # before anything is written
+            precision = resolved_precision(client, spec, on_gpus)
+            echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
+            settings = with_precision(settings, precision)
+            if manifest is not None:
+                check_compatible(manifest, target, loaded.checksum, settings)
             manifest, added = commit_dates(store, increment, manifest, loaded, settings, lock)
             pending = increment.pending(manifest)
             check_frames_available(increment.plan, pending)
@@ -197,7 +202,8 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, model_ref(spec), bool(on_gpus), echo)
+                    ref = replace(model_ref(spec), precision=precision)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
                     raise SrBatchError(
@@ -225,6 +231,21 @@ def run_job(
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
+
+
+def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str:
+    """What `model.precision` means for this run, asked of the workers that will run the network: the
+    output records it, so a date made in bf16 on a GPU and one made in fp32 on a CPU never mix."""
+    if spec.model.precision != "auto":
+        return spec.model.precision
+    answers = client.run(auto_precision, spec.model.device, workers=on_gpus or None)
+    found = sorted(set(answers.values()))
+    if len(found) != 1:
+        raise SpecError(
+            f"model.precision: auto means {' on some workers and '.join(found)} on others of this cluster; "
+            "set model.precision to one of fp32, bf16, fp16, or run the network on GPU workers only (--resources GPU=N)"
+        )
+    return found[0]
 
 
 def job_hrefs(found: SearchResult) -> set[str]:

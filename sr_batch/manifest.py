@@ -173,6 +173,24 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
     return found
 
 
+def with_precision(settings: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The settings with `model.precision: auto` replaced by what it resolved to on the cluster."""
+    resolved = json.loads(json.dumps(settings))
+    resolved.setdefault("model", {})["precision"] = precision
+    return resolved
+
+
+def _unresolved(entry: str) -> bool:
+    """A precision difference where one side is `auto`: compared once the run knows what auto means
+    on its workers (job.py); outputs written before precisions were resolved stored `auto`."""
+    return entry.startswith("model.precision: ") and '"auto"' in entry
+
+
+def setting_changes(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The differences that make two settings incompatible: all but a precision one side of which is `auto`."""
+    return [entry for entry in differences(stored, wanted) if not _unresolved(entry)]
+
+
 def check_compatible(manifest: Manifest, target: Path | Location, model_sha256: str, settings: dict[str, Any]) -> None:
     """Refuse to extend an output made with another model or other settings."""
     if manifest.model_sha256 != model_sha256:
@@ -180,7 +198,7 @@ def check_compatible(manifest: Manifest, target: Path | Location, model_sha256: 
             f"output.uri: {target} was made with model sha256 {manifest.model_sha256[:12]}…, this job's model is {model_sha256[:12]}…; "
             "pass --overwrite to recompute it with this model, or write to another output.uri"
         )
-    changed = differences(manifest.settings, settings)
+    changed = setting_changes(manifest.settings, settings)
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise OutputError(

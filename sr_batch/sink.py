@@ -42,6 +42,7 @@ from sr_batch import __version__, kill_points
 from sr_batch.assets import unreadable_attributes
 from sr_batch.cube import BANDS
 from sr_batch.errors import OutputError
+from sr_batch.manifest import MANIFEST_KEY
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE, Plan
 from sr_batch.spec import spec_json
@@ -62,8 +63,10 @@ def check_location(uri: str | Path | Location, overwrite: bool = False) -> Locat
     target.check_writable()
     if target.is_file():
         raise OutputError(f"output.uri: {target} is a file, not a Zarr store; choose another path")
-    # (A store whose replacement a killed --overwrite left half done on S3 may lack its zarr.json: it is ours.)
-    if overwrite and not target.is_empty() and not target.has("zarr.json") and not target.replace_interrupted():
+    # Ours without a root zarr.json: a store whose replacement a killed --overwrite left half done on S3,
+    # and a first run killed after its manifest but before the store's layout.
+    ours = target.has("zarr.json") or target.has(MANIFEST_KEY) or target.replace_interrupted()
+    if overwrite and not target.is_empty() and not ours:
         raise OutputError(f"output.uri: {target} exists and is not a Zarr store; --overwrite replaces only Zarr stores, so choose another path")
     return target
 

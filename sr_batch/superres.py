@@ -121,6 +121,12 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def auto_precision(device: str) -> str:
+    """What `precision: auto` means in this process for `model.device` (run on each worker: it depends on its GPU)."""
+    dtype = pick_autocast("auto", pick_device(device))
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def _limit_cpu_threads() -> None:
     """Share the CPU between worker processes instead of each one taking every core."""
     threads = os.environ.get("SR_BATCH_TORCH_THREADS")

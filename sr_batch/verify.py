@@ -23,7 +23,7 @@ import zarr
 
 from sr_batch.cube import Grid
 from sr_batch.errors import OutputError
-from sr_batch.manifest import Manifest, differences, settings_of
+from sr_batch.manifest import Manifest, setting_changes, settings_of
 from sr_batch.plan import SCALE, causal_windows
 from sr_batch.sink import SR_ENCODING
 from sr_batch.storage import Location, location
@@ -60,7 +60,7 @@ def _attribute_problems(ds: xr.Dataset, manifest: Manifest) -> list[str]:
         stored = settings_of(json.loads(ds.attrs["job"]))
     except (KeyError, TypeError, ValueError):
         return [*problems, "attrs job is missing or not JSON"]
-    changed = differences(manifest.settings, stored)
+    changed = setting_changes(manifest.settings, stored)  # the attrs keep the spec as given: `auto` is not a change
     if changed:
         problems.append(f"attrs job settings differ from the manifest's: {'; '.join(changed[:3])}")
     return problems

@@ -206,6 +206,7 @@ def test_whole_cluster_and_a_worker_killed_then_resumed_equals_an_uninterrupted_
     [
         ({"cloud": {"max_cloud_fraction": 0.1}}, "cloud.max_cloud_fraction: 0.05 → 0.1"),
         ({"model": {**SMALL_MODEL, "architecture": {**SMALL_MODEL["architecture"], "seed": 1}}}, "made with model sha256"),
+        ({"model": {**SMALL_MODEL, "precision": "bf16"}}, 'model.precision: "fp32" → "bf16"'),
     ],
 )
 def test_changed_settings_or_model_is_refused(reference: JobResult, stac_url: str, catalog, scheduler: str, change: dict, named: str) -> None:
@@ -224,6 +225,34 @@ def test_execution_settings_may_change(reference: JobResult, stac_url: str, cata
     job["time"] = {"start": PERIOD["start"], "end": "2019-09-01"}
     assert run_job(parse_spec(job), scheduler=scheduler, show_progress=False).written_windows == 0
     assert snapshot(reference.output) == files
+
+
+def test_the_output_records_the_precision_auto_resolved_to(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """`precision: auto` is recorded as what it meant on the workers (fp32 on this CPU cluster): a later
+    run asking for fp32 explicitly may extend the output, one asking for bf16 may not (above), and an
+    output that recorded `auto` (written before precisions were resolved) is still accepted."""
+    assert Manifest.read(reference.output).settings["model"]["precision"] == "fp32"
+    explicit = nightly_job(stac_url, reference.output, catalog, model={**SMALL_MODEL, "precision": "fp32"})
+    assert run_job(parse_spec(explicit), scheduler=scheduler, show_progress=False).written_windows == 0
+    older = tmp_path / "older.zarr"
+    shutil.copytree(reference.output, older)
+    manifest = Manifest.read(older)
+    manifest.settings["model"]["precision"] = "auto"
+    manifest.write(older)
+    again = nightly_job(stac_url, older, catalog, model={**SMALL_MODEL, "precision": "auto"})
+    assert run_job(parse_spec(again), scheduler=scheduler, show_progress=False).written_windows == 0
+
+
+def test_overwrite_replaces_a_first_run_killed_before_its_layout(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """A first run killed just after writing its manifest leaves a folder with the manifest only: it is
+    ours, so --overwrite replaces it (a plain run resumes it), and the result equals an uninterrupted run."""
+    out = tmp_path / "early.zarr"
+    manifest = Manifest.read(reference.output)
+    manifest.days, manifest.times, manifest.done, manifest.empty_chunks = [], [], {}, []
+    out.mkdir()
+    manifest.write(out)
+    run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, overwrite=True, show_progress=False)
+    assert_same_store(out, reference.output)
 
 
 def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(
