@@ -5,9 +5,9 @@ then hard-linked into place (atomic, and refused when the lock exists, on a loca
 system), holding who took it and until when (`expires`). While the run lives, a daemon thread
 renews the lease every quarter lease. A second run finds the file and is refused with one line naming
 the holder. A holder that died stops renewing: once its lease has expired (or at once, when the
-holder ran on this host and its process is gone) the next run breaks the lock. Breaking renames the
-stale file to a unique name first, so of two runs breaking one stale lock only one succeeds, and a
-run never deletes a lock it did not judge stale.
+holder ran on this host, in this boot and PID namespace, and its process is gone) the next run
+breaks the lock. Breaking renames the stale file to a unique name first, so of two runs breaking
+one stale lock only one succeeds, and a run never deletes a lock it did not judge stale.
 
 On S3 (storage.py) there is no link or rename; the same protocol runs on conditional PUTs. Taking the
 lock is a PUT with `If-None-Match: *` (refused when the lock object exists). Renewing and breaking
@@ -58,6 +58,8 @@ class LockHolder:
     pid: int
     started: str
     expires: float
+    space: str | None = None
+    """The holder's process space (see `process_space`); None in locks written before it was recorded."""
 
     @classmethod
     def read(cls, path: Path) -> LockHolder | None:
@@ -72,7 +74,15 @@ class LockHolder:
     def parse(cls, text: str) -> LockHolder:
         try:
             data = json.loads(text)
-            return cls(token=str(data["token"]), host=str(data["host"]), pid=int(data["pid"]), started=str(data["started"]), expires=float(data["expires"]))
+            space = data.get("space")
+            return cls(
+                token=str(data["token"]),
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                started=str(data["started"]),
+                expires=float(data["expires"]),
+                space=None if space is None else str(space),
+            )
         except (ValueError, KeyError, TypeError):
             # A torn or foreign file: treat it as a holder whose lease expired long ago.
             return cls(token="unreadable", host="?", pid=-1, started="?", expires=0.0)
@@ -80,11 +90,24 @@ class LockHolder:
     def is_stale(self, now: float) -> bool:
         if now > self.expires:
             return True
-        return self.host == socket.gethostname() and not _process_alive(self.pid)
+        # A PID means something only in the PID namespace (and boot) it came from: containers may share a
+        # hostname but not their processes, and a PID gone here may be alive there.
+        return self.host == socket.gethostname() and self.space is not None and self.space == process_space() and not _process_alive(self.pid)
 
     def describe(self) -> str:
         until = dt.datetime.fromtimestamp(self.expires, dt.UTC).isoformat(timespec="seconds")
         return f"process {self.pid} on {self.host} since {self.started}, lease until {until}"
+
+
+def process_space() -> str:
+    """Where this process's PID is meaningful: the boot and the PID namespace (Linux), else the host alone."""
+    parts = []
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return " ".join(parts)
 
 
 def _process_alive(pid: int) -> bool:
@@ -227,7 +250,8 @@ class OutputLock:
 
     def _content(self) -> str:
         expires = dt.datetime.now(dt.UTC).timestamp() + self.lease_s
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": self.started, "expires": expires})
+        holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "space": process_space()}
+        return json.dumps({**holder, "started": self.started, "expires": expires})
 
     def acquire(self) -> None:
         self.file.prepare()

@@ -26,7 +26,7 @@ import zarr
 
 from sr_batch.errors import OutputError
 from sr_batch.job import JobResult, run_job
-from sr_batch.lock import OutputLock, lock_path
+from sr_batch.lock import OutputLock, lock_path, process_space
 from sr_batch.manifest import Manifest, manifest_path, written_mask
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
@@ -306,10 +306,9 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(reference: JobRe
     assert snapshot(reference.output) == files and not lock_path(reference.output).exists()
 
 
-def plant_lock(target: Path, host: str, pid: int, expires_in: float) -> None:
-    lock_path(target).write_text(
-        json.dumps({"token": "planted", "host": host, "pid": pid, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in})
-    )
+def plant_lock(target: Path, host: str, pid: int, expires_in: float, space: str | None = None) -> None:
+    holder = {"token": "planted", "host": host, "pid": pid, "space": space or process_space()}
+    lock_path(target).write_text(json.dumps({**holder, "started": "then", "expires": dt.datetime.now(dt.UTC).timestamp() + expires_in}))
 
 
 def dead_pid() -> int:
@@ -325,11 +324,13 @@ def dead_pid() -> int:
         ("elsewhere", False, -1, True),  # another host, lease expired: its holder died
         ("here", False, 600, True),  # this host, process gone: no need to wait for the lease
         ("here", True, 600, False),  # this host, process alive: refused
+        ("here, another PID namespace", False, 600, False),  # a container with this hostname: its PIDs are not ours to judge
     ],
 )
 def test_lock_lease(tmp_path: Path, host: str, alive: bool, expires_in: float, taken: bool) -> None:
     target = tmp_path / "out.zarr"
-    plant_lock(target, socket.gethostname() if host == "here" else "elsewhere.example", os.getpid() if alive else dead_pid(), expires_in)
+    space = "another-boot pid:[1]" if "namespace" in host else None
+    plant_lock(target, socket.gethostname() if host.startswith("here") else "elsewhere.example", os.getpid() if alive else dead_pid(), expires_in, space)
     lock = OutputLock(target)
     if not taken:
         with pytest.raises(OutputError, match="being written by another run"):
