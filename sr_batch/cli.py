@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sr-batch: interrupted; what the manifest records as written is kept: run again to finish", file=sys.stderr)
         return 130
+    except OSError as err:  # the disk or the object store failed under a running job (full, gone, access revoked)
+        if os.environ.get("SR_BATCH_DEBUG"):
+            raise
+        print(
+            f"sr-batch: error: storage: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}; "
+            "what the manifest records as written is kept: fix the cause and run again (SR_BATCH_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -203,7 +203,8 @@ def run_job(
             ):
                 try:
                     ref = replace(model_ref(spec), precision=precision)
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), echo)
+                    per_task = dates_per_task(increment.plan, spec.model.batch_size, super_resolution_slots(client, on_gpus))
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
                     raise SrBatchError(
@@ -343,14 +344,40 @@ def commit_dates(
     return manifest, added
 
 
+def super_resolution_slots(client: Client, on_gpus: list[str]) -> int:
+    """How many super-resolution tasks the cluster runs at once: its GPU slots, or else its threads."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if on_gpus:
+        return sum(int(workers[address].get("resources", {}).get(GPU_RESOURCE, 1)) for address in on_gpus if address in workers) or 1
+    return sum(int(info.get("nthreads", 1)) for info in workers.values()) or 1
+
+
+def dates_per_task(plan: Plan, batch_size: int, slots: int) -> int:
+    """Output dates per task: a forward pass's worth (`model.batch_size`), or fewer when a job has fewer
+    tiles than the cluster has slots, so that a small region still keeps every worker busy (its tiles'
+    dates are split over more tasks; each task still reads its tile once from the shared block)."""
+    tiles = max(1, sum(1 for windows in plan.windows.values() if windows))
+    groups = -(-slots // tiles)
+    return max(1, min(batch_size, -(-len(plan.output_days) // groups)))
+
+
 def write_pending(
-    client: Client, store: Location, plan: Plan, pending: Pending, manifest: Manifest, lock: OutputLock, ref: ModelRef, gpu_workers_only: bool, echo: Echo
+    client: Client,
+    store: Location,
+    plan: Plan,
+    pending: Pending,
+    manifest: Manifest,
+    lock: OutputLock,
+    ref: ModelRef,
+    gpu_workers_only: bool,
+    per_task: int,
+    echo: Echo,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
     written: Pending = {tile: [] for tile in pending}
     if not _count(pending):
         return written
-    tasks = write_tasks(store, replace(plan, windows=pending), manifest, ref, gpu_workers_only)
+    tasks = write_tasks(store, replace(plan, windows=pending), manifest, ref, gpu_workers_only, per_task)
     time_index = {date: k for k, date in enumerate(manifest.times)}
     date_at = {k: date for date, k in time_index.items()}
     by_date = {(plan.days[w.target].date.isoformat(), tile): w for tile, windows in pending.items() for w in windows}
@@ -368,9 +395,9 @@ def write_pending(
     return written
 
 
-def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool) -> dict[tuple[int, int], list[Delayed]]:
-    """Per tile, one task per group of its dates: super-resolve (tiles.py), then write the tile's pending dates."""
-    sr = superresolve_plan(work, ref, dates_per_task=work.spec.model.batch_size, gpu_workers_only=gpu_workers_only)
+def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> dict[tuple[int, int], list[Delayed]]:
+    """Per tile, one task per group of `per_task` dates: super-resolve (tiles.py), then write the tile's pending dates."""
+    sr = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only)
     time_index = {date: k for k, date in enumerate(manifest.times)}
     outputs = work.output_days
     name = f"write-sr-{tokenize(sr.name, str(store))}"

@@ -236,8 +236,9 @@ def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:
     exactly xarray's CF encoding (clip, divide by the scale factor in float32, NaN to the fill value,
     round half to even; tests/test_sink_encoding.py). The result is int16 holding the
     uint16 bit pattern (torch's uint16 is not usable on every device): view it as uint16 on the host."""
-    scaled = torch.clamp(image.float(), 1e-4, MAX_REFLECTANCE) / torch.tensor(SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)
-    return torch.round(torch.nan_to_num(scaled, nan=0.0)).to(torch.int32).to(torch.int16)
+    scaled = torch.clamp(image.float(), 1e-4, MAX_REFLECTANCE)  # a new tensor: the steps after it work in place
+    scaled.div_(torch.tensor(SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)).nan_to_num_(nan=0.0).round_()
+    return scaled.to(torch.int32).to(torch.int16)
 
 
 def write_tile_dates(

@@ -296,13 +296,14 @@ def normalise_and_fill(x: torch.Tensor, alphas: torch.Tensor, mean: torch.Tensor
     """In place: normalise with the checkpoint's statistics, fill each gap with the per-pixel median of
     the window's valid frames (0, the mean, where none is valid) and zero the padding frames."""
     x.sub_(mean).div_(std)
-    frames_first = x.transpose(0, 1)  # a view: (frames, windows, band, y, x)
+    frames_first = x.transpose(0, 1)  # a view: (frames, windows, band, y, x); padding frames are NaN, so no median counts them
     if x.device.type == "cuda":
         # On a GPU the median of every pixel costs less than finding the pixels that have a gap (a sync).
         frames_first.copy_(torch.where(torch.isnan(frames_first), nanmedian_frames(frames_first), frames_first))
     else:
-        # On a CPU only pixels with a gap are sorted: most pixels have none.
-        holes = torch.isnan(frames_first).any(dim=0)
+        # On a CPU only pixels with a gap in a real frame are sorted: most pixels have none.
+        real = (alphas > 0).transpose(0, 1)[:, :, None, None, None]
+        holes = (torch.isnan(frames_first) & real).any(dim=0)
         if holes.any():
             columns = frames_first[:, holes]
             frames_first[:, holes] = torch.where(torch.isnan(columns), nanmedian_frames(columns), columns)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -275,6 +277,28 @@ def test_killed_overwrite_keeps_the_previous_output_then_overwrite_replaces_it(
     assert manifest.settings["cloud"]["max_cloud_fraction"] == 0.1
     assert manifest.done_count() == result.plan.tile_dates == result.written_windows
     assert verify_output(out) == []
+
+
+def test_disk_full_mid_run_is_one_line_and_the_next_run_finishes(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """The disk fills up under a running job (every file of the client and of its LocalCluster's workers is
+    capped at 64 kB, so the first Zarr chunks fail with EFBIG): one line, exit 1, no traceback; the next run
+    finishes the output, equal to an uninterrupted run."""
+    out = tmp_path / "full.zarr"
+    job = write_job(tmp_path, nightly_job(stac_url, out, catalog))
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    full = subprocess.run(
+        [str(SR_BATCH), "run", str(job), "--no-progress"], capture_output=True, text=True, timeout=600, start_new_session=True, preexec_fn=small_disk
+    )
+    assert full.returncode == 1, full.stderr[-2000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("sr-batch: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("sr-batch: error: storage: OSError") and "run again" in errors[0], full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    assert_same_store(out, reference.output)
 
 
 def test_late_arriving_scene_is_skipped_with_a_warning(reference: JobResult, tmp_path: Path, catalog, early_url: str, scheduler: str, capsys) -> None:
