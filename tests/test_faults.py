@@ -273,20 +273,25 @@ def test_one_date_series_with_a_tile_that_has_no_cloudless_date(catalog: SampleC
     assert np.isfinite(ds.sr[0, :, 4 * 48 :, 4 * 48 :]).mean() > 0.9
 
 
-def test_corrupt_block_behind_a_sound_header_reads_as_no_data(catalog: SampleCatalog, tmp_path: Path) -> None:
-    """Compressed bytes zeroed in place: the header check passes, the read fails, and the cube holds no data there instead of failing."""
+def zero_first_block(path: Path) -> None:
+    """Zero a COG's first compressed block in place: its header stays sound, its pixels cannot be decoded."""
     import rasterio
 
-    from sr_batch.cube import BANDS, SCL, choose_grid, load_cube
-
-    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
-    path = Path(by_id[CLEAR_DAY]["assets"]["red"]["href"].removeprefix("file://"))
     with rasterio.open(path) as dataset:
         offset = int(dataset.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
         length = int(dataset.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
     content = bytearray(path.read_bytes())
     content[offset : offset + length] = bytes(length)
     path.write_bytes(bytes(content))
+
+
+def test_corrupt_block_behind_a_sound_header_reads_as_no_data(catalog: SampleCatalog, tmp_path: Path) -> None:
+    """Compressed bytes zeroed in place: the header check passes, the read fails, and the cube holds no data there instead of failing."""
+    from sr_batch.cube import BANDS, SCL, choose_grid, load_cube
+
+    items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
+    path = Path(by_id[CLEAR_DAY]["assets"]["red"]["href"].removeprefix("file://"))
+    zero_first_block(path)
     with serve_items(catalog.collection, items) as url:
         spec = parse_spec(make_job(url, tmp_path / "sr.zarr", catalog, time={"start": "2019-07-06", "end": "2019-07-06"}))
         found = search(spec)
@@ -301,17 +306,10 @@ def test_corrupt_block_behind_a_sound_header_reads_as_no_data(catalog: SampleCat
 def test_corrupt_blocks_read_by_a_job_are_counted_and_recorded(catalog: SampleCatalog, tmp_path: Path, scheduler: str) -> None:
     """The same corrupt block read by a job's workers: the job completes, says how many reads became no
     data and of which asset, and the output's attributes list it (kept when the next run appends)."""
-    import rasterio
-
     items, by_id = summer_catalogue(catalog, tmp_path / "scenes")
     href = by_id[CLEAR_DAY]["assets"]["red"]["href"]
     path = Path(href.removeprefix("file://"))
-    with rasterio.open(path) as dataset:
-        offset = int(dataset.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-        length = int(dataset.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-    content = bytearray(path.read_bytes())
-    content[offset : offset + length] = bytes(length)
-    path.write_bytes(bytes(content))
+    zero_first_block(path)
     lines: list[str] = []
     with serve_items(catalog.collection, items) as url:
         job = make_job(url, tmp_path / "sr.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-10"})
