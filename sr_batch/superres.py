@@ -139,10 +139,18 @@ def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_si
     if not windows:
         raise ValueError("no windows to super-resolve")
     frames = runner.loaded.info.frames
-    kept = [np.asarray(w, np.float32)[-frames:] for w in windows]
-    ends = np.cumsum([len(w) for w in kept])
-    stack = to_device(torch.from_numpy(np.concatenate(kept)), runner.device)
-    return superresolve_frames(runner, stack, [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)], batch_size)
+    # A few batches' windows at a time go to the device, not all of them: a caller may pass thousands.
+    step = WINDOW_BATCHES_PER_UPLOAD * max(1, batch_size)
+    parts = []
+    for start in range(0, len(windows), step):
+        kept = [np.asarray(w, np.float32)[-frames:] for w in windows[start : start + step]]
+        ends = np.cumsum([len(w) for w in kept])
+        stack = to_device(torch.from_numpy(np.concatenate(kept)), runner.device)
+        parts.append(superresolve_frames(runner, stack, [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)], batch_size))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+WINDOW_BATCHES_PER_UPLOAD = 4
 
 
 def superresolve_frames(

@@ -478,7 +478,7 @@ def test_windows_of_different_lengths_do_not_mix_in_a_batch() -> None:
     windows[4][0, :, 2, 2] = np.nan
     alone = np.stack([superresolve_windows(eager_runner(loaded, "cpu"), [w])[0] for w in windows])
     assert np.isnan(alone[2]).sum() == 4 * 16 and not np.isnan(np.delete(alone, 2, axis=0)).any()
-    for batch_size in (8, 3):
+    for batch_size in (8, 3, 1):  # 1: the windows go to the device in two uploads
         together = superresolve_windows(eager_runner(loaded, "cpu"), windows, batch_size=batch_size)
         assert together.shape == (5, 4, 24, 20)
         np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
