@@ -23,15 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sr-batch: interrupted; what the manifest records as written is kept: run again to finish", file=sys.stderr)
         return 130
-    except OSError as err:  # the disk or the object store failed under a running job (full, gone, access revoked)
-        if os.environ.get("SR_BATCH_DEBUG"):
+    except Exception as err:  # noqa: BLE001 - the environment failed under a running job (disk full, store or cluster gone)
+        if os.environ.get("SR_BATCH_DEBUG") or not _environment_failure(err):
             raise
+        lines = str(err).strip().splitlines()
         print(
-            f"sr-batch: error: storage: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}; "
+            f"sr-batch: error: {type(err).__name__}: {lines[0][:300] if lines else ''}; "
             "what the manifest records as written is kept: fix the cause and run again (SR_BATCH_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
-        return 1
+        return ENVIRONMENT_FAILURE
+
+
+ENVIRONMENT_FAILURE = 3
+"""Exit code of a run stopped by its environment (storage, network, cluster), not by its input (2)."""
+
+
+def _environment_failure(err: BaseException) -> bool:
+    """Errors of the disk, the object store, the network or the cluster: not bugs, so one line, not a traceback."""
+    if isinstance(err, OSError):  # includes TimeoutError, ConnectionError and s3fs's translated errors
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError  # s3fs passes errors without an HTTP response through
+    except ImportError:
+        return False
+    return isinstance(err, BotoCoreError)
 
 
 def _parser() -> argparse.ArgumentParser:

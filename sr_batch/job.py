@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -177,8 +177,7 @@ def run_job(
             result = JobResult(plan=quick.plan, output=target.native, seconds=time.monotonic() - started, model=loaded, late=[d.date for d in quick.late])
             echo(result.report())
             return result
-        with dask_client(scheduler, workers, echo) as client:
-            connected = time.time()
+        with dask_client(scheduler, workers, echo) as client, read_errors_of(client, job_hrefs(found)) as read_errors:
             increment = plan_increment(spec, found, manifest, radius)
             echo(increment.plan.summary())
             _warn_late(increment, echo)
@@ -203,7 +202,8 @@ def run_job(
             ):
                 try:
                     ref = replace(model_ref(spec), precision=precision)
-                    per_task = dates_per_task(increment.plan, spec.model.batch_size, super_resolution_slots(client, on_gpus))
+                    slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
+                    per_task = dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
@@ -213,8 +213,7 @@ def run_job(
                     ) from None
             if performance_report:
                 echo(f"Dask performance report: {performance_report}")
-            read_errors = read_errors_since(client, connected, job_hrefs(found))
-            record_read_errors(store, read_errors)
+            record_read_errors(store, read_errors.found())
         if store != target:
             move_into_place(store, target)
     plan = increment.plan
@@ -228,7 +227,7 @@ def run_job(
         written_tiles=sum(1 for windows in written.values() if windows),
         written_km2=sum(_tile_km2(plan, tile) * len(windows) for tile, windows in written.items()),
         late=[d.date for d in increment.late],
-        read_errors=read_errors,
+        read_errors=read_errors.found(),
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
@@ -254,19 +253,34 @@ def job_hrefs(found: SearchResult) -> set[str]:
     return {asset["href"] for day in found.days for item in day.items for asset in item.get("assets", {}).values() if "href" in asset}
 
 
-def read_errors_since(client: Client, since: float, hrefs: set[str]) -> list[ReadError]:
-    """The job's reads that became no data (cube.READ_ERROR_TOPIC events), one entry per asset. The
-    events are kept by the scheduler; a margin covers worker clocks a little behind this one's."""
-    counts: dict[str, ReadError] = {}
-    for stamp, event in client.get_events(READ_ERROR_TOPIC):
-        if stamp < since - CLOCK_MARGIN_S or event.get("url") not in hrefs:
-            continue
-        known = counts.setdefault(event["url"], ReadError(url=event["url"], error=str(event.get("error", "")), reads=0))
-        known.reads += 1
-    return sorted(counts.values(), key=lambda e: e.url)
+class ReadErrors:
+    """The job's reads that became no data (cube.READ_ERROR_TOPIC events), gathered as they happen: the
+    scheduler keeps only the last events of a topic, and other jobs on a shared cluster send theirs too."""
+
+    def __init__(self, hrefs: set[str]) -> None:
+        self.hrefs = hrefs
+        self.by_url: dict[str, ReadError] = {}
+
+    def on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, message = event
+        url = message.get("url")
+        if url in self.hrefs:
+            known = self.by_url.setdefault(url, ReadError(url=url, error=str(message.get("error", "")), reads=0))
+            known.reads += 1
+
+    def found(self) -> list[ReadError]:
+        return sorted(self.by_url.values(), key=lambda error: error.url)
 
 
-CLOCK_MARGIN_S = 5.0
+@contextlib.contextmanager
+def read_errors_of(client: Client, hrefs: set[str]) -> Iterator[ReadErrors]:
+    """Follow the read-error events while the block runs (the cloud scores and the super-resolution)."""
+    collected = ReadErrors(hrefs)
+    client.subscribe_topic(READ_ERROR_TOPIC, collected.on_event)
+    try:
+        yield collected
+    finally:
+        client.unsubscribe_topic(READ_ERROR_TOPIC)
 
 
 MEMORY_SHARE = 0.6

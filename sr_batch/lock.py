@@ -92,7 +92,8 @@ class LockHolder:
             return True
         # A PID means something only in the PID namespace (and boot) it came from: containers may share a
         # hostname but not their processes, and a PID gone here may be alive there.
-        return self.host == socket.gethostname() and self.space is not None and self.space == process_space() and not _process_alive(self.pid)
+        here = self.space is not None and "?" not in self.space and self.space == process_space()
+        return self.host == socket.gethostname() and here and not _process_alive(self.pid)
 
     def describe(self) -> str:
         until = dt.datetime.fromtimestamp(self.expires, dt.UTC).isoformat(timespec="seconds")

@@ -27,13 +27,12 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import rioxarray  # noqa: F401 - registers the .rio accessor
-import torch
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
@@ -47,6 +46,9 @@ from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE, Plan
 from sr_batch.spec import spec_json
 from sr_batch.storage import Location, location, zarr_options
+
+if TYPE_CHECKING:
+    import torch
 
 SENTINEL2_BANDS = ("B02", "B03", "B04", "B08")
 MAX_REFLECTANCE = 65535 / 10000
@@ -236,6 +238,8 @@ def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:
     exactly xarray's CF encoding (clip, divide by the scale factor in float32, NaN to the fill value,
     round half to even; tests/test_sink_encoding.py). The result is int16 holding the
     uint16 bit pattern (torch's uint16 is not usable on every device): view it as uint16 on the host."""
+    import torch  # here, not at the top: reading and verifying a store need no torch
+
     scaled = torch.clamp(image.float(), 1e-4, MAX_REFLECTANCE)  # a new tensor: the steps after it work in place
     scaled.div_(torch.tensor(SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)).nan_to_num_(nan=0.0).round_()
     return scaled.to(torch.int32).to(torch.int16)

@@ -16,6 +16,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -56,9 +57,10 @@ class Runner:
     compiled: bool
     denormalise: tuple[torch.Tensor, torch.Tensor] | None = None
     """(std, mean) on the device, made at the first batch."""
-    forward_lock: threading.Lock = field(default_factory=threading.Lock)
-    """A compiled forward pass is entered by one thread at a time (a GPU worker runs two tasks at once;
-    torch.compile is not thread-safe while it compiles). Eager passes need no lock."""
+    compiled_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="sr-batch-compiled"))
+    """The one thread that runs a compiled forward pass. A GPU worker runs tasks on several threads, and
+    torch.compile is not thread-safe while compiling; with CUDA graphs (max-autotune) each calling thread
+    would also record its own graphs in its own memory pool. Eager passes run on the task's thread."""
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
@@ -232,9 +234,10 @@ def _submit(
         # A compiled graph is specialised to its batch: pad the last one with copies instead of recompiling.
         x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
         alphas = torch.cat([alphas, alphas[-1:].expand(batch_size - count, -1)])
-    autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
-    with autocast, runner.forward_lock if runner.compiled else contextlib.nullcontext():
-        result = runner.forward(x, alphas)[:count]
+    if runner.compiled:
+        result = runner.compiled_thread.submit(_forward, runner, x, alphas).result()[:count]
+    else:
+        result = _forward(runner, x, alphas)[:count]
     result = result.float() * std + mean
     # The latest frame of each window: where it saw nothing, the output is NaN.
     latest = torch.stack([frames[w[-1]] for w in chunk])
@@ -251,6 +254,13 @@ def _submit(
     done = torch.cuda.Event()
     done.record()
     return _Submitted(host, done, start)
+
+
+def _forward(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """The network on one batch, in the runner's precision (autocast and inference mode are per thread)."""
+    autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        return runner.forward(x, alphas)
 
 
 def _collect(batch: _Submitted, out: np.ndarray) -> None:
@@ -280,7 +290,9 @@ GPU_PASS_FRACTION = 0.4
 
 def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: int, width: int) -> int:
     """Windows per forward pass within the device's budget; about three encoder activations are alive at once."""
-    budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    # A GPU worker may run several tasks at once (SR_BATCH_GPU_SLOTS, set by cluster.py): they share the budget.
+    slots = max(1, int(os.environ.get("SR_BATCH_GPU_SLOTS", "1")))
+    budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory / slots
     per_window = 3 * frames * hidden * height * width * 4
     return max(1, int(budget // per_window))
 
