@@ -207,19 +207,17 @@ class ObjectLockFile:
 
     def take_over(self, judged: LockHolder, content: str, token: str) -> bool:
         """Replace the stale lock we read with ours: fails if anyone changed it since (another breaker won)."""
-        if self._seen is None:
-            return False
-        try:
-            self.etag = self.lock.replace_object(self.lock.key, content, self._seen)
-        except PreconditionFailed:
-            return False
-        return True
+        return self._replace_if_unchanged(self._seen, content)
 
     def renew(self, content: str, token: str) -> bool:
-        if self.etag is None:
+        return self._replace_if_unchanged(self.etag, content)
+
+    def _replace_if_unchanged(self, etag: str | None, content: str) -> bool:
+        """Write `content` over the lock object only while it is still the version `etag` names."""
+        if etag is None:
             return False
         try:
-            self.etag = self.lock.replace_object(self.lock.key, content, self.etag)
+            self.etag = self.lock.replace_object(self.lock.key, content, etag)
         except PreconditionFailed:
             return False
         return True
