@@ -79,9 +79,10 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
 
 def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo: the tile's block of every day read and, on a CPU, what the device holds on a GPU (the
-    reflectance of those days, a batch of windows twice, the network's activations capped per pass and
-    a batch's float32 output), then the task's encoded output and its pinned copy."""
+    halo: the tile's block of every day read (and its copies on the way to the device) and, on a CPU,
+    what the device holds on a GPU (the reflectance of those days, a batch of windows twice, the
+    network's activations capped per pass and a batch's float32 output), then the task's encoded
+    output and its pinned copy."""
     spec = plan.spec
     halo = spec.tiling.halo
     core_y = max(bottom - top for top, bottom in plan.rows)
@@ -91,8 +92,8 @@ def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     block = days * (bands + 1) * height * width * 2
     encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2
     if on_gpu:
-        return block + encoded
-    reflectance = days * bands * height * width * 4
+        return 3 * block + encoded  # Dask's block, the days gathered from it and their pinned copy
+    reflectance = days * bands * height * width * 4 + 2 * block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4
     activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
     output = dates * bands * SCALE**2 * height * width * 4
