@@ -180,15 +180,14 @@ def with_precision(settings: dict[str, Any], precision: str) -> dict[str, Any]:
     return resolved
 
 
-def _unresolved(entry: str) -> bool:
-    """A precision difference where one side is `auto`: compared once the run knows what auto means
-    on its workers (job.py); outputs written before precisions were resolved stored `auto`."""
-    return entry.startswith("model.precision: ") and '"auto"' in entry
-
-
 def setting_changes(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """The differences that make two settings incompatible: all but a precision one side of which is `auto`."""
-    return [entry for entry in differences(stored, wanted) if not _unresolved(entry)]
+    """The differences that make two settings incompatible. A precision one side of which is `auto` is
+    left out: the run compares it once it knows what auto means on its workers (job.py), and outputs
+    written before precisions were resolved stored `auto`."""
+    precisions = (stored.get("model", {}).get("precision"), wanted.get("model", {}).get("precision"))
+    if "auto" in precisions:
+        stored, wanted = with_precision(stored, "auto"), with_precision(wanted, "auto")
+    return differences(stored, wanted)
 
 
 def check_compatible(manifest: Manifest, target: Path | Location, model_sha256: str, settings: dict[str, Any]) -> None:
