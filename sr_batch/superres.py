@@ -55,7 +55,7 @@ class Runner:
     autocast_dtype: torch.dtype | None
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     compiled: bool
-    denormalise: tuple[torch.Tensor, torch.Tensor] | None = None
+    statistics: tuple[torch.Tensor, torch.Tensor] | None = None
     """(std, mean) on the device, made at the first batch."""
     compiled_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="sr-batch-compiled"))
     """The one thread that runs a compiled forward pass. A GPU worker runs tasks on several threads, and
@@ -273,13 +273,13 @@ def _collect(batch: _Submitted, out: np.ndarray) -> None:
 def _statistics(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's (std, mean) per band on the device, copied there once per runner: a copy from
     pageable memory queued after a forward pass would wait for it and undo the pipelining."""
-    if runner.denormalise is None:
+    if runner.statistics is None:
         info = runner.loaded.info
-        runner.denormalise = (
+        runner.statistics = (
             torch.as_tensor(np.asarray(info.std, np.float32), device=runner.device)[:, None, None],
             torch.as_tensor(np.asarray(info.mean, np.float32), device=runner.device)[:, None, None],
         )
-    return runner.denormalise
+    return runner.statistics
 
 
 CPU_PASS_BYTES = 1.5e9
