@@ -10,6 +10,7 @@ started with `--resources GPU=N` (N tasks at once on its GPU).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -62,13 +63,36 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     # Beside GPU workers the others only read, encode and write: they run a task per core.
     env = {"SR_BATCH_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     per_worker = threads if gpus else 1
-    with LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
-        _add_gpu_workers(cluster, gpus, gpu_threads)
-        with Client(cluster) as client:
-            client.wait_for_workers(workers + gpus, timeout=120)
-            gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
-            echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
-            yield client
+    dask_logger = logging.getLogger("distributed")
+    level = dask_logger.level
+    try:
+        with LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
+            _add_gpu_workers(cluster, gpus, gpu_threads)
+            with Client(cluster) as client:
+                client.wait_for_workers(workers + gpus, timeout=120)
+                gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
+                echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
+                try:
+                    yield client
+                except BaseException:
+                    _quiet_teardown(client)
+                    raise
+    finally:
+        dask_logger.setLevel(level)
+
+
+def _quiet_teardown(client: Client) -> None:
+    """Silence Dask's own logs before a failed job's LocalCluster closes under tasks still in flight: every
+    connection cut under a worker is logged with a traceback, noise after the one line that says what went
+    wrong (the failed task itself was logged when it failed). Called while the failure's traceback still
+    holds the job's futures, so before anything is cancelled."""
+    with contextlib.suppress(Exception):
+        client.run(_silence_dask_logs)
+    _silence_dask_logs()  # the scheduler and the nannies live in this process
+
+
+def _silence_dask_logs() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def visible_gpus() -> int:
