@@ -3,7 +3,9 @@
 Strategy: the lock is `.NAME.lock` next to the output, written whole under a private name and
 then hard-linked into place (atomic, and refused when the lock exists, on a local or POSIX file
 system), holding who took it and until when (`expires`). While the run lives, a daemon thread
-renews the lease every quarter lease. A second run finds the file and is refused with one line naming
+renews the lease every quarter lease, and the run stops writing a quarter lease before the last lease
+it wrote runs out, so it never writes once another run may judge the lock stale (this margin also
+covers clocks that disagree by up to a quarter lease between hosts). A second run finds the file and is refused with one line naming
 the holder. A holder that died stops renewing: once its lease has expired (or at once, when the
 holder ran on this host, in this boot and PID namespace, and its process is gone) the next run
 breaks the lock. Breaking renames the stale file to a unique name first, so of two runs breaking
@@ -210,7 +212,13 @@ class ObjectLockFile:
         return self._replace_if_unchanged(self._seen, content)
 
     def renew(self, content: str, token: str) -> bool:
-        return self._replace_if_unchanged(self.etag, content)
+        if self._replace_if_unchanged(self.etag, content):
+            return True
+        # A renewal whose answer was lost on the way back (the PUT landed, we kept the old etag), or a 409
+        # from a conditional write racing ours, leaves our etag behind the object's: the lock is still ours
+        # while it holds our token.
+        holder = self.read()
+        return holder is not None and holder.token == token and self._replace_if_unchanged(self._seen, content)
 
     def _replace_if_unchanged(self, etag: str | None, content: str) -> bool:
         """Write `content` over the lock object only while it is still the version `etag` names."""
@@ -244,10 +252,15 @@ class OutputLock:
         self.token = uuid.uuid4().hex
         self.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.lost = False
+        self._valid_until = 0.0
+        """time.monotonic() at which the lease we last wrote runs out."""
+        self._writing_until = 0.0
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _content(self) -> str:
+        # Measured before the write: the lease runs from when its expiry was computed, not from when it landed.
+        self._writing_until = time.monotonic() + self.lease_s
         expires = dt.datetime.now(dt.UTC).timestamp() + self.lease_s
         holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "space": process_space()}
         return json.dumps({**holder, "started": self.started, "expires": expires})
@@ -256,7 +269,7 @@ class OutputLock:
         self.file.prepare()
         for _ in range(3):
             if self._create():
-                self._start_renewing()
+                self._held()
                 return
             holder = self.file.read()
             if holder is None:
@@ -267,12 +280,16 @@ class OutputLock:
                     f"wait for it to finish (a dead holder's lock expires with its lease; lock file {self.path})"
                 )
             if self.file.take_over(holder, self._content(), self.token):
-                self._start_renewing()
+                self._held()
                 return
         raise OutputError(f"output.uri: could not take the lock {self.path} (other runs keep taking it); try again")
 
     def _create(self) -> bool:
         return self.file.create(self._content(), self.token)
+
+    def _held(self) -> None:
+        self._valid_until = self._writing_until
+        self._start_renewing()
 
     def _start_renewing(self) -> None:
         self._renewer = threading.Thread(target=self._renew_until_released, name="sr-batch-lock-lease", daemon=True)
@@ -280,27 +297,38 @@ class OutputLock:
 
     def _renew_until_released(self) -> None:
         """Renew every quarter lease. A renewal that fails to reach the storage (a network error on S3) is
-        retried at the next tick; only when none has succeeded for a whole lease is the lock taken as lost."""
-        renewed = time.monotonic()
+        retried at the next tick; once the lease we last wrote is too close to its end the lock is taken as
+        lost, and no renewal is tried after it ran out (another run may hold the lock by then)."""
         while not self._stop.wait(self.lease_s / 4):
+            if not self.is_held():
+                self.lost = True
+                return
             try:
                 if not self.renew():
                     self.lost = True
                     return
-                renewed = time.monotonic()
             except Exception:  # noqa: BLE001 - a network error must not end the renewals silently
-                if time.monotonic() - renewed > self.lease_s:
-                    self.lost = True
-                    return
+                continue
 
     def renew(self) -> bool:
         """Extend the lease; False when the lock is no longer ours (our lease ran out and someone took it)."""
-        return self.file.renew(self._content(), self.token)
+        renewed = self.file.renew(self._content(), self.token)
+        if renewed:
+            self._valid_until = self._writing_until
+        return renewed
+
+    def is_held(self) -> bool:
+        """Ours, with at least a quarter lease left of the lease we last wrote."""
+        return not self.lost and time.monotonic() < self._valid_until - self.lease_s / 4
 
     def check_held(self) -> None:
         """Before each write that matters: refuse to go on without the lock."""
-        if self.lost:
-            raise OutputError(f"output.uri: lost the lock on {self.target} (the lease expired while this run was stalled); run again to finish")
+        if not self.is_held():
+            self.lost = True
+            raise OutputError(
+                f"output.uri: lost the lock on {self.target} (its lease could not be renewed in time: the storage was "
+                "unreachable or this run stalled); run again to finish"
+            )
 
     def release(self) -> None:
         self._stop.set()

@@ -368,6 +368,33 @@ def test_lock_lease(tmp_path: Path, host: str, alive: bool, expires_in: float, t
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_a_run_that_cannot_renew_stops_writing_before_its_lease_runs_out(tmp_path: Path) -> None:
+    """Renewals that keep failing (storage unreachable): the run must take the lock as lost while the lease
+    it last wrote still holds, never after another run may already have judged it stale and broken it."""
+    target = tmp_path / "out.zarr"
+    lock = OutputLock(target, lease_s=2.0)
+    lock.acquire()
+
+    def unreachable(content: str, token: str) -> bool:
+        raise ConnectionError("storage unreachable")
+
+    lock.file.renew = unreachable  # type: ignore[method-assign]
+    lock.check_held()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            lock.check_held()
+        except OutputError as err:
+            assert "lost the lock" in str(err) and "run again" in str(err)
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the lock was never taken as lost")
+    written = json.loads(lock_path(target).read_text())
+    assert dt.datetime.now(dt.UTC).timestamp() < written["expires"] - 0.3, "lost only when another run could already break the lock"
+    lock.release()
+
+
 def test_empty_end_means_now(stac_url: str, tmp_path: Path, catalog) -> None:
     for end in ("", None, "now"):
         spec = parse_spec(make_job(stac_url, tmp_path / "x.zarr", catalog, time={"start": "2019-06-01", "end": end}))

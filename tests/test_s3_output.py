@@ -213,6 +213,10 @@ def test_lock_refuses_a_second_writer_and_a_stale_lock_is_broken_once(s3_env: di
     taker = OutputLock(uri)
     taker.acquire()
     assert holder_of(uri)["token"] == taker.token
+    # A renewal that landed but whose answer was lost: the object changed under our etag, still ours.
+    s3_filesystem().pipe_file(f"{BUCKET}/.locked.zarr.lock", lock_record(taker.token, "here", 600).encode())
+    assert taker.renew() and holder_of(uri)["token"] == taker.token
+    assert taker.renew(), "the etag of the adopted lock is the one renewed next"
     plant_lock(uri, "elsewhere.example", expires_in=600, token="intruder")  # someone took it over: our renewal fails
     assert not taker.renew()
     taker.release()
