@@ -84,6 +84,8 @@ class JobResult:
     late: list[dt.date] = field(default_factory=list)
     read_errors: list[ReadError] = field(default_factory=list)
     """Reads of checked assets that failed (corrupt blocks) and were taken as no data."""
+    task_dates: int = 0
+    """Output dates per super-resolution task (the task's memory grows with it)."""
 
     def report(self) -> str:
         if not self.written_windows and not self.added_dates:
@@ -156,7 +158,10 @@ def run_job(
     show_progress: bool = True,
     echo: Echo = print,
     performance_report: Path | None = None,
+    task_dates: int | None = None,
 ) -> JobResult:
+    """Run a job to completion. `task_dates` pins the output dates per task (benchmarks compare equal
+    tasks with it); by default `dates_per_task` chooses."""
     started = time.monotonic()
     target = check_location(spec.output.uri, overwrite)
     loaded = checked_model(spec)
@@ -203,7 +208,7 @@ def run_job(
                 try:
                     ref = replace(model_ref(spec), precision=precision)
                     slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
-                    per_task = dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
+                    per_task = task_dates or dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
@@ -228,6 +233,7 @@ def run_job(
         written_km2=sum(_tile_km2(plan, tile) * len(windows) for tile, windows in written.items()),
         late=[d.date for d in increment.late],
         read_errors=read_errors.found(),
+        task_dates=per_task,
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result

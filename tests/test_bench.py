@@ -10,7 +10,7 @@ from sr_batch.bench import main
 
 def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     out = tmp_path / "results.json"
-    assert main(["--size", "48", "--dates", "2", "--tile", "48", "--batch", "1", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last"}
     assert all(row["lr_mpx_per_s"] > 0 for row in report["model_only"])
@@ -20,4 +20,7 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         assert 0 < row["sr_phase_seconds"] <= row["seconds"] and row["sr_task_seconds"] > 0 and row["before_sr_seconds"] > 0
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
     assert report["ratio_end_to_end_over_model_only"] > 0
+    # One 1x tile on a two-worker cluster: its dates are split over both; the memory comparison reruns it with the 4x job's tasks.
+    assert report["end_to_end_1x"]["dates_per_task"] < report["end_to_end_4x"]["dates_per_task"] == 2
+    assert report["end_to_end_1x_same_tasks"]["dates_per_task"] == 2 and report["ratio_memory_4x_over_1x_same_tasks"] > 0
     assert "end to end ÷ best model only" in capsys.readouterr().out
