@@ -109,7 +109,6 @@ def _add_gpu_workers(cluster: LocalCluster, gpus: int, threads: int) -> None:
     template = cluster.new_spec
     for index in range(gpus):
         env = {**template["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": str(index), "SR_BATCH_TORCH_THREADS": str(GPU_SLOTS)}
-        env["SR_BATCH_GPU_SLOTS"] = str(GPU_SLOTS)  # tasks at once share the GPU's memory budget (superres.py)
         options = {**template["options"], "nthreads": threads, "resources": {GPU_RESOURCE: GPU_SLOTS}, "env": env}
         cluster.worker_spec[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
     cluster.scale(len(cluster.worker_spec))  # starts the workers just added to the spec

@@ -162,6 +162,7 @@ def superresolve_frames(
     batch_size: int = 8,
     crop: tuple[int, int, int, int] = (0, 0, 0, 0),
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sharing: int = 1,
 ) -> np.ndarray:
     """The windows of a stack of frames, super-resolved where the network runs.
 
@@ -171,7 +172,8 @@ def superresolve_frames(
     pixels the latest frame did not see, the crop of the halo `crop` (top, bottom, left, right, at 10 m)
     and, with `encode`, the conversion to the stored integers. Only the result crosses back to the host.
 
-    Windows go through the network `batch_size` at a time. On a GPU a batch's result is copied back
+    Windows go through the network `batch_size` at a time, fewer where a pass would not fit the device's
+    memory budget, of which this call has a `sharing`-th (the calls running at once on the device). On a GPU a batch's result is copied back
     through pinned memory asynchronously and collected once the next batch has been queued, so the
     GPU is not left waiting for the host.
     """
@@ -181,7 +183,7 @@ def superresolve_frames(
     scale = info.architecture.scale
     height, width = frames.shape[-2:]
     top, bottom, left, right = crop
-    batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width))
+    batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width, sharing))
     out_dtype = np.float32 if encode is None else np.int16
     out = np.empty((len(windows), 4, scale * (height - top - bottom), scale * (width - left - right)), out_dtype)
     std, mean = _statistics(runner)
@@ -288,11 +290,10 @@ GPU_PASS_FRACTION = 0.4
 """Share of the GPU's memory one forward pass may use."""
 
 
-def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: int, width: int) -> int:
-    """Windows per forward pass within the device's budget; about three encoder activations are alive at once."""
-    # A GPU worker may run several tasks at once (SR_BATCH_GPU_SLOTS, set by cluster.py): they share the budget.
-    slots = max(1, int(os.environ.get("SR_BATCH_GPU_SLOTS", "1")))
-    budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory / slots
+def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: int, width: int, sharing: int = 1) -> int:
+    """Windows per forward pass within the device's budget; about three encoder activations are alive at once.
+    A GPU's budget is split between the `sharing` calls that run on it at once."""
+    budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory / max(1, sharing)
     per_window = 3 * frames * hidden * height * width * 4
     return max(1, int(budget // per_window))
 

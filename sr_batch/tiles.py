@@ -133,7 +133,13 @@ def superresolve_tile(
         frames = usable_reflectance_tensor(raw, dilate)
         del raw
         encoded = superresolve_frames(
-            runner, frames, [tuple(at[f] for f in positions) for _, positions in windows], model.batch_size, crop, encode_reflectance_tensor
+            runner,
+            frames,
+            [tuple(at[f] for f in positions) for _, positions in windows],
+            model.batch_size,
+            crop,
+            encode_reflectance_tensor,
+            sharing=tasks_sharing_the_device(),
         )
     slots = [slot for slot, _ in windows]
     if slots == list(range(n_dates)):
@@ -143,6 +149,18 @@ def superresolve_tile(
         out[slots] = encoded
     _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
     return out
+
+
+def tasks_sharing_the_device() -> int:
+    """Super-resolution tasks this worker runs at once on its device: the units of its GPU resource (each
+    task takes one; a worker started with `--resources GPU=2` runs two), 1 outside a Dask worker."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return 1
+    return max(1, int(worker.state.total_resources.get(GPU_RESOURCE, 1)))
 
 
 def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:

@@ -12,10 +12,10 @@ import xarray as xr
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from sr_batch.cluster import _add_gpu_workers, gpu_workers
+from sr_batch.cluster import GPU_SLOTS, _add_gpu_workers, gpu_workers
 from sr_batch.job import run_job
 from sr_batch.spec import parse_spec
-from sr_batch.tiles import TILE_TOPIC
+from sr_batch.tiles import TILE_TOPIC, tasks_sharing_the_device
 
 from conftest import make_job
 
@@ -65,6 +65,9 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
             job = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling={"tile": 32, "halo": 18}, model=model)
             run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lambda _: None)
             unrestricted = client.run_on_scheduler(_restrictions)
+            # The tasks that run at once on a worker's GPU share its memory budget: read from the worker's resource.
+            addresses = client.scheduler_info(n_workers=-1)["workers"]
+            sharing = {address: client.submit(tasks_sharing_the_device, workers=[address], pure=False).result() for address in addresses}
 
     tasks = len(result.plan.rows) * len(result.plan.cols)
     assert tasks >= 9
@@ -74,5 +77,7 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
     assert any("GPU worker" in line for line in lines)
     assert any("100%" in line for line in lines), lines  # the per-tile progress reached its end
     assert len(unrestricted) >= tasks and all(r == {} for r in unrestricted.values()), unrestricted
+    assert sharing == {address: GPU_SLOTS if address in gpu else 1 for address in sharing} and GPU_SLOTS > 1
+    assert tasks_sharing_the_device() == 1  # outside a worker
     with xr.open_zarr(result.output, consolidated=False) as ds:
         assert ds.sizes["time"] == len(result.plan.output_days) > 0
