@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         if report["end_to_end_1x"]["dates_per_task"] != same:
             row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, halo, task_dates=same)
             report["end_to_end_1x_same_tasks"] = row
-            print(f"end to end  1x again with the 4x job's {same} dates per task: peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({row['seconds']:.1f} s)")
+            print(
+                f"end to end  1x again with the 4x job's {same} dates per task: peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({row['seconds']:.1f} s)"
+            )
             _write(report, args.out)
     report["best_model_only"] = best["variant"]
     report["ratio_end_to_end_over_model_only"] = report["end_to_end_1x"]["lr_mpx_per_s"] / best["lr_mpx_per_s"]
