@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, halo, task_dates=same)
             report["end_to_end_1x_same_tasks"] = row
             print(
-                f"end to end  1x again with the 4x job's {same} dates per task: peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({row['seconds']:.1f} s)"
+                f"end to end  1x again with the 4x job's {same} dates per task: "
+                f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({row['seconds']:.1f} s)"
             )
             _write(report, args.out)
     report["best_model_only"] = best["variant"]

@@ -5,8 +5,8 @@ then hard-linked into place (atomic, and refused when the lock exists, on a loca
 system), holding who took it and until when (`expires`). While the run lives, a daemon thread
 renews the lease every quarter lease, and the run stops writing a quarter lease before the last lease
 it wrote runs out, so it never writes once another run may judge the lock stale (this margin also
-covers clocks that disagree by up to a quarter lease between hosts). A second run finds the file and is refused with one line naming
-the holder. A holder that died stops renewing: once its lease has expired (or at once, when the
+covers clocks that disagree by up to a quarter lease between hosts). A second run finds the file and
+is refused with one line naming the holder. A holder that died stops renewing: once its lease has expired (or at once, when the
 holder ran on this host, in this boot and PID namespace, and its process is gone) the next run
 breaks the lock. Breaking renames the stale file to a unique name first, so of two runs breaking
 one stale lock only one succeeds, and a run never deletes a lock it did not judge stale.
