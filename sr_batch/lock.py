@@ -254,22 +254,22 @@ class OutputLock:
         self.lost = False
         self._valid_until = 0.0
         """time.monotonic() at which the lease we last wrote runs out."""
-        self._writing_until = 0.0
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def _content(self) -> str:
-        # Measured before the write: the lease runs from when its expiry was computed, not from when it landed.
-        self._writing_until = time.monotonic() + self.lease_s
+    def _lease(self) -> tuple[str, float]:
+        """The lock's content, and when (time.monotonic) the lease it states runs out: measured before the
+        write, since the lease runs from when its expiry was computed, not from when it landed."""
+        until = time.monotonic() + self.lease_s
         expires = dt.datetime.now(dt.UTC).timestamp() + self.lease_s
         holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "space": process_space()}
-        return json.dumps({**holder, "started": self.started, "expires": expires})
+        return json.dumps({**holder, "started": self.started, "expires": expires}), until
 
     def acquire(self) -> None:
         self.file.prepare()
         for _ in range(3):
             if self._create():
-                self._held()
+                self._start_renewing()
                 return
             holder = self.file.read()
             if holder is None:
@@ -279,17 +279,19 @@ class OutputLock:
                     f"output.uri: {self.target} is being written by another run ({holder.describe()}); "
                     f"wait for it to finish (a dead holder's lock expires with its lease; lock file {self.path})"
                 )
-            if self.file.take_over(holder, self._content(), self.token):
-                self._held()
+            content, until = self._lease()
+            if self.file.take_over(holder, content, self.token):
+                self._valid_until = until
+                self._start_renewing()
                 return
         raise OutputError(f"output.uri: could not take the lock {self.path} (other runs keep taking it); try again")
 
     def _create(self) -> bool:
-        return self.file.create(self._content(), self.token)
-
-    def _held(self) -> None:
-        self._valid_until = self._writing_until
-        self._start_renewing()
+        content, until = self._lease()
+        if not self.file.create(content, self.token):
+            return False
+        self._valid_until = until
+        return True
 
     def _start_renewing(self) -> None:
         self._renewer = threading.Thread(target=self._renew_until_released, name="sr-batch-lock-lease", daemon=True)
@@ -312,9 +314,10 @@ class OutputLock:
 
     def renew(self) -> bool:
         """Extend the lease; False when the lock is no longer ours (our lease ran out and someone took it)."""
-        renewed = self.file.renew(self._content(), self.token)
+        content, until = self._lease()
+        renewed = self.file.renew(content, self.token)
         if renewed:
-            self._valid_until = self._writing_until
+            self._valid_until = until
         return renewed
 
     def is_held(self) -> bool:

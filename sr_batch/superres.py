@@ -136,6 +136,10 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, int(threads)))
 
 
+WINDOW_BATCHES_PER_UPLOAD = 4
+"""Batches' worth of windows `superresolve_windows` moves to the device at once: a caller may pass thousands."""
+
+
 def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
     """Each window (t ≤ frames, 4, H, W) float reflectance, oldest first, NaN = no data → (n, 4, sH, sW) float32."""
     if not windows:
@@ -150,9 +154,6 @@ def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_si
         stack = to_device(torch.from_numpy(np.concatenate(kept)), runner.device)
         parts.append(superresolve_frames(runner, stack, [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)], batch_size))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-WINDOW_BATCHES_PER_UPLOAD = 4
 
 
 def superresolve_frames(
