@@ -149,10 +149,8 @@ def superresolve_windows(runner: Runner, windows: Sequence[np.ndarray], batch_si
     step = WINDOW_BATCHES_PER_UPLOAD * max(1, batch_size)
     parts = []
     for start in range(0, len(windows), step):
-        kept = [np.asarray(w, np.float32)[-frames:] for w in windows[start : start + step]]
-        ends = np.cumsum([len(w) for w in kept])
-        stack = to_device(torch.from_numpy(np.concatenate(kept)), runner.device)
-        parts.append(superresolve_frames(runner, stack, [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)], batch_size))
+        stack, positions = stack_windows(windows[start : start + step], frames)
+        parts.append(superresolve_frames(runner, to_device(stack, runner.device), positions, batch_size))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -174,9 +172,9 @@ def superresolve_frames(
     and, with `encode`, the conversion to the stored integers. Only the result crosses back to the host.
 
     Windows go through the network `batch_size` at a time, fewer where a pass would not fit the device's
-    memory budget, of which this call has a `sharing`-th (the calls running at once on the device). On a GPU a batch's result is copied back
-    through pinned memory asynchronously and collected once the next batch has been queued, so the
-    GPU is not left waiting for the host.
+    memory budget, of which this call has a `sharing`-th (the calls running at once on the device). On
+    a GPU a batch's result is copied back through pinned memory asynchronously and collected once the
+    next batch has been queued, so the GPU is not left waiting for the host.
     """
     if not windows:
         raise ValueError("no windows to super-resolve")
@@ -343,12 +341,18 @@ def nanmedian_frames(columns: torch.Tensor) -> torch.Tensor:
     return torch.where(valid > 0, (low + high) / 2, torch.zeros_like(low))
 
 
+def stack_windows(windows: Sequence[np.ndarray], frames: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """NumPy windows (t, 4, H, W) → their latest `frames` frames in one (days, 4, H, W) float32 stack,
+    and each window's positions in it (the form `superresolve_frames` and `gather_windows` take)."""
+    kept = [np.asarray(w, np.float32)[-frames:] for w in windows]
+    ends = np.cumsum([len(w) for w in kept])
+    return torch.from_numpy(np.concatenate(kept)), [tuple(range(end - len(w), end)) for w, end in zip(kept, ends)]
+
+
 def prepare_windows(windows: list[np.ndarray], frames: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NumPy windows (t ≤ frames, 4, H, W), NaN = no data → the network's input (n, frames, 4, H, W) and
     alphas (n, frames), prepared exactly as at inference (for training and the benchmark)."""
-    stack = torch.from_numpy(np.concatenate([np.asarray(w, np.float32)[-frames:] for w in windows]))
-    ends = np.cumsum([min(len(w), frames) for w in windows])
-    positions = [tuple(range(end - min(len(w), frames), end)) for w, end in zip(windows, ends)]
+    stack, positions = stack_windows(windows, frames)
     x, alphas = gather_windows(stack, positions, frames)
     normalise_and_fill(x, alphas, torch.from_numpy(np.asarray(mean, np.float32))[:, None, None], torch.from_numpy(np.asarray(std, np.float32))[:, None, None])
     return x.numpy(), alphas.numpy()
