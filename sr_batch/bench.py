@@ -5,7 +5,7 @@
 2. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
-   how much the pipeline costs. The halo is the model's seam-free halo.
+   how much the pipeline costs. Tiling is a job's default: `--tile` and `halo: auto`, the model's seam-free halo.
 3. Memory: the peak memory of the largest worker process for 1x and 4x the area; it should not grow
    with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
    dates per task it runs once more with the 4x job's, and the target compares those.
@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sr_batch.model import LoadedModel, receptive_radius
+from sr_batch.model import LoadedModel
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
+from sr_batch.spec import Tiling
 from sr_batch.superres import ModelRef, load_model, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
@@ -119,9 +120,7 @@ def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
     return np.tile(tile, (times, times))
 
 
-def end_to_end(
-    catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, halo: int, task_dates: int | None = None
-) -> dict[str, Any]:
+def end_to_end(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, task_dates: int | None = None) -> dict[str, Any]:
     """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included);
     throughput, and the peak memory of the largest worker process."""
     from sr_batch.cluster import dask_client
@@ -137,7 +136,7 @@ def end_to_end(
             "time": {"start": "2015-01-01", "end": "2021-12-31"},
             "cloud": {"max_cloud_fraction": 1.0},
             "model": model,
-            "tiling": {"tile": tile, "halo": halo},
+            "tiling": {"tile": tile},  # and halo: auto, the model's seam-free halo, as a job gets by default
             "output": {"uri": str(out)},
         }
         spec = parse_spec(job)
@@ -160,6 +159,7 @@ def end_to_end(
     return {
         "pixels": plan.grid.width * plan.grid.height,
         "tile_dates": plan.tile_dates,
+        "halo": plan.halo,
         "dates_per_task": result.task_dates,
         "seconds": seconds,
         "lr_mpx_per_s": mpx,
@@ -226,9 +226,9 @@ class PeakWorkerMemory:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sr_batch.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="default")
-    parser.add_argument("--size", type=int, default=300, help="edge of the 1x region in 10 m pixels (the 4x region is twice that)")
+    parser.add_argument("--size", type=int, default=512, help="edge of the 1x region in 10 m pixels (the 4x region is twice that)")
     parser.add_argument("--dates", type=int, default=8, help="dates in the region")
-    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--tile", type=int, default=Tiling().tile, help="tiling.tile of the end-to-end jobs (default: a job's)")
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass (model only) and dates per task (end to end)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: as `sr-batch run`)")
@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(ref)
     device = pick_device("auto")
     loaded.network.to(device)
-    halo = receptive_radius(loaded.info.architecture, loaded.info.frames) + 2  # + the default cloud dilation: seam-free
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name()
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "model": loaded.info.name,
         "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"halo": halo},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
     _write(report, args.out)
     report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
@@ -265,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         catalogs = {}
         for factor, size in (("1x", args.size), ("4x", 2 * args.size)):
             catalog = catalogs[factor] = mirrored_catalog(Path(tmp) / f"catalog-{factor}", size, args.dates)
-            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile, halo)
+            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile)
             report[f"end_to_end_{factor}"] = row
             print(
                 f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
@@ -274,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"            super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s "
                 f"(tasks busy {row['sr_task_seconds']:.1f} s); {row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
-                f"{row['dates_per_task']} dates per task"
+                f"{row['dates_per_task']} dates per task, halo {row['halo']} px"
             )
             _write(report, args.out)
         # A small job splits its dates over more, smaller tasks to keep every slot busy, and a task's
         # memory grows with its dates: the memory target compares jobs whose tasks are alike.
         same = report["end_to_end_4x"]["dates_per_task"]
         if report["end_to_end_1x"]["dates_per_task"] != same:
-            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, halo, task_dates=same)
+            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, task_dates=same)
             report["end_to_end_1x_same_tasks"] = row
             print(
                 f"end to end  1x again with the 4x job's {same} dates per task: "

@@ -28,7 +28,7 @@ def demo_job(stac_url: str, output: Path, start: str = "2018-01-01", end: str = 
         "time": {"start": start, "end": end},
         "cloud": {"max_cloud_fraction": 0.05},
         "model": {"checkpoint": "default" if DEFAULT_CHECKPOINT.exists() else "untrained", "frames": 8, "batch_size": 4},
-        "tiling": {"tile": 256, "halo": 32},
+        "tiling": {"tile": 256},
         "output": {"uri": str(output)},
     }
 

@@ -21,7 +21,7 @@ import numpy as np
 from sr_batch.cube import choose_grid
 from sr_batch.errors import SearchError
 from sr_batch.manifest import Manifest
-from sr_batch.plan import Plan, Window, causal_windows, score_clouds, tile_edges
+from sr_batch.plan import Plan, Window, causal_windows, score_clouds, tile_grid
 from sr_batch.search import SearchResult, SolarDay
 from sr_batch.spec import JobSpec
 
@@ -83,9 +83,7 @@ def plan_increment(spec: JobSpec, found: SearchResult, manifest: Manifest | None
         cols = [tuple(c) for c in manifest.cols]
     else:
         grid, note = choose_grid(days, spec.aoi.shape(), spec.crs)
-        dilate = spec.cloud.dilate_pixels
-        rows = tile_edges(grid.height, spec.tiling.tile, max(spec.tiling.halo, dilate))
-        cols = tile_edges(grid.width, spec.tiling.tile, max(spec.tiling.halo, dilate))
+        rows, cols = tile_grid(grid, spec, radius)
     known_cloud = manifest.cloud() if manifest is not None else np.zeros((0, len(rows), len(cols)), np.float32)
     used = replace(found, days=days)
     plan = Plan(spec=spec, found=used, grid=grid, crs_note=note, rows=rows, cols=cols, cloud=known_cloud, radius=radius)

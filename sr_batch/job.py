@@ -40,7 +40,7 @@ from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
 from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings, with_precision
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
-from sr_batch.plan import SCALE, Plan, Window
+from sr_batch.plan import SCALE, Plan, Window, resolved_halo
 from sr_batch.progress import tile_progress
 from sr_batch.search import SearchResult, search
 from sr_batch.sink import (
@@ -138,9 +138,11 @@ def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = 
     loaded = checked_model(spec)
     target = check_location(spec.output.uri)
     manifest = existing_manifest(target, loaded, output_settings(spec))
+    radius = receptive_radius(loaded.info.architecture, spec.model.frames)
+    resolved_halo(spec, radius)
     found = search(spec)
     with dask_client(scheduler, workers, echo):
-        increment = plan_increment(spec, found, manifest, receptive_radius(loaded.info.architecture, spec.model.frames))
+        increment = plan_increment(spec, found, manifest, radius)
     echo(increment.plan.summary())
     _warn_late(increment, echo)
     if manifest is not None:
@@ -171,6 +173,7 @@ def run_job(
     if not loaded.info.trained:
         echo(f"WARNING: model {loaded.info.name} is UNTRAINED (random weights): the output checks the pipeline, it is not super-resolution.")
     radius = receptive_radius(loaded.info.architecture, spec.model.frames)
+    resolved_halo(spec, radius)  # a tile smaller than the model's seam-free halo fails here, before the search
     found = search(spec)
     with output_lock(target) as lock:
         remove_stale_staging(target)

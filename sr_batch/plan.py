@@ -16,6 +16,7 @@ import numpy as np
 from sr_batch.assets import describe_problems
 from sr_batch.clouds import cloudy_fraction
 from sr_batch.cube import SCL, Grid, choose_grid, load_cube
+from sr_batch.errors import SpecError
 from sr_batch.model import Architecture, receptive_radius
 from sr_batch.search import SearchResult, SolarDay, search
 from sr_batch.spec import MAX_AREA_KM2_UNCONFIRMED, JobSpec, aoi_area_km2
@@ -66,6 +67,11 @@ class Plan:
     def tile_dates(self) -> int:
         return sum(len(windows) for windows in self.windows.values())
 
+    @property
+    def halo(self) -> int:
+        """`tiling.halo` in pixels, `auto` resolved for this plan's model."""
+        return resolved_halo(self.spec, self.radius)
+
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return tuple(b - a for a, b in self.rows), tuple(b - a for a, b in self.cols)
 
@@ -77,17 +83,34 @@ def make_plan(spec: JobSpec, radius: int | None = None) -> Plan:
     """Search, grid, tiles, cloud scores and windows; computes only the SCL band (on the active Dask client).
 
     `radius` is the model's receptive field, for the seam check in the summary."""
+    radius = radius if radius is not None else receptive_radius(spec.model.architecture or Architecture(), spec.model.frames)
     found = search(spec)
     grid, crs_note = choose_grid(found.days, spec.aoi.shape(), spec.crs)
-    dilate = spec.cloud.dilate_pixels
-    rows = tile_edges(grid.height, spec.tiling.tile, max(spec.tiling.halo, dilate))
-    cols = tile_edges(grid.width, spec.tiling.tile, max(spec.tiling.halo, dilate))
+    rows, cols = tile_grid(grid, spec, radius)
     empty = np.zeros((0, len(rows), len(cols)), np.float32)
-    radius = radius if radius is not None else receptive_radius(spec.model.architecture or Architecture(), spec.model.frames)
     plan = Plan(spec=spec, found=found, grid=grid, crs_note=crs_note, rows=rows, cols=cols, cloud=empty, radius=radius)
     plan.cloud = score_clouds(plan)
     plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames)
     return plan
+
+
+def resolved_halo(spec: JobSpec, radius: int) -> int:
+    """The halo in pixels: `auto` is the seam-free one for a model of receptive field ±`radius`."""
+    if spec.tiling.halo != "auto":
+        return spec.tiling.halo
+    halo = radius + spec.cloud.dilate_pixels
+    if spec.tiling.tile < halo:
+        raise SpecError(
+            f"tiling.tile: {spec.tiling.tile} px is smaller than the seam-free halo of this model, {halo} px "
+            f"(receptive field ±{radius} + cloud.dilate_pixels {spec.cloud.dilate_pixels}); set tiling.tile ≥ {halo}"
+        )
+    return halo
+
+
+def tile_grid(grid: Grid, spec: JobSpec, radius: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Tile edges along y and x; a last tile never ends up thinner than the halo (the overlap needs it)."""
+    min_last = max(resolved_halo(spec, radius), spec.cloud.dilate_pixels)
+    return tile_edges(grid.height, spec.tiling.tile, min_last), tile_edges(grid.width, spec.tiling.tile, min_last)
 
 
 def tile_edges(size: int, tile: int, min_last: int) -> list[tuple[int, int]]:
@@ -139,7 +162,7 @@ def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int) -> dict[
 
 def seamless_halo(plan: Plan) -> int:
     """The smallest halo for which tiles join exactly: the receptive field, plus the cloud-mask
-    dilation, since the mask of a pixel at the halo's edge depends on pixels beyond it."""
+    dilation, since the mask of a pixel at the halo's edge depends on pixels beyond it (`auto` is this)."""
     return plan.radius + plan.spec.cloud.dilate_pixels
 
 
@@ -158,9 +181,9 @@ def _summary(plan: Plan) -> str:
         + f"; dropped {len(plan.found.duplicates)} duplicates, {plan.found.outside_aoi} outside the AOI, "
         f"{plan.found.too_cloudy} over max_scene_cloud_cover, {len(plan.found.missing_assets)} missing assets",
         f"Grid: {plan.crs_note}, {grid.width} x {grid.height} px at 10 m ({area_km2:.2f} km²) -> {grid.width * SCALE} x {grid.height * SCALE} px at 2.5 m",
-        f"Tiles: {len(plan.rows)} x {len(plan.cols)} of up to {spec.tiling.tile} px, halo {spec.tiling.halo} px "
+        f"Tiles: {len(plan.rows)} x {len(plan.cols)} of up to {spec.tiling.tile} px, halo {plan.halo} px{' (auto)' if spec.tiling.halo == 'auto' else ''} "
         f"(needs ≥ {needed}: receptive field ±{radius} + cloud dilation {spec.cloud.dilate_pixels}"
-        f"{')' if spec.tiling.halo >= needed else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
+        f"{')' if plan.halo >= needed else '; TILES WILL SHOW SEAMS, raise tiling.halo)'}",
         f"Cloudless (unusable ≤ {spec.cloud.max_cloud_fraction:.0%} of a tile): {len(outputs)} of {len(days)} days in at least one tile; "
         f"per tile {min(per_tile, default=0)}–{max(per_tile, default=0)}",
         f"Windows: {plan.tile_dates} tile-dates, {full} with all {spec.model.frames} frames; reading {len(plan.frame_days)} days",

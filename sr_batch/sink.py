@@ -143,7 +143,7 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
         "resolution_m": plan.grid.resolution / SCALE,
         "source_resolution_m": plan.grid.resolution,
         "tile_lr_px": spec.tiling.tile,
-        "halo_lr_px": spec.tiling.halo,
+        "halo_lr_px": plan.halo,
         "frames": spec.model.frames,
         "max_cloud_fraction": spec.cloud.max_cloud_fraction,
         "job": spec_json(spec),

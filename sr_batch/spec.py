@@ -233,12 +233,21 @@ class ModelSettings(_Strict):
 class Tiling(_Strict):
     tile: int = Field(256, ge=16, le=4096)
     """Tile edge in 10 m pixels; one Dask task handles one tile for a group of dates."""
-    halo: int = Field(32, ge=0, le=512)
-    """Extra 10 m pixels read around each tile and cropped after; >= the receptive field (28) for seamless joins."""
+    halo: int | Literal["auto"] = "auto"
+    """Extra 10 m pixels read around each tile and cropped after. `auto`: the smallest seam-free halo for
+    the job's model (its receptive field + cloud.dilate_pixels), known once the checkpoint is loaded. Every
+    halo pixel is computed and thrown away, so a larger one only costs time."""
+
+    @field_validator("halo", mode="before")
+    @classmethod
+    def _halo_value(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 512):
+            return value
+        raise ValueError(f"must be auto or a whole number of pixels from 0 to 512 (got {value!r}); auto is the seam-free halo of the model")
 
     @model_validator(mode="after")
     def _halo_fits(self) -> Tiling:
-        if self.tile < self.halo:
+        if self.halo != "auto" and self.tile < self.halo:
             raise ValueError(f"tile ({self.tile}) is smaller than halo ({self.halo}); make tile >= halo")
         return self
 

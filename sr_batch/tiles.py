@@ -56,7 +56,7 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
     cube = load_cube([plan.days[d] for d in frame_days], plan.grid, assets, [*BANDS, SCL], plan.chunks()).data
-    halo = spec.tiling.halo
+    halo = plan.halo
     depth = {0: 0, 1: 0, 2: halo if len(plan.rows) > 1 else 0, 3: halo if len(plan.cols) > 1 else 0}
     padded = da.overlap.overlap(cube, depth=depth, boundary="none") if halo else cube
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
@@ -84,7 +84,7 @@ def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     network's activations capped per pass and a batch's float32 output), then the task's encoded
     output and its pinned copy."""
     spec = plan.spec
-    halo = spec.tiling.halo
+    halo = plan.halo
     core_y = max(bottom - top for top, bottom in plan.rows)
     core_x = max(right - left for left, right in plan.cols)
     height, width = core_y + 2 * halo, core_x + 2 * halo

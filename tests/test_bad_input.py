@@ -175,6 +175,9 @@ CASES: dict[str, Case] = {
     "frames-not-power-of-two": Case(put("model.frames", 6), "model.frames", also=("power of two",)),
     "frames-above-32": Case(put("model.frames", 64), "model.frames"),
     "tile-smaller-than-halo": Case(put("tiling", {"tile": 16, "halo": 32}), "tiling"),
+    "halo-neither-auto-nor-pixels": Case(put("tiling.halo", "wide"), "tiling.halo", also=("auto",)),
+    # The job's model (conftest's small one) needs a halo of 18: too wide for 16 px tiles, found once it is loaded.
+    "tile-smaller-than-the-auto-halo": Case(put("tiling", {"tile": 16}), "tiling.tile", also=("18 px",)),
     "cloud-fraction-above-one": Case(put("cloud.max_cloud_fraction", 1.5), "cloud.max_cloud_fraction"),
     "unknown-asset": Case(put("stac.assets", {"red": "B04_missing"}), "stac.assets.red", also=("B04_missing",)),
     "wrong-collection": Case(put("stac.collection", "sentinel-2-l1c"), "stac.collection", also=("sentinel-2-l2a",)),
