@@ -55,6 +55,7 @@ from sr_batch.sink import (
     record_read_errors,
     remove_stale_staging,
     staging_path,
+    stored_codec,
     time_length,
     write_tile_dates,
 )
@@ -199,6 +200,7 @@ def run_job(
             if manifest is not None:
                 check_compatible(manifest, target, loaded.checksum, settings)
             manifest, added = commit_dates(store, increment, manifest, loaded, settings, lock)
+            _note_kept_codec(store, spec.output.codec, echo)
             pending = increment.pending(manifest)
             check_frames_available(increment.plan, pending)
             if not increment.plan.output_days:
@@ -471,6 +473,13 @@ def performance_report_to(path: Path | None) -> Any:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return performance_report(filename=str(path))
+
+
+def _note_kept_codec(store: Location, wanted: str, echo: Echo) -> None:
+    """An output grows in the codec it was created with: say so when the job asks for another."""
+    kept = stored_codec(store)
+    if kept != wanted:
+        echo(f"output.codec: this output keeps {kept}, the codec it was created with (--overwrite rewrites it with {wanted})")
 
 
 def _warn_late(increment: Increment, echo: Echo) -> None:

@@ -152,19 +152,23 @@ def _attributes(plan: Plan, model: LoadedModel) -> dict[str, Any]:
     }
 
 
-SR_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
-"""Blosc's byte shuffle groups the high and low bytes of the uint16 values before zstd level 1: on
-super-resolved Sentinel-2 about 10 % smaller than zarr's default (zstd level 3) and 6x faster to
-write. Compression is what a GPU job's writers spend their time on (bench/RESULTS.md); every Zarr v3
-reader decodes Blosc. Outputs written with another codec keep theirs when they grow."""
+SR_CODECS = {
+    "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "zstd": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+}
+"""`output.codec`. Blosc's byte shuffle groups the high and low bytes of the uint16 values before the
+compressor. On super-resolved Sentinel-2, per thread (python -m sr_batch.bench prints it for the machine):
+lz4 about 1.2 GB/s to compress and 2.5 GB/s to decompress, ratio 2.9; zstd level 1 about 0.38 and 0.8
+GB/s, ratio 3.2; zarr's default (zstd level 3, no shuffle) 0.07 GB/s. A GPU that super-resolves 18 M
+input px/s produces 2.3 GB/s of stored output, so the codec decides how many cores keep up with it."""
 
 
-def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
+def encoding(ds: xr.Dataset, tile: int, codec: str = "lz4") -> dict[str, dict[str, Any]]:
     """uint16 x 10000 with fill 0; one Zarr chunk per date and tile; per-date tables chunked by date."""
     height, width = ds.sizes["y"], ds.sizes["x"]
     by_date = {name: {"chunks": (1, *ds[name].shape[1:])} for name in ("cloud_fraction", "frames_used")}
     return {
-        "sr": {**SR_ENCODING, "chunks": (1, len(BANDS), min(SCALE * tile, height), min(SCALE * tile, width)), "compressors": [SR_COMPRESSOR]},
+        "sr": {**SR_ENCODING, "chunks": (1, len(BANDS), min(SCALE * tile, height), min(SCALE * tile, width)), "compressors": [SR_CODECS[codec]]},
         "window_start": {"units": "days since 1970-01-01", "dtype": "int32", "_FillValue": np.int32(-(2**31)), "chunks": (1, *ds["window_start"].shape[1:])},
         "source_items": {"chunks": (1,)},
         "time": TIME_ENCODING,
@@ -178,11 +182,19 @@ def encoding(ds: xr.Dataset, tile: int) -> dict[str, dict[str, Any]]:
 def create_store(store: Location, plan: Plan, model: LoadedModel) -> None:
     """The layout with an empty time axis (mode "a": the folder may already hold the manifest)."""
     ds = dates_dataset(plan, [], model)
-    ds.to_zarr(**store.zarr_args(), mode="a", zarr_format=3, consolidated=False, compute=False, encoding=encoding(ds, plan.spec.tiling.tile))
+    layout = encoding(ds, plan.spec.tiling.tile, plan.spec.output.codec)
+    ds.to_zarr(**store.zarr_args(), mode="a", zarr_format=3, consolidated=False, compute=False, encoding=layout)
 
 
 def has_layout(store: Location) -> bool:
     return store.has("zarr.json") and store.has("sr/zarr.json")
+
+
+def stored_codec(store: Location) -> str | None:
+    """The compressor of an existing store's `sr` (lz4, zstd, or whatever wrote it), None without one."""
+    codecs = zarr.open_array(**store.zarr_args(), path="sr", mode="r").metadata.codecs
+    names = [getattr(codec, "cname", None) for codec in codecs]
+    return next((str(getattr(name, "value", name)) for name in names if name is not None), None)
 
 
 def time_length(store: Location) -> int:
@@ -251,20 +263,28 @@ def write_tile_dates(
     """A task: write the tile's rows `slots` of `block` ((slot in block, index on the time axis)), chunk-aligned.
     `block` holds the stored values already (uint16, encoded where the network ran).
 
-    Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: zarr does not
-    store those, so the manifest lists them as absent by design."""
-    array = zarr.open_array(store=store, path="sr", mode="r+", **zarr_options(store))
-    chunk_y, chunk_x = array.chunks[2], array.chunks[3]
+    Returns, per written time index, the Zarr chunks (y, x indices) that were all fill: those are not
+    stored (one a killed run may have left is removed), so the manifest lists them as absent by design.
+    The emptiness test is ours, per chunk: zarr's own (write_empty_chunks=False) compares every chunk
+    with the fill value on its one event-loop thread, several times slower than compressing it with lz4,
+    and every writing thread of a worker process waits on it."""
+    opened = zarr.open_array(store=store, path="sr", mode="r+", **zarr_options(store))
+    stores = opened.with_config({"write_empty_chunks": True})
+    removes = opened.with_config({"write_empty_chunks": False})  # writing fill over a stored chunk deletes it
+    chunk_y, chunk_x = opened.chunks[2], opened.chunks[3]
     written = []
     for slot, index in slots:
         encoded = block[slot]
-        array[index, :, ys[0] : ys[1], xs[0] : xs[1]] = encoded
-        empty = [
-            (iy, ix)
-            for iy in range(ys[0] // chunk_y, -(-ys[1] // chunk_y))
-            for ix in range(xs[0] // chunk_x, -(-xs[1] // chunk_x))
-            if not encoded[:, iy * chunk_y - ys[0] : (iy + 1) * chunk_y - ys[0], ix * chunk_x - xs[0] : (ix + 1) * chunk_x - xs[0]].any()
-        ]
+        empty = []
+        for iy in range(ys[0] // chunk_y, -(-ys[1] // chunk_y)):
+            for ix in range(xs[0] // chunk_x, -(-xs[1] // chunk_x)):
+                y0, y1 = max(ys[0], iy * chunk_y), min(ys[1], (iy + 1) * chunk_y)
+                x0, x1 = max(xs[0], ix * chunk_x), min(xs[1], (ix + 1) * chunk_x)
+                chunk = encoded[:, y0 - ys[0] : y1 - ys[0], x0 - xs[0] : x1 - xs[0]]
+                has_data = bool(chunk.any())
+                (stores if has_data else removes)[index, :, y0:y1, x0:x1] = chunk
+                if not has_data:
+                    empty.append((iy, ix))
         written.append((index, empty))
     kill_points.reached("written")
     return written

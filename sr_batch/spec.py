@@ -258,6 +258,11 @@ S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 class Output(_Strict):
     uri: str
     """A local folder, or `s3://bucket/path/name.zarr` (credentials and endpoint from the environment)."""
+    codec: Literal["lz4", "zstd"] = "lz4"
+    """How the super-resolved chunks are compressed (Blosc with byte shuffle, which every Zarr v3 reader
+    decodes): lz4 writes and reads about 3x faster, zstd (level 1) is about 9 % smaller. Writing the
+    output is what a GPU job's CPUs spend most of their time on (python -m sr_batch.bench). An existing
+    output keeps the codec it was created with."""
 
     @field_validator("uri")
     @classmethod

@@ -101,7 +101,10 @@ def test_second_run_computes_only_the_new_dates_and_equals_one_full_run(
     reference: JobResult, tmp_path: Path, early_url: str, stac_url: str, catalog, scheduler: str, capsys
 ) -> None:
     out = tmp_path / "nightly.zarr"
-    first = run_job(parse_spec(nightly_job(early_url, out, catalog)), scheduler=scheduler, show_progress=False)
+    # The first run compresses with zstd; the later ones ask for the default (lz4) and the store keeps zstd.
+    zstd = nightly_job(early_url, out, catalog)
+    zstd["output"]["codec"] = "zstd"
+    first = run_job(parse_spec(zstd), scheduler=scheduler, show_progress=False)
     assert first.added_dates and all(d <= SPLIT for d in first.added_dates)
     before = Manifest.read(out)
     assert before is not None
@@ -113,7 +116,9 @@ def test_second_run_computes_only_the_new_dates_and_equals_one_full_run(
     # Only the new dates' windows were computed: exactly the reference's windows on those dates.
     new_windows = sum(1 for ws in reference.plan.windows.values() for w in ws if reference.plan.days[w.target].date > SPLIT)
     assert second.written_windows == new_windows > 0
-    assert f"Added {len(expected_new)} dates" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"Added {len(expected_new)} dates" in shown and "output.codec: this output keeps zstd" in shown
+    assert zarr.open_array(store=str(out), path="sr", mode="r").metadata.codecs[1].cname.value == "zstd"
     # Earlier chunks were not rewritten, and the result is the single full run's, bit for bit.
     assert all(p.read_bytes() == data for p, data in old_chunks.items())
     assert_same_store(out, reference.output)
