@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from sr_batch.model import LoadedModel
+from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
 from sr_batch.superres import ModelRef, load_model, pick_device, prepare_windows
@@ -89,6 +91,59 @@ def _time_variant(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) -> list[dict[str, Any]]:
+    """The sink alone, per `output.codec`: one tile's real super-resolved output (the sample's clearest
+    dates, mirrored to the tile's size) written again and again into a local Zarr store by the job's
+    own write function, on one thread and on `threads` at once. MB/s count the stored uint16 before
+    compression; on a GPU this, not the network, is what the host has to keep up with."""
+    from sr_batch.sink import SR_CODECS, encode_reflectance_tensor
+    from sr_batch.superres import eager_runner, superresolve_windows
+
+    cube = open_sample_cube()
+    clear = np.isin(cube.SCL.values, (4, 5, 6, 7, 11)).mean(axis=(1, 2))
+    chosen = np.sort(np.argsort(-clear)[: loaded.info.frames])
+    reps = int(np.ceil(tile / cube.sizes["x"]))
+    frames = np.stack([_mirror(cube[band].values[i], reps)[:tile, :tile] for i in chosen for band in ("B2", "B3", "B4", "B8")])
+    frames = frames.reshape(len(chosen), 4, tile, tile).astype(np.float32) / 10000
+    output = superresolve_windows(eager_runner(loaded, str(device)), [frames], batch_size=1)
+    block = encode_reflectance_tensor(torch.from_numpy(output)).numpy().view(np.uint16)  # (1, 4, 4·tile, 4·tile)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sr-batch-bench-write-") as tmp:
+        for name, codec in SR_CODECS.items():
+            store = str(Path(tmp) / f"{name}.zarr")
+            zarr.create_array(store=store, name="sr", shape=(100_000, *block.shape[1:]), chunks=block.shape, dtype="uint16", fill_value=0, compressors=[codec])
+            row: dict[str, Any] = {"codec": name, "chunk_mb": block.nbytes / 1e6, "threads": threads}
+            row["mb_per_s_1_thread"] = _write_rate(block, store, 1)
+            row["mb_per_s_all_threads"] = _write_rate(block, store, threads)
+            chunks = [f.stat().st_size for f in Path(store, "sr", "c").rglob("*") if f.is_file()]
+            row["compression_ratio"] = block.nbytes * len(chunks) / sum(chunks)
+            rows.append(row)
+    return rows
+
+
+def _write_rate(block: np.ndarray, store: str, threads: int, seconds: float = 2.0) -> float:
+    """MB/s of `write_tile_dates` on `threads` threads at once, each writing its own dates, for about `seconds`."""
+    from sr_batch.sink import write_tile_dates
+
+    height, width = block.shape[-2:]
+    counter = iter(range(100_000))
+    lock = threading.Lock()
+
+    def writer(deadline: float) -> int:
+        written = 0
+        while time.perf_counter() < deadline:
+            with lock:
+                index = next(counter)
+            write_tile_dates(block, store, [(0, index)], (0, height), (0, width))
+            written += 1
+        return written
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        written = sum(pool.map(writer, [started + seconds] * threads))
+    return written * block.nbytes / 1e6 / (time.perf_counter() - started)
 
 
 def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
@@ -256,9 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["model_only"]:
         print(f"model only  {row['variant']:<48} {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s ")
     _write(report, args.out)
+    best = max(report["model_only"], key=lambda row: row["lr_mpx_per_s"])
+    # What the host must write to keep up with the network: 16 output px of 4 uint16 bands per input px.
+    stored_mb_per_s = best["lr_mpx_per_s"] * SCALE**2 * 4 * 2
+    report["writing"] = writing(loaded, device, args.tile, os.cpu_count() or 1)
+    for row in report["writing"]:
+        row["cores_to_keep_up"] = stored_mb_per_s / row["mb_per_s_1_thread"]
+        speeds = f"{row['mb_per_s_1_thread']:7.0f} MB/s on 1 thread, {row['mb_per_s_all_threads']:7.0f} on {row['threads']}"
+        print(
+            f"writing     output.codec {row['codec']:<5} {speeds}; compression {row['compression_ratio']:.2f}x; "
+            f"the best model-only rate makes {stored_mb_per_s:.0f} MB/s of output: {row['cores_to_keep_up']:.1f} cores to write it"
+        )
+    _write(report, args.out)
     if args.skip_end_to_end:
         return 0
-    best = max(report["model_only"], key=lambda row: row["lr_mpx_per_s"])
     model = {"checkpoint": args.checkpoint, "batch_size": args.batch, "precision": args.precision, "compile": args.compile}
     with tempfile.TemporaryDirectory(prefix="sr-batch-bench-") as tmp:
         catalogs = {}

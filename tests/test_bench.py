@@ -14,6 +14,8 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     report = json.loads(out.read_text())
     assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last"}
     assert all(row["lr_mpx_per_s"] > 0 for row in report["model_only"])
+    assert {row["codec"] for row in report["writing"]} == {"lz4", "zstd"}
+    assert all(row["mb_per_s_1_thread"] > 0 and row["mb_per_s_all_threads"] > 0 and row["compression_ratio"] > 1 for row in report["writing"])
     for factor in ("1x", "4x"):
         row = report[f"end_to_end_{factor}"]
         assert row["lr_mpx_per_s"] > 0 and row["peak_worker_memory_mb"] > 0 and row["tile_dates"] > 0
