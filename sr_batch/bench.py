@@ -1,7 +1,7 @@
 """`python -m sr_batch.bench`: throughput and memory, measured in one run, printed as ratios.
 
 1. Model only: the checkpoint on the current device, one tile-sized batch repeated, for each
-   precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast, and torch.compile on request).
+   precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast where the device runs them natively, torch.compile on request).
 2. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
@@ -49,7 +49,10 @@ def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int,
     frames = (0.1 + np.random.default_rng(0).normal(0, 0.02, shape)).astype(np.float32)
     stack, alphas = prepare_windows([frames] * batch, loaded.info.frames, np.asarray(loaded.info.mean, np.float32), np.asarray(loaded.info.std, np.float32))
     x, a = torch.from_numpy(stack).to(device), torch.from_numpy(alphas).to(device)
-    variants = [("fp32 eager", torch.float32, False), ("fp32 channels_last", torch.float32, True), ("bf16 autocast + channels_last", torch.bfloat16, True)]
+    variants = [("fp32 eager", torch.float32, False), ("fp32 channels_last", torch.float32, True)]
+    if device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # A CPU without native bf16 emulates it, about 5x slower than fp32 (bench/RESULTS.md): `precision: auto` never picks it there.
+        variants.append(("bf16 autocast + channels_last", torch.bfloat16, True))
     if device.type == "cuda":
         variants.append(("fp16 autocast + channels_last", torch.float16, True))
     results = [_time_variant(loaded.network, x, a, name, dtype, channels_last, "off", repeats, device) for name, dtype, channels_last in variants]
