@@ -25,6 +25,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import zarr
 
+from sr_batch.cluster import cpu_worker_layout
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
@@ -45,10 +47,7 @@ KM2_PER_MPX = 100.0
 
 def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int, repeats: int, compile_mode: str) -> list[dict[str, Any]]:
     """LR Mpx/s of the network alone, per variant, on one batch of tile-sized windows."""
-    shape = (loaded.info.frames, 4, tile, tile)
-    frames = (0.1 + np.random.default_rng(0).normal(0, 0.02, shape)).astype(np.float32)
-    stack, alphas = prepare_windows([frames] * batch, loaded.info.frames, np.asarray(loaded.info.mean, np.float32), np.asarray(loaded.info.std, np.float32))
-    x, a = torch.from_numpy(stack).to(device), torch.from_numpy(alphas).to(device)
+    x, a = _model_input(loaded, tile, batch, device)
     variants = [("fp32 eager", torch.float32, False), ("fp32 channels_last", torch.float32, True)]
     if device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # A CPU without native bf16 emulates it, about 5x slower than fp32 (bench/RESULTS.md): `precision: auto` never picks it there.
@@ -63,6 +62,42 @@ def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int,
     return results
 
 
+def _model_input(loaded: LoadedModel, tile: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prepared tile-sized windows (the network's speed does not depend on the values)."""
+    shape = (loaded.info.frames, 4, tile, tile)
+    frames = (0.1 + np.random.default_rng(0).normal(0, 0.02, shape)).astype(np.float32)
+    stack, alphas = prepare_windows([frames] * batch, loaded.info.frames, np.asarray(loaded.info.mean, np.float32), np.asarray(loaded.info.std, np.float32))
+    return torch.from_numpy(stack).to(device), torch.from_numpy(alphas).to(device)
+
+
+def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int) -> dict[str, Any]:
+    """fp32 channels_last in `workers` processes of `threads` torch threads at once, as a CPU job's
+    workers run it: their rates add up. One process with every core can be slower than that, and
+    end to end ÷ model only must compare with the best the machine does."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_worker_rate, args=(checkpoint, tile, batch, repeats, threads, ready, results)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    rates = [results.get(timeout=3600) for _ in processes]
+    for process in processes:
+        process.join()
+    mpx = sum(rates)
+    name = f"fp32 channels_last, {workers} processes x {threads} thread{'s' if threads > 1 else ''} (as the job's workers)"
+    return {"variant": name, "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX, "processes": workers, "threads": threads}
+
+
+def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, ready: Any, results: Any) -> None:
+    """One process of `model_only_on_workers`: warm up, wait for the others, then time the repeats."""
+    torch.set_num_threads(threads)
+    loaded = load_model(ModelRef(checkpoint=checkpoint))
+    x, a = _model_input(loaded, tile, batch, torch.device("cpu"))
+    row = _time_variant(loaded.network, x, a, "", torch.float32, True, "off", repeats, torch.device("cpu"), before_timing=ready.wait)
+    results.put(row["lr_mpx_per_s"])
+
+
 def _time_variant(
     network: torch.nn.Module,
     x: torch.Tensor,
@@ -73,6 +108,7 @@ def _time_variant(
     compile_mode: str,
     repeats: int,
     device: torch.device,
+    before_timing: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
     net = network.to(memory_format=torch.channels_last) if channels_last else network.to(memory_format=torch.contiguous_format)
     run = torch.compile(net, mode=compile_mode, dynamic=False) if compile_mode != "off" else net
@@ -82,6 +118,7 @@ def _time_variant(
         run(x, a)  # warm-up (and compilation)
         _sync(device)
         warm_up = time.perf_counter() - started
+        before_timing()
         started = time.perf_counter()
         for _ in range(repeats):
             run(x, a)
@@ -311,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     _write(report, args.out)
     report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
+    workers, threads = cpu_worker_layout(0, args.workers)
+    if device.type == "cpu" and workers > 1:
+        report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, args.batch, args.repeats, workers, threads))
     for row in report["model_only"]:
         print(f"model only  {row['variant']:<48} {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s ")
     _write(report, args.out)
@@ -323,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         speeds = f"{row['mb_per_s_1_thread']:7.0f} MB/s on 1 thread, {row['mb_per_s_all_threads']:7.0f} on {row['threads']}"
         print(
             f"writing     output.codec {row['codec']:<5} {speeds}; compression {row['compression_ratio']:.2f}x; "
-            f"the best model-only rate makes {stored_mb_per_s:.0f} MB/s of output: {row['cores_to_keep_up']:.1f} cores to write it"
+            f"the best model-only rate makes {stored_mb_per_s:.1f} MB/s of output: {row['cores_to_keep_up']:.2f} cores to write it"
         )
     _write(report, args.out)
     if args.skip_end_to_end:

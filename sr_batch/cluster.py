@@ -32,6 +32,15 @@ def gpu_worker_threads(cores: int, gpus: int) -> int:
     return max(MIN_GPU_WORKER_THREADS, cores // (2 * gpus))
 
 
+def cpu_worker_layout(gpus: int, workers: int | None = None) -> tuple[int, int]:
+    """(worker processes, threads each) of a LocalCluster's CPU workers: the cores the GPU workers leave,
+    in at most 4 processes."""
+    cores = os.cpu_count() or 1
+    cpu_cores = max(1, cores - (gpu_worker_threads(cores, gpus) * gpus if gpus else 0))
+    workers = workers or min(cpu_cores, 4)
+    return workers, max(1, cpu_cores // workers)
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None, echo=print) -> Iterator[Client]:
     """A connected client; a LocalCluster started here is closed on exit, an existing cluster is left running."""
@@ -53,12 +62,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
             echo(f"Dask: connected to {scheduler} ({len(client.scheduler_info()['workers'])} workers); dashboard {client.dashboard_link}")
             yield client
         return
-    cores = os.cpu_count() or 1
     gpus = visible_gpus()
-    gpu_threads = gpu_worker_threads(cores, gpus) if gpus else 0
-    cpu_cores = max(1, cores - gpu_threads * gpus)
-    workers = workers or min(cpu_cores, 4)
-    threads = max(1, cpu_cores // workers)
+    gpu_threads = gpu_worker_threads(os.cpu_count() or 1, gpus) if gpus else 0
+    workers, threads = cpu_worker_layout(gpus, workers)
     # Without a GPU each worker process runs one task at a time and gives PyTorch its share of the cores.
     # Beside GPU workers the others only read, encode and write: they run a task per core.
     env = {"SR_BATCH_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
