@@ -98,7 +98,7 @@ def resolved_halo(spec: JobSpec, radius: int) -> int:
     """The halo in pixels: `auto` is the seam-free one for a model of receptive field ±`radius`."""
     if spec.tiling.halo != "auto":
         return spec.tiling.halo
-    halo = radius + spec.cloud.dilate_pixels
+    halo = seamless_halo(spec, radius)
     if spec.tiling.tile < halo:
         raise SpecError(
             f"tiling.tile: {spec.tiling.tile} px is smaller than the seam-free halo of this model, {halo} px "
@@ -160,16 +160,16 @@ def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int) -> dict[
     return windows
 
 
-def seamless_halo(plan: Plan) -> int:
+def seamless_halo(spec: JobSpec, radius: int) -> int:
     """The smallest halo for which tiles join exactly: the receptive field, plus the cloud-mask
     dilation, since the mask of a pixel at the halo's edge depends on pixels beyond it (`auto` is this)."""
-    return plan.radius + plan.spec.cloud.dilate_pixels
+    return radius + spec.cloud.dilate_pixels
 
 
 def _summary(plan: Plan) -> str:
     spec, grid, days = plan.spec, plan.grid, plan.days
     area_km2 = grid.width * grid.height * grid.resolution**2 / 1e6
-    radius, needed = plan.radius, seamless_halo(plan)
+    radius, needed = plan.radius, seamless_halo(plan.spec, plan.radius)
     outputs = plan.output_days
     full = sum(len(w.frames) == spec.model.frames for ws in plan.windows.values() for w in ws)
     lr_pixels = sum(len(ws) * (r[1] - r[0]) * (c[1] - c[0]) for (i, j), ws in plan.windows.items() for r, c in [(plan.rows[i], plan.cols[j])])
