@@ -72,7 +72,7 @@ def _model_input(loaded: LoadedModel, tile: int, batch: int, device: torch.devic
 
 def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int) -> dict[str, Any]:
     """fp32 channels_last in `workers` processes of `threads` torch threads at once, as a CPU job's
-    workers run it: their rates add up. One process with every core can be slower than that, and
+    workers run it, timed as a group. One process with every core can be slower than that, and
     end to end ÷ model only must compare with the best the machine does."""
     import multiprocessing
 
@@ -144,8 +144,7 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
     from sr_batch.superres import eager_runner, superresolve_windows
 
     cube = open_sample_cube()
-    clear = np.isin(cube.SCL.values, (4, 5, 6, 7, 11)).mean(axis=(1, 2))
-    chosen = np.sort(np.argsort(-clear)[: loaded.info.frames])
+    chosen = clearest_days(cube, loaded.info.frames)
     reps = int(np.ceil(tile / cube.sizes["x"]))
     frames = np.stack([_mirror(cube[band].values[i], reps)[:tile, :tile] for i in chosen for band in ("B2", "B3", "B4", "B8")])
     frames = frames.reshape(len(chosen), 4, tile, tile).astype(np.float32) / 10000
@@ -194,8 +193,7 @@ def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
     from affine import Affine
 
     cube = open_sample_cube()
-    clear = np.isin(cube.SCL.values, (4, 5, 6, 7, 11)).mean(axis=(1, 2))
-    chosen = np.sort(np.argsort(-clear)[:dates])
+    chosen = clearest_days(cube, dates)
     reps = int(np.ceil(size / cube.sizes["x"]))
     x0, y0 = float(cube.x[0]) - 5, float(cube.y[0]) + 5
     transform = Affine(10.0, 0.0, x0, 0.0, -10.0, y0)
@@ -208,6 +206,12 @@ def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # GDAL releases the GIL while writing COGs
         items = list(pool.map(write, chosen))
     return SampleCatalog(collection=collection_for(items), items=items, root=root)
+
+
+def clearest_days(cube: Any, count: int) -> np.ndarray:
+    """Indices of the sample's `count` days with the most clear pixels (SCL 4, 5, 6, 7, 11: vegetation, bare soil, water, unclassified, snow), in time order."""
+    clear = np.isin(cube.SCL.values, (4, 5, 6, 7, 11)).mean(axis=(1, 2))
+    return np.sort(np.argsort(-clear)[:count])
 
 
 def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
