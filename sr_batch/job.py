@@ -8,8 +8,10 @@ Every run is incremental. Under the output's lock (lock.py), the run reads the o
 manifest does not record as written: the windows of days it has not seen, and windows a killed run
 left unfinished (increment.py). With nothing to do it stops before starting a cluster and writes
 nothing. Otherwise it appends the new dates to the store, super-resolves the pending windows, and
-records each tile's windows once its task has written them (sink.py). A run killed at any moment
-leaves an output the next run completes, equal to an uninterrupted run's.
+records each tile's windows once its task has written them (sink.py). The tasks go to the cluster
+a sliding window at a time, with their reads just ahead (`_compute`), so that memory follows the
+tile, not the region. A run killed at any moment leaves an output the next run completes, equal to
+an uninterrupted run's.
 
 `--overwrite` recomputes everything into a hidden staging store beside the output and swaps it in
 only when complete: a failed or killed overwrite never destroys the previous output. The output may
@@ -21,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dask
+import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
@@ -214,7 +218,8 @@ def run_job(
                     ref = replace(model_ref(spec), precision=precision)
                     slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
                     per_task = task_dates or dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, echo)
+                    in_flight = tasks_in_flight(slots)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, in_flight, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
                     raise SrBatchError(
@@ -396,6 +401,7 @@ def write_pending(
     ref: ModelRef,
     gpu_workers_only: bool,
     per_task: int,
+    in_flight: int,
     echo: Echo,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
@@ -416,13 +422,14 @@ def write_pending(
             written[tile].append(by_date[(date_at[index], tile)])
             kill_points.reached("recorded")
 
-    _compute(client, tasks, echo, record)
+    _compute(client, tasks, in_flight, echo, record)
     return written
 
 
-def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> dict[tuple[int, int], list[Delayed]]:
+def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> WriteTasks:
     """Per tile, one task per group of `per_task` dates: super-resolve (tiles.py), then write the tile's pending dates."""
-    sr = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only)
+    graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only)
+    sr = graph_of_tiles.output
     time_index = {date: k for k, date in enumerate(manifest.times)}
     outputs = work.output_days
     name = f"write-sr-{tokenize(sr.name, str(store))}"
@@ -444,18 +451,82 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     tasks: dict[tuple[int, int], list[Delayed]] = {}
     for key, tile in tiles.items():
         tasks.setdefault(tile, []).append(Delayed(key, layers, layer=name))
-    return tasks
+    reads = graph_of_tiles.reads
+    blocks = {} if reads is None else {(row, col): block for (_, _, row, col), block in np.ndenumerate(reads.to_delayed(optimize_graph=False))}
+    return WriteTasks(tasks, blocks)
 
 
-def _compute(client: Client, tasks: dict[tuple[int, int], list[Delayed]], echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
-    """Run the write tasks on the cluster; `on_done(tile, result)` as each returns, in completion order.
-    Progress comes from the tasks' own events (progress.py)."""
-    flat = [(tile, task) for tile, group in tasks.items() for task in group]
-    futures = client.compute([task for _, task in flat])
-    tile_of = {future.key: tile for future, (tile, _) in zip(futures, flat)}
-    echo(f"Computing {len(futures)} tile tasks … (dashboard: {client.dashboard_link})")
-    for future, result in as_completed(futures, with_results=True):
-        on_done(tile_of[future.key], result)
+@dataclass(frozen=True)
+class WriteTasks:
+    """A job's tasks per tile, and the read block of each tile (its own and its neighbours' halo source)."""
+
+    per_tile: dict[tuple[int, int], list[Delayed]]
+    blocks: dict[tuple[int, int], Delayed]
+
+
+def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
+    """Run the write tasks on the cluster, at most `in_flight` at once, tile by tile in row-major order;
+    `on_done(tile, result)` as each returns, in completion order. Progress comes from the tasks' own events (progress.py).
+
+    Submitting everything at once would let the cluster read the whole region ahead of the network: on
+    a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
+    GPU worker gathers the input of every task assigned to it, so memory would grow with the region.
+    A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` tiles
+    (with their halo sources, the next row's blocks), so that a task's input is there when a slot is
+    free. A tile's read block is also its neighbours' halo: the job holds each block from the first
+    task that needs it until the last of those is done, so no tile is read twice, and what stays read
+    is about a row of tiles plus the read-ahead, whatever the region's height."""
+    flat = [(tile, task) for tile in sorted(tasks.per_tile) for task in tasks.per_tile[tile]]
+    echo(f"Computing {len(flat)} tile tasks, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
+    tiles = sorted(tasks.per_tile)
+    place = {tile: k for k, tile in enumerate(tiles)}
+    first_task = {tile: position for position, (tile, _) in reversed(list(enumerate(flat)))}
+    users = Counter(block for tile, _ in flat for block in _halo_sources(tile, tasks.blocks))
+    held: dict[tuple[int, int], Any] = {}
+    tile_of: dict[str, tuple[int, int]] = {}
+    pending = iter(enumerate(flat))
+
+    def read_ahead(tile: tuple[int, int]) -> None:
+        # Each block is asked for once, with the place of the first task that needs it as its priority.
+        for upcoming in tiles[place[tile] : place[tile] + in_flight + 1]:
+            for block in _halo_sources(upcoming, tasks.blocks):
+                if block not in held:
+                    (held[block],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
+
+    def submit(count: int) -> list[Any]:
+        # One submission per task, its place in the order as its priority: the cluster reads and
+        # computes the tiles in that order, which one submission of many tasks would not keep.
+        futures = []
+        for _, (position, (tile, task)) in zip(range(count), pending):
+            read_ahead(tile)
+            (future,) = client.compute([task], priority=-position)
+            tile_of[future.key] = tile
+            futures.append(future)
+        return futures
+
+    running = as_completed(submit(in_flight), with_results=True)
+    for future, result in running:
+        tile = tile_of.pop(future.key)
+        for block in _halo_sources(tile, tasks.blocks):
+            users[block] -= 1
+            if not users[block]:
+                held.pop(block).release()
+        on_done(tile, result)
+        for more in submit(1):
+            running.add(more)
+
+
+def _halo_sources(tile: tuple[int, int], blocks: dict[tuple[int, int], Delayed]) -> list[tuple[int, int]]:
+    """The read blocks a tile's task takes: its own and its neighbours' (the halo)."""
+    row, col = tile
+    return [(r, c) for r in (row - 1, row, row + 1) for c in (col - 1, col, col + 1) if (r, c) in blocks]
+
+
+def tasks_in_flight(slots: int) -> int:
+    """Write tasks a job keeps submitted at once (and tiles its reads run ahead of them): four per
+    super-resolution slot and two more, so that no slot waits for its next tile's input, and no more,
+    so that memory does not grow with the region."""
+    return 4 * slots + 2
 
 
 def keep_annotations(needed: bool) -> Any:

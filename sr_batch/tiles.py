@@ -21,6 +21,7 @@ layer itself, which graph optimisation keeps (the job tests check where the task
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
@@ -44,14 +45,25 @@ TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 
 
-def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> da.Array:
+@dataclass(frozen=True)
+class TileGraph:
+    """The lazy output and the lazy read it comes from."""
+
+    output: da.Array
     """(output date, band, y, x) at 2.5 m, uint16 as the sink stores it (reflectance x 10000; 0 where nothing was computed)."""
+    reads: da.Array | None
+    """(day, band+scl, y, x) as read: one block per tile with every day, the source of its own and its
+    neighbours' halos (None when there is no output date)."""
+
+
+def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> TileGraph:
+    """The plan's super-resolution as a Dask graph: one task per tile and group of `dates_per_task` output dates."""
     spec = plan.spec
     ychunks, xchunks = plan.chunks()
     hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
     outputs = plan.output_days
     if not outputs:
-        return da.zeros((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), dtype=np.uint16, chunks=((0,), *hr_chunks))
+        return TileGraph(da.zeros((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), dtype=np.uint16, chunks=((0,), *hr_chunks)), None)
     frame_days = plan.frame_days
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
@@ -74,7 +86,7 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     with dask.annotate(**annotations):
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    return da.Array(layers, name, chunks, dtype=np.uint16)
+    return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube)
 
 
 def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:

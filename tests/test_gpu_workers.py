@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import xarray as xr
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from sr_batch.cluster import GPU_SLOTS, _add_gpu_workers, gpu_workers
-from sr_batch.job import run_job
+from sr_batch.job import run_job, tasks_in_flight
 from sr_batch.spec import parse_spec
 from sr_batch.tiles import TILE_TOPIC, tasks_sharing_the_device
 
@@ -81,3 +81,29 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
     assert tasks_sharing_the_device() == 1  # outside a worker
     with xr.open_zarr(result.output, consolidated=False) as ds:
         assert ds.sizes["time"] == len(result.plan.output_days) > 0
+
+
+def test_a_gpu_job_reads_tiles_as_the_gpu_takes_them_and_each_only_once(tmp_path: Path, stac_url: str, catalog) -> None:
+    """With the network on one worker, the others could read the whole region ahead of it and the GPU
+    worker would gather every task's input: memory would grow with the region. The job keeps a window
+    of tasks in flight instead; the window spans more than a row, so no tile is read twice for the halo."""
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        _add_gpu_workers(cluster, 1, 2)
+        with Client(cluster) as client, get_task_stream(client=client) as stream:
+            client.wait_for_workers(2, timeout=60)
+            lines: list[str] = []
+            job = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=period, tiling={"tile": 20, "halo": 18})
+            run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+            records = stream.data
+    # A task's record repeats the compute spans of its earlier runs: one read is one (key, start).
+    computed = {(str(record["key"]), span["start"], span["stop"]) for record in records for span in record["startstops"] if span["action"] == "compute"}
+    reads = [(key, start) for key, start, _ in computed if "fetch_raster_window" in key]
+    writes = [(start, stop) for key, start, stop in computed if "write-sr" in key]
+    limit = tasks_in_flight(GPU_SLOTS)
+    (tasks,) = [int(line.split()[1]) for line in lines if line.startswith("Computing")]
+    assert f"up to {limit} at once" in "".join(lines) and limit < tasks == len(writes), (limit, tasks, len(writes))
+    read_keys = [key for key, _ in reads]
+    assert len(read_keys) == len(set(read_keys)), "a tile's block was read more than once"
+    first_write_done = min(stop for _, stop in writes)
+    assert max(start for _, start in reads) > first_write_done, "every tile was read before the first was written"
