@@ -86,7 +86,8 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
 def test_a_gpu_job_reads_tiles_as_the_gpu_takes_them_and_each_only_once(tmp_path: Path, stac_url: str, catalog) -> None:
     """With the network on one worker, the others could read the whole region ahead of it and the GPU
     worker would gather every task's input: memory would grow with the region. The job keeps a window
-    of tasks in flight instead; the window spans more than a row, so no tile is read twice for the halo."""
+    of tasks in flight instead, and holds each read block until the tiles that take their halo from it
+    are done, so that no block is read twice."""
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
         _add_gpu_workers(cluster, 1, 2)
