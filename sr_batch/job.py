@@ -453,7 +453,7 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
         tasks.setdefault(tile, []).append(Delayed(key, layers, layer=name))
     reads = graph_of_tiles.reads
     blocks = {} if reads is None else {(row, col): block for (_, _, row, col), block in np.ndenumerate(reads.to_delayed(optimize_graph=False))}
-    return WriteTasks(tasks, blocks)
+    return WriteTasks(tasks, blocks, {tile: graph_of_tiles.read_blocks(*tile) for tile in tasks})
 
 
 @dataclass(frozen=True)
@@ -462,6 +462,8 @@ class WriteTasks:
 
     per_tile: dict[tuple[int, int], list[Delayed]]
     blocks: dict[tuple[int, int], Delayed]
+    reads_of: dict[tuple[int, int], list[tuple[int, int]]]
+    """The blocks each tile's tasks take (its own and its halo's)."""
 
 
 def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
@@ -476,12 +478,14 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     free. A tile's read block is also its neighbours' halo: the job holds each block from the first
     task that needs it until the last of those is done, so no tile is read twice, and what stays read
     is about a row of tiles plus the read-ahead, whatever the region's height."""
-    flat = [(tile, task) for tile in sorted(tasks.per_tile) for task in tasks.per_tile[tile]]
-    echo(f"Computing {len(flat)} tile tasks, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
     tiles = sorted(tasks.per_tile)
+    flat = [(tile, task) for tile in tiles for task in tasks.per_tile[tile]]
+    echo(f"Computing {len(flat)} tile tasks, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
     place = {tile: k for k, tile in enumerate(tiles)}
-    first_task = {tile: position for position, (tile, _) in reversed(list(enumerate(flat)))}
-    users = Counter(block for tile, _ in flat for block in _halo_sources(tile, tasks.blocks))
+    first_task: dict[tuple[int, int], int] = {}
+    for position, (tile, _) in enumerate(flat):
+        first_task.setdefault(tile, position)
+    users = Counter(block for tile, _ in flat for block in tasks.reads_of[tile])
     held: dict[tuple[int, int], Any] = {}
     tile_of: dict[str, tuple[int, int]] = {}
     pending = iter(enumerate(flat))
@@ -489,7 +493,7 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     def read_ahead(tile: tuple[int, int]) -> None:
         # Each block is asked for once, with the place of the first task that needs it as its priority.
         for upcoming in tiles[place[tile] : place[tile] + in_flight + 1]:
-            for block in _halo_sources(upcoming, tasks.blocks):
+            for block in tasks.reads_of[upcoming]:
                 if block not in held:
                     (held[block],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
 
@@ -507,19 +511,13 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     running = as_completed(submit(in_flight), with_results=True)
     for future, result in running:
         tile = tile_of.pop(future.key)
-        for block in _halo_sources(tile, tasks.blocks):
+        for block in tasks.reads_of[tile]:
             users[block] -= 1
             if not users[block]:
                 held.pop(block).release()
         on_done(tile, result)
         for more in submit(1):
             running.add(more)
-
-
-def _halo_sources(tile: tuple[int, int], blocks: dict[tuple[int, int], Delayed]) -> list[tuple[int, int]]:
-    """The read blocks a tile's task takes: its own and its neighbours' (the halo)."""
-    row, col = tile
-    return [(r, c) for r in (row - 1, row, row + 1) for c in (col - 1, col, col + 1) if (r, c) in blocks]
 
 
 def tasks_in_flight(slots: int) -> int:
