@@ -72,8 +72,11 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     dask_logger = logging.getLogger("distributed")
     level = dask_logger.level
     try:
-        with LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
-            _add_gpu_workers(cluster, gpus, gpu_threads)
+        # The cluster starts empty and then all its workers at once: made with its CPU workers, it would
+        # wait for them before the GPU workers began, and each worker process takes seconds to start.
+        with LocalCluster(n_workers=0, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
+            cluster.worker_spec.update(_gpu_worker_specs(cluster, gpus, gpu_threads))
+            cluster.scale(workers + gpus)
             with Client(cluster) as client:
                 client.wait_for_workers(workers + gpus, timeout=120)
                 gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
@@ -108,16 +111,22 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _add_gpu_workers(cluster: LocalCluster, gpus: int, threads: int) -> None:
-    """One worker process per GPU, alone on its device, marked with the GPU resource."""
-    if not gpus:
-        return
+def _gpu_worker_specs(cluster: LocalCluster, gpus: int, threads: int) -> dict[str, dict]:
+    """One worker process per GPU, alone on its device, marked with the GPU resource: the cluster's
+    worker spec entries, from its template for new workers."""
     template = cluster.new_spec
+    specs = {}
     for index in range(gpus):
         env = {**template["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": str(index), "SR_BATCH_TORCH_THREADS": str(GPU_SLOTS)}
         options = {**template["options"], "nthreads": threads, "resources": {GPU_RESOURCE: GPU_SLOTS}, "env": env}
-        cluster.worker_spec[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
-    cluster.scale(len(cluster.worker_spec))  # starts the workers just added to the spec
+        specs[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
+    return specs
+
+
+def _add_gpu_workers(cluster: LocalCluster, gpus: int, threads: int) -> None:
+    """Add GPU workers (`_gpu_worker_specs`) to a running LocalCluster and start them."""
+    cluster.worker_spec.update(_gpu_worker_specs(cluster, gpus, threads))
+    cluster.scale(len(cluster.worker_spec))
 
 
 def gpu_workers(client: Client) -> list[str]:
