@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
-from distributed import Client, KilledWorker, as_completed
+from distributed import Client, Future, KilledWorker, as_completed
 
 from sr_batch import kill_points
 from sr_batch.cluster import dask_client, gpu_workers
@@ -65,7 +66,7 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec
 from sr_batch.storage import Location
-from sr_batch.superres import ModelRef, auto_precision, load_model, pick_device
+from sr_batch.superres import ModelRef, auto_precision, load_model, pick_device, warm_up
 from sr_batch.tiles import GPU_RESOURCE, superresolve_plan, task_memory_bytes
 
 Echo = Callable[[str], None]
@@ -201,6 +202,8 @@ def run_job(
             precision = resolved_precision(client, spec, on_gpus)
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
             settings = with_precision(settings, precision)
+            ref = replace(model_ref(spec), precision=precision)
+            warming = warm_up_workers(client, ref, on_gpus)  # while the store is laid out and the graph built
             if manifest is not None:
                 check_compatible(manifest, target, loaded.checksum, settings)
             manifest, added = commit_dates(store, increment, manifest, loaded, settings, lock)
@@ -215,7 +218,6 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    ref = replace(model_ref(spec), precision=precision)
                     slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
                     per_task = task_dates or dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
                     in_flight = tasks_in_flight(slots)
@@ -226,6 +228,7 @@ def run_job(
                         f"tiling.tile: Dask workers died running {died.task} (out of memory is the usual cause; {memory}); "
                         "lower tiling.tile or model.batch_size, or give workers more memory, and run again: written windows are kept"
                     ) from None
+            del warming  # held until the tiles are done: a released warm-up not yet started would be cancelled
             if performance_report:
                 echo(f"Dask performance report: {performance_report}")
             record_read_errors(store, read_errors.found())
@@ -262,6 +265,15 @@ def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str
             "set model.precision to one of fp32, bf16, fp16, or run the network on GPU workers only (--resources GPU=N)"
         )
     return found[0]
+
+
+def warm_up_workers(client: Client, ref: ModelRef, on_gpus: list[str]) -> list[Future]:
+    """Start loading the model on the workers that will run it (the GPU workers, or else all of them) and
+    pass one small window through it, while the job goes on: on a GPU worker that takes a second (CUDA's
+    and cuDNN's start) that the first tiles would otherwise wait for. The futures are for the caller to
+    hold; a warm-up that fails is left alone, as the tile tasks report the same failure themselves."""
+    targets = on_gpus or sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return [client.submit(warm_up, ref, workers=[address], allow_other_workers=False, key=f"sr-batch-warm-up-{uuid.uuid4().hex}") for address in targets]
 
 
 def job_hrefs(found: SearchResult) -> set[str]:

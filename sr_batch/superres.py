@@ -96,6 +96,21 @@ def _runner_cached(ref: ModelRef) -> Runner:
     return Runner(loaded, device, pick_autocast(ref.precision, device), forward, ref.compile != "off")
 
 
+WARM_UP_PIXELS = 32
+"""Edge of the one window `warm_up` passes through the network."""
+
+
+def warm_up(ref: ModelRef) -> str:
+    """Load the model and pass one small window through it, so that the first tiles do not pay for it
+    (on a GPU: CUDA's and cuDNN's start, about a second per process). A compiled model is only loaded:
+    a small pass would compile a graph for its own shape. Returns the device, for the caller's log."""
+    runner = load_runner(ref)
+    if not runner.compiled:
+        window = np.zeros((runner.loaded.info.frames, 4, WARM_UP_PIXELS, WARM_UP_PIXELS), np.float32)
+        superresolve_windows(runner, [window], batch_size=1)
+    return str(runner.device)
+
+
 def eager_runner(loaded: LoadedModel, device: str = "auto", precision: str = "fp32") -> Runner:
     """A runner for a model already in memory (training, evaluation, tests): no cache, no compilation.
     It moves `loaded.network` to the device: give it a model no other runner uses."""

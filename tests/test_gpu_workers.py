@@ -55,7 +55,8 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
             client.register_plugin(RecordRestrictions())
             lines: list[str] = []
             job = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=period, tiling={"tile": 32, "halo": 18})
-            result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+            with get_task_stream(client=client) as stream:
+                result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
             restricted = client.run_on_scheduler(_restrictions)
             events = [event for _, event in client.get_events(TILE_TOPIC) if event["output"] == str(result.output)]
 
@@ -78,6 +79,11 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
     assert any("100%" in line for line in lines), lines  # the per-tile progress reached its end
     assert len(unrestricted) >= tasks and all(r == {} for r in unrestricted.values()), unrestricted
     assert sharing == {address: GPU_SLOTS if address in gpu else 1 for address in sharing} and GPU_SLOTS > 1
+    # The model was loaded and run once on the GPU worker, and only there, before its first tile began.
+    started = {str(record["key"]): (record["worker"], min(span["start"] for span in record["startstops"])) for record in stream.data}
+    warm_ups = [at for key, at in started.items() if key.startswith("sr-batch-warm-up")]
+    first_tile = min(start for key, (_, start) in started.items() if "superresolve" in key)
+    assert [worker for worker, _ in warm_ups] == gpu and warm_ups[0][1] < first_tile, (warm_ups, first_tile)
     assert tasks_sharing_the_device() == 1  # outside a worker
     with xr.open_zarr(result.output, consolidated=False) as ds:
         assert ds.sizes["time"] == len(result.plan.output_days) > 0
