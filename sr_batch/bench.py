@@ -221,7 +221,9 @@ def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
     return np.tile(tile, (times, times))
 
 
-def end_to_end(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, task_dates: int | None = None) -> dict[str, Any]:
+def end_to_end(
+    catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, task_dates: int | None = None, in_flight: int | None = None
+) -> dict[str, Any]:
     """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included);
     throughput, and the peak memory of the largest worker process."""
     from sr_batch.cluster import dask_client
@@ -243,7 +245,7 @@ def end_to_end(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers
         spec = parse_spec(job)
         with dask_client(workers=workers, echo=lambda _: None) as client, PeakWorkerMemory(client) as memory, TileEvents(client) as tiles:
             started, wall_started = time.perf_counter(), time.time()
-            result = run_job(spec, scheduler=client.scheduler.address, show_progress=False, echo=lambda _: None, task_dates=task_dates)
+            result = run_job(spec, scheduler=client.scheduler.address, show_progress=False, echo=lambda _: None, task_dates=task_dates, in_flight=in_flight)
             seconds, wall_ended = time.perf_counter() - started, time.time()
             tasks = sum(-(-len(windows) // result.task_dates) for windows in result.plan.windows.values() if windows)
             events = tiles.wait_for(tasks)
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: as `sr-batch run`)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="end-to-end model.precision")
     parser.add_argument("--compile", default="off", choices=("off", "default", "max-autotune"), help="torch.compile mode (model only and end to end)")
+    parser.add_argument("--in-flight", type=int, default=None, help="tasks an end-to-end job keeps submitted at once (default: as a job chooses)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
@@ -381,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         catalogs = {}
         for factor, size in (("1x", args.size), ("4x", 2 * args.size)):
             catalog = catalogs[factor] = mirrored_catalog(Path(tmp) / f"catalog-{factor}", size, args.dates)
-            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile)
+            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile, in_flight=args.in_flight)
             report[f"end_to_end_{factor}"] = row
             print(
                 f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         # memory grows with its dates: the memory target compares jobs whose tasks are alike.
         same = report["end_to_end_4x"]["dates_per_task"]
         if report["end_to_end_1x"]["dates_per_task"] != same:
-            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, task_dates=same)
+            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, task_dates=same, in_flight=args.in_flight)
             report["end_to_end_1x_same_tasks"] = row
             print(
                 f"end to end  1x again with the 4x job's {same} dates per task: "

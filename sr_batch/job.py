@@ -167,9 +167,11 @@ def run_job(
     echo: Echo = print,
     performance_report: Path | None = None,
     task_dates: int | None = None,
+    in_flight: int | None = None,
 ) -> JobResult:
     """Run a job to completion. `task_dates` pins the output dates per task (benchmarks compare equal
-    tasks with it); by default `dates_per_task` chooses."""
+    tasks with it), `in_flight` the tasks kept submitted at once (benchmarks compare windows with it);
+    by default `dates_per_task` and `tasks_in_flight` choose."""
     started = time.monotonic()
     target = check_location(spec.output.uri, overwrite)
     loaded = checked_model(spec)
@@ -220,7 +222,7 @@ def run_job(
                 try:
                     slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
                     per_task = task_dates or dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
-                    in_flight = tasks_in_flight(slots)
+                    in_flight = in_flight or tasks_in_flight(slots)
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, in_flight, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(increment.plan, bool(on_gpus))
