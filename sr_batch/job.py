@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import numpy as np
 from dask.base import tokenize
+from dask.core import flatten, get_dependencies
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, KilledWorker, as_completed
 
 from sr_batch import kill_points
@@ -461,13 +461,47 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
             xs = (SCALE * work.cols[col][0], SCALE * work.cols[col][1])
             graph[(name, g, row, col)] = (write_tile_dates, (sr.name, g, 0, row, col), str(store), slots, ys, xs)
             tiles[(name, g, row, col)] = (row, col)
-    layers = HighLevelGraph.from_collections(name, graph, dependencies=[sr])
+    whole = Subgraphs(HighLevelGraph.from_collections(name, graph, dependencies=[sr]))
     tasks: dict[tuple[int, int], list[Delayed]] = {}
     for key, tile in tiles.items():
-        tasks.setdefault(tile, []).append(Delayed(key, layers, layer=name))
+        tasks.setdefault(tile, []).append(whole.delayed(key))
     reads = graph_of_tiles.reads
-    blocks = {} if reads is None else {(row, col): block for (_, _, row, col), block in np.ndenumerate(reads.to_delayed(optimize_graph=False))}
+    blocks = {} if reads is None else {(key[3], key[4]): whole.delayed(key) for key in flatten(reads.__dask_keys__())}  # (name, day, band, row, col)
     return WriteTasks(tasks, blocks, {tile: graph_of_tiles.read_blocks(*tile) for tile in tasks})
+
+
+class Subgraphs:
+    """Each task of a graph with only what it depends on, cut from the whole graph once.
+
+    A job submits its tasks one at a time (`_compute`); a task submitted with the whole job's graph
+    makes Dask cull that graph again at every submission, a cost in proportion to the region, so the
+    job's client time would grow with the square of its tasks (minutes for a whole Sentinel-2 tile).
+    Each task's own graph keeps its layers' annotations: the GPU resource of super-resolution."""
+
+    def __init__(self, graph: HighLevelGraph) -> None:
+        self.graph = graph
+        self.tasks: dict[Any, Any] = {}
+        self.layer_of: dict[Any, str] = {}
+        for name, layer in graph.layers.items():
+            for key, task in layer.items():
+                self.tasks[key] = task
+                self.layer_of[key] = name
+        self.dependencies = {key: get_dependencies(self.tasks, task=task) for key, task in self.tasks.items()}
+
+    def delayed(self, key: Any) -> Delayed:
+        """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers."""
+        needed, todo = {key}, [key]
+        while todo:
+            for dependency in self.dependencies[todo.pop()]:
+                if dependency not in needed:
+                    needed.add(dependency)
+                    todo.append(dependency)
+        by_layer: dict[str, dict[Any, Any]] = {}
+        for needed_key in needed:
+            by_layer.setdefault(self.layer_of[needed_key], {})[needed_key] = self.tasks[needed_key]
+        layers = {name: MaterializedLayer(tasks, annotations=self.graph.layers[name].annotations) for name, tasks in by_layer.items()}
+        dependencies = {name: self.graph.dependencies[name] & by_layer.keys() for name in by_layer}
+        return Delayed(key, HighLevelGraph(layers, dependencies), layer=self.layer_of[key])
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ import rioxarray  # noqa: F401
 import xarray as xr
 import zarr
 
-from sr_batch.job import JobResult, run_job
+from sr_batch.job import JobResult, model_ref, plan_job, run_job, write_tasks
+from sr_batch.manifest import Manifest, grid_record
+from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
 
 from conftest import make_job
@@ -120,3 +122,27 @@ def test_all_cloudy_period_writes_an_empty_in_time_output(tmp_path: Path, stac_u
     assert ds.sizes["time"] == 0
     assert ds.sr.shape == (0, 4, 400, 400)
     assert ds.rio.crs.to_epsg() == 3035
+
+
+def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """A job submits its tasks one at a time; with the whole region's graph every submission would make
+    Dask cull that graph again, and the client's time would grow with the square of the tasks. Each
+    task carries only its tile's work and the reads of its halo, and keeps the GPU annotation."""
+    spec = parse_spec(make_job(stac_url, tmp_path / "graphs.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, tiling={"tile": 20, "halo": 18}))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    manifest = Manifest(model_sha256="-", settings={}, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols])
+    manifest.times.extend(plan.days[d].date.isoformat() for d in plan.output_days)
+    tasks = write_tasks(check_location(str(tmp_path / "graphs.zarr")), plan, manifest, model_ref(spec), gpu_workers_only=True, per_task=2)
+    assert len(plan.rows) * len(plan.cols) >= 16 and len(plan.output_days) >= 3
+    whole = sum(len(task.dask) for per_tile in tasks.per_tile.values() for task in per_tile)
+    for (row, col), per_tile in tasks.per_tile.items():
+        for task in per_tile:
+            graph = dict(task.dask)
+            # Keys of a tile's work end in its (row, col); the reads may be its neighbours'.
+            places = {tuple(key[-2:]) for key in graph if isinstance(key, tuple) and len(key) >= 4}
+            assert all(abs(r - row) < 2 and abs(c - col) < 2 for r, c in places), ((row, col), sorted(places))
+            gpu = [layer.annotations for name, layer in task.dask.layers.items() if name.startswith("superresolve")]
+            assert gpu == [{"resources": {"GPU": 1}}]
+    assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_tile.values())
+    for (row, col), block in tasks.blocks.items():
+        assert {tuple(key[-2:]) for key in dict(block.dask) if isinstance(key, tuple) and len(key) >= 4} == {(row, col)}
