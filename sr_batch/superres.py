@@ -103,7 +103,7 @@ WARM_UP_PIXELS = 32
 def warm_up(ref: ModelRef) -> str:
     """Load the model and pass one small window through it, so that the first tiles do not pay for it
     (on a GPU: CUDA's and cuDNN's start, about a second per process). A compiled model is only loaded:
-    a small pass would compile a graph for its own shape. Returns the device, for the caller's log."""
+    a small pass would compile a graph for its own shape. Returns the device it warmed."""
     runner = load_runner(ref)
     if not runner.compiled:
         window = np.zeros((runner.loaded.info.frames, 4, WARM_UP_PIXELS, WARM_UP_PIXELS), np.float32)
