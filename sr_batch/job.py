@@ -466,8 +466,10 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     for key, tile in tiles.items():
         tasks.setdefault(tile, []).append(whole.delayed(key))
     reads = graph_of_tiles.reads
-    blocks = {} if reads is None else {(key[3], key[4]): whole.delayed(key) for key in flatten(reads.__dask_keys__())}  # (name, day, band, row, col)
-    return WriteTasks(tasks, blocks, {tile: graph_of_tiles.read_blocks(*tile) for tile in tasks})
+    block_of = {} if reads is None else {key: (key[3], key[4]) for key in flatten(reads.__dask_keys__())}  # (name, day, band, row, col)
+    # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
+    reads_of = {tile: sorted({block_of[key] for task in per_tile for key in task.dask if key in block_of}) for tile, per_tile in tasks.items()}
+    return WriteTasks(tasks, {block: whole.delayed(key) for key, block in block_of.items()}, reads_of)
 
 
 class Subgraphs:

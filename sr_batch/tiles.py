@@ -54,16 +54,6 @@ class TileGraph:
     reads: da.Array | None
     """(day, band+scl, y, x) as read: one block per tile with every day, the source of its own and its
     neighbours' halos (None when there is no output date)."""
-    reach: tuple[int, int] = (0, 0)
-    """Neighbouring blocks a tile takes its halo from, in rows and in columns (0 where there is no halo)."""
-
-    def read_blocks(self, row: int, col: int) -> list[tuple[int, int]]:
-        """The read blocks (row, col) the task of a tile takes: its own and those its halo comes from."""
-        if self.reads is None:
-            return []
-        rows, cols = self.reads.numblocks[2:]
-        dy, dx = self.reach
-        return [(r, c) for r in range(max(0, row - dy), min(rows, row + dy + 1)) for c in range(max(0, col - dx), min(cols, col + dx + 1))]
 
 
 def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> TileGraph:
@@ -96,7 +86,7 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     with dask.annotate(**annotations):
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube, (int(depth[2] > 0), int(depth[3] > 0)))
+    return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube)
 
 
 def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
