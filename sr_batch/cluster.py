@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from distributed import Client, LocalCluster
 
 from sr_batch.errors import SrBatchError
+from sr_batch.superres import CPU_ALLOCATOR_ENV
 from sr_batch.tiles import GPU_RESOURCE
 
 GPU_SLOTS = 2
@@ -74,7 +75,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     try:
         # The cluster starts empty and then all its workers at once: made with its CPU workers, it would
         # wait for them before the GPU workers began, and each worker process takes seconds to start.
-        with LocalCluster(n_workers=0, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster:
+        with (
+            _network_allocator(gpus),
+            LocalCluster(n_workers=0, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster,
+        ):
             cluster.worker_spec.update(_gpu_worker_specs(cluster, gpus, gpu_threads))
             cluster.scale(workers + gpus)
             with Client(cluster) as client:
@@ -88,6 +92,27 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                     raise
     finally:
         dask_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _network_allocator(gpus: int) -> Iterator[None]:
+    """Without a GPU the workers run the network on their CPUs: start them with the allocator settings
+    that keep a pass's memory for the next pass (superres.CPU_ALLOCATOR_ENV). A process reads them when
+    it starts, so they go into this process's environment while the cluster lives, which the worker
+    processes inherit, and where Dask's pre-spawn settings (MALLOC_TRIM_THRESHOLD_) take their value from."""
+    if gpus:
+        yield
+        return
+    before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
+    os.environ.update(CPU_ALLOCATOR_ENV)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _quiet_teardown(client: Client) -> None:

@@ -144,6 +144,15 @@ def auto_precision(device: str) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+CPU_ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+"""glibc malloc settings for a process that runs the network on a CPU, read when the process starts.
+A forward pass allocates and frees activations of hundreds of MB, layer after layer. By default each one
+is a fresh mmap whose pages the kernel faults in and zeroes again on every pass: 40 % of a pass's time
+on a CPU (bench/RESULTS.md), more under Dask's MALLOC_TRIM_THRESHOLD_=65536. With these every thread
+allocates from the one heap, and freed memory stays there for the next pass; the cost is that the process
+keeps its largest pass's memory. Other C libraries ignore them."""
+
+
 def _limit_cpu_threads() -> None:
     """Share the CPU between worker processes instead of each one taking every core."""
     threads = os.environ.get("SR_BATCH_TORCH_THREADS")

@@ -1,0 +1,44 @@
+"""The LocalCluster a job starts: its CPU workers allocate the way a CPU forward pass needs.
+
+A pass allocates and frees activations of hundreds of MB layer after layer; with glibc's defaults each
+is a fresh mapping whose pages are faulted in and zeroed again on every pass (40 % of a pass on CPU).
+The workers `dask_client` starts keep freed memory for the next allocation. Checked where it matters:
+in a task thread of a real worker process, by the page faults of a second large allocation."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+from distributed import Client
+
+from sr_batch.cluster import dask_client
+from sr_batch.superres import CPU_ALLOCATOR_ENV
+
+MB = 1 << 20
+
+
+def _faults_of_a_second_allocation(megabytes: int = 256, tries: int = 4) -> float:
+    """In the calling thread: allocate, touch and free `megabytes` again and again, as PyTorch allocates;
+    the fewest page faults of an allocation after the first, as a share of its pages (about 1 when freed
+    memory goes back to the kernel, about 0 when it is kept; a worker's first few may still fault while
+    its heap settles). Not NumPy: it asks for transparent huge pages, which fault once per 2 MB."""
+    shares = []
+    torch.ones(megabytes * MB // 4).sum()
+    for _ in range(tries):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(megabytes * MB // 4).sum()
+        shares.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (megabytes * MB / resource.getpagesize()))
+    return min(shares)
+
+
+def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str) -> None:
+    before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
+    with dask_client(echo=lambda _: None) as client:
+        kept = client.gather([client.submit(_faults_of_a_second_allocation, pure=False, workers=[w]) for w in client.scheduler_info()["workers"]])
+    with Client(scheduler) as plain:  # a LocalCluster with Dask's defaults, for contrast
+        returned = plain.submit(_faults_of_a_second_allocation, pure=False).result()
+    assert returned > 0.5, f"the contrast did not fault ({returned:.2f}): this test can no longer tell the settings apart"
+    assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {CPU_ALLOCATOR_ENV}"
+    assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == before, "the settings stayed in the caller's environment"
