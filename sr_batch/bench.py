@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import json
 import os
@@ -39,10 +40,28 @@ from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import ModelRef, load_model, pick_device, prepare_windows
+from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, load_model, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
+
+
+def allocate_as_cpu_workers() -> bool:
+    """Make this process, and the processes it starts, allocate as a job's CPU workers do
+    (superres.CPU_ALLOCATOR_ENV), so that the model-only rates compare with theirs. In this process
+    through glibc's mallopt, which governs the main thread's heap, where the model-only passes run;
+    for the others through the environment they start with. False where the C library is not glibc."""
+    os.environ.update(CPU_ALLOCATOR_ENV)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    largest = ctypes.c_int(2**31 - 1)  # mallopt takes an int: an activation over 2 GB (a batch of 4 512 px windows) is still mapped afresh
+    return bool(mallopt(M_MMAP_THRESHOLD, largest)) and bool(mallopt(M_TRIM_THRESHOLD, largest))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameters (malloc.h)."""
 
 
 def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int, repeats: int, compile_mode: str) -> list[dict[str, Any]]:
@@ -355,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
+    if device.type == "cpu":
+        report["allocator_as_cpu_workers"] = allocate_as_cpu_workers()
     _write(report, args.out)
     report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
     workers, threads = cpu_worker_layout(0, args.workers)
