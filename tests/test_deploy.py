@@ -45,6 +45,7 @@ import yaml
 from distributed import Client
 
 from sr_batch.spec import JobSpec, load_spec
+from sr_batch.superres import CPU_ALLOCATOR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -203,6 +204,14 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
         if any(re.fullmatch(regex, candidate) for candidate in candidates):
             ignored = not negated
     return ignored
+
+
+def test_cpu_image_starts_workers_with_the_cpu_allocator_settings() -> None:
+    """A worker of the CPU image may run the network on its CPU: it must start with the allocator settings
+    a LocalCluster gives its CPU workers, the same values (a drifted copy would be silently slower)."""
+    final = final_stage(dockerfile_instructions(DOCKER / "Dockerfile.cpu"))
+    environment = dict(pair.split("=", 1) for keyword, arguments in final if keyword == "ENV" for pair in shlex.split(arguments))
+    assert {name: environment.get(name) for name in CPU_ALLOCATOR_ENV} == CPU_ALLOCATOR_ENV
 
 
 def test_dockerignore_sends_what_the_images_copy_and_nothing_else() -> None:
