@@ -64,6 +64,13 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc's mallopt parameters (malloc.h)."""
 
 
+def give_back_freed_memory() -> None:
+    """Return this process's freed heap to the system (glibc's malloc_trim) once its own passes are done:
+    kept, the activations of its batches would crowd out the processes the benchmark starts next."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int, repeats: int, compile_mode: str) -> list[dict[str, Any]]:
     """LR Mpx/s of the network alone, per variant, on one batch of tile-sized windows."""
     x, a = _model_input(loaded, tile, batch, device)
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         report["allocator_as_cpu_workers"] = allocate_as_cpu_workers()
     _write(report, args.out)
     report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
+    give_back_freed_memory()
     workers, threads = cpu_worker_layout(0, args.workers)
     if device.type == "cpu" and workers > 1:
         # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too.
