@@ -44,6 +44,8 @@ from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, load_model, pick_devi
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameters (malloc.h)."""
 
 
 def allocate_as_cpu_workers() -> bool:
@@ -58,10 +60,6 @@ def allocate_as_cpu_workers() -> bool:
         return False
     largest = ctypes.c_int(2**31 - 1)  # mallopt takes an int: an activation over 2 GB (a batch of 4 512 px windows) is still mapped afresh
     return bool(mallopt(M_MMAP_THRESHOLD, largest)) and bool(mallopt(M_TRIM_THRESHOLD, largest))
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-"""glibc's mallopt parameters (malloc.h)."""
 
 
 def give_back_freed_memory() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,6 +152,19 @@ is a fresh mmap whose pages the kernel faults in and zeroes again on every pass:
 on a CPU (bench/RESULTS.md), more under Dask's MALLOC_TRIM_THRESHOLD_=65536. With these every thread
 allocates from the one heap, and freed memory stays there for the next pass; the cost is that the process
 keeps its largest pass's memory. Other C libraries ignore them."""
+
+
+def runs_without_cpu_allocator(device: str) -> bool:
+    """True when this process runs the network on its CPU (for `model.device`) but did not start with
+    CPU_ALLOCATOR_ENV. What counts is the environment the process started with (Linux's
+    /proc/self/environ): settings put into os.environ later do not reach the allocator."""
+    if pick_device(device).type != "cpu":
+        return False
+    try:
+        started = dict(entry.split(b"=", 1) for entry in Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in entry)
+    except OSError:
+        return False  # not Linux: nothing to tell
+    return any(started.get(name.encode()) != value.encode() for name, value in CPU_ALLOCATOR_ENV.items())
 
 
 def _limit_cpu_threads() -> None:

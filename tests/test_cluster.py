@@ -3,18 +3,24 @@
 A pass allocates and frees activations of hundreds of MB layer after layer; with glibc's defaults each
 is a fresh mapping whose pages are faulted in and zeroed again on every pass (40 % of a pass on CPU).
 The workers `dask_client` starts keep freed memory for the next allocation. Checked where it matters:
-in a task thread of a real worker process, by the page faults of a second large allocation."""
+in a task thread of a real worker process, by the page faults of a second large allocation. A job on
+a cluster whose workers lack the settings says how to start them."""
 
 from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 import torch
 from distributed import Client
 
 from sr_batch.cluster import dask_client
+from sr_batch.job import cpu_allocator_note
+from sr_batch.spec import parse_spec
 from sr_batch.superres import CPU_ALLOCATOR_ENV
+
+from conftest import make_job
 
 MB = 1 << 20
 
@@ -33,12 +39,17 @@ def _faults_of_a_second_allocation(megabytes: int = 256, tries: int = 4) -> floa
     return min(shares)
 
 
-def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str) -> None:
+def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str, tmp_path: Path, catalog) -> None:
+    spec = parse_spec(make_job("http://127.0.0.1:9/", tmp_path / "out.zarr", catalog))  # the note needs only model.device
     before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
     with dask_client(echo=lambda _: None) as client:
         kept = client.gather([client.submit(_faults_of_a_second_allocation, pure=False, workers=[w]) for w in client.scheduler_info()["workers"]])
+        assert cpu_allocator_note(client, spec, on_gpus=[]) is None
     with Client(scheduler) as plain:  # a LocalCluster with Dask's defaults, for contrast
         returned = plain.submit(_faults_of_a_second_allocation, pure=False).result()
+        # A job on a cluster of such workers says how to start them.
+        note = cpu_allocator_note(plain, spec, on_gpus=[])
+        assert note is not None and "2 of 2 workers" in note and all(f"{name}={value}" in note for name, value in CPU_ALLOCATOR_ENV.items())
     assert returned > 0.5, f"the contrast did not fault ({returned:.2f}): this test can no longer tell the settings apart"
     assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {CPU_ALLOCATOR_ENV}"
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == before, "the settings stayed in the caller's environment"
