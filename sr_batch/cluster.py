@@ -4,7 +4,8 @@ A LocalCluster on a machine with CUDA GPUs gets one extra worker process per GPU
 CUDA_VISIBLE_DEVICES and advertising the Dask resource `GPU` (two super-resolution slots); the job then
 sends super-resolution only to those workers. The other workers read; writes follow the output to the
 GPU workers, which get half the cores for them. On an existing cluster the same holds for any worker
-started with `--resources GPU=N` (N tasks at once on its GPU).
+started with `--resources GPU=N` (N tasks at once on its GPU). Without GPUs every worker runs the
+network on its CPU, and starts with the allocator settings that suit it (superres.CPU_ALLOCATOR_ENV).
 """
 
 from __future__ import annotations
