@@ -26,7 +26,7 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,38 +35,41 @@ import numpy as np
 import torch
 import zarr
 
-from sr_batch.cluster import cpu_worker_layout
+from sr_batch.cluster import cpu_allocator_environment, cpu_worker_layout
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, load_model, pick_device, prepare_windows
+from sr_batch.superres import ModelRef, give_back_freed_memory, load_model, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc's mallopt parameters (malloc.h)."""
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
-def allocate_as_cpu_workers() -> bool:
-    """Make this process, and the processes it starts, allocate as a job's CPU workers do
-    (superres.CPU_ALLOCATOR_ENV), so that the model-only rates compare with theirs. In this process
-    through glibc's mallopt, which governs the main thread's heap, where the model-only passes run;
-    for the others through the environment they start with. False where the C library is not glibc."""
-    os.environ.update(CPU_ALLOCATOR_ENV)
+@contextlib.contextmanager
+def allocating_as_cpu_workers() -> Iterator[None]:
+    """Run this process's model-only passes with the allocator a job's CPU workers start with
+    (superres.CPU_ALLOCATOR_ENV), so that model-only rates compare with theirs: glibc's mallopt at
+    run time, which governs the main thread's heap, where the passes run. Afterwards glibc's default
+    thresholds come back and the freed heap goes back to the system: kept, the activations of its
+    batches would crowd out the processes the benchmark starts next. Nothing happens without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        yield
+        return
     largest = ctypes.c_int(2**31 - 1)  # mallopt takes an int: an activation over 2 GB (a batch of 4 512 px windows) is still mapped afresh
-    return bool(mallopt(M_MMAP_THRESHOLD, largest)) and bool(mallopt(M_TRIM_THRESHOLD, largest))
-
-
-def give_back_freed_memory() -> None:
-    """Return this process's freed heap to the system (glibc's malloc_trim) once its own passes are done:
-    kept, the activations of its batches would crowd out the processes the benchmark starts next."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    mallopt(M_MMAP_THRESHOLD, largest)
+    mallopt(M_TRIM_THRESHOLD, largest)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, ctypes.c_int(GLIBC_DEFAULT_THRESHOLD))
+        mallopt(M_TRIM_THRESHOLD, ctypes.c_int(GLIBC_DEFAULT_THRESHOLD))
+        give_back_freed_memory()
 
 
 def model_only(loaded: LoadedModel, device: torch.device, tile: int, batch: int, repeats: int, compile_mode: str) -> list[dict[str, Any]]:
@@ -103,8 +106,9 @@ def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, 
     context = multiprocessing.get_context("spawn")
     ready, results = context.Barrier(workers), context.Queue()
     processes = [context.Process(target=_worker_rate, args=(checkpoint, tile, batch, repeats, threads, ready, results)) for _ in range(workers)]
-    for process in processes:
-        process.start()
+    with cpu_allocator_environment():  # they start with the allocator of a job's CPU workers
+        for process in processes:
+            process.start()
     spans = [results.get(timeout=3600) for _ in processes]
     for process in processes:
         process.join()
@@ -379,11 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
-    if device.type == "cpu":
-        report["allocator_as_cpu_workers"] = allocate_as_cpu_workers()
     _write(report, args.out)
-    report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
-    give_back_freed_memory()
+    with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
+        report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile)
     workers, threads = cpu_worker_layout(0, args.workers)
     if device.type == "cpu" and workers > 1:
         # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too.

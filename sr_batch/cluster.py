@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
@@ -95,25 +96,40 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
         dask_logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _network_allocator(gpus: int) -> Iterator[None]:
+def _network_allocator(gpus: int) -> contextlib.AbstractContextManager:
     """Without a GPU the workers run the network on their CPUs: start them with the allocator settings
-    that keep a pass's memory for the next pass (superres.CPU_ALLOCATOR_ENV). A process reads them when
-    it starts, so they go into this process's environment while the cluster lives, which the worker
-    processes inherit, and where Dask's pre-spawn settings (MALLOC_TRIM_THRESHOLD_) take their value from."""
-    if gpus:
-        yield
-        return
-    before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
-    os.environ.update(CPU_ALLOCATOR_ENV)
+    that keep a pass's memory for the next pass."""
+    return contextlib.nullcontext() if gpus else cpu_allocator_environment()
+
+
+_ENVIRONMENT_LOCK = threading.Lock()
+_environment_users = 0
+_environment_before: dict[str, str | None] = {}
+
+
+@contextlib.contextmanager
+def cpu_allocator_environment() -> Iterator[None]:
+    """superres.CPU_ALLOCATOR_ENV in this process's environment while the block runs, for the processes
+    started in it to inherit: a process reads them when it starts. Dask's nanny also takes its
+    MALLOC_TRIM_THRESHOLD_ from there. Blocks may overlap (jobs run from threads): the environment
+    is restored when the last one ends."""
+    global _environment_users, _environment_before
+    with _ENVIRONMENT_LOCK:
+        if not _environment_users:
+            _environment_before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
+            os.environ.update(CPU_ALLOCATOR_ENV)
+        _environment_users += 1
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        with _ENVIRONMENT_LOCK:
+            _environment_users -= 1
+            if not _environment_users:
+                for name, value in _environment_before.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
 
 def _quiet_teardown(client: Client) -> None:

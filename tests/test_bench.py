@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from sr_batch.bench import main
+from sr_batch.superres import CPU_ALLOCATOR_ENV
 
 
 def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     out = tmp_path / "results.json"
+    environment = dict(os.environ)
     assert main(["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last"}
@@ -28,3 +31,5 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     assert report["end_to_end_1x"]["dates_per_task"] < report["end_to_end_4x"]["dates_per_task"] == 2
     assert report["end_to_end_1x_same_tasks"]["dates_per_task"] == 2 and report["ratio_memory_4x_over_1x_same_tasks"] > 0
     assert "end to end ÷ best model only" in capsys.readouterr().out
+    # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
+    assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
