@@ -13,6 +13,7 @@ invent a date's content where that date saw nothing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -152,6 +153,12 @@ is a fresh mmap whose pages the kernel faults in and zeroes again on every pass:
 on a CPU (bench/RESULTS.md), more under Dask's MALLOC_TRIM_THRESHOLD_=65536. With these every thread
 allocates from the one heap, and freed memory stays there for the next pass; the cost is that the process
 keeps its largest pass's memory. Other C libraries ignore them."""
+
+
+def give_back_freed_memory() -> None:
+    """Return this process's freed heap to the system (glibc's malloc_trim; nothing without glibc)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def runs_without_cpu_allocator(device: str) -> bool:

@@ -34,7 +34,7 @@ from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
 from sr_batch.sink import encode_reflectance_tensor
-from sr_batch.superres import CPU_PASS_BYTES, ModelRef, load_runner, superresolve_frames, to_device
+from sr_batch.superres import CPU_PASS_BYTES, ModelRef, give_back_freed_memory, load_runner, superresolve_frames, to_device
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -160,7 +160,30 @@ def superresolve_tile(
         out = np.zeros((n_dates, *encoded.shape[1:]), np.uint16)
         out[slots] = encoded
     _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
+    if runner.device.type == "cpu":
+        give_back_memory_if_tight()
     return out
+
+
+TIGHT_MEMORY_FRACTION = 0.5
+"""Share of a worker's memory limit past which a CPU task gives its freed memory back to the system."""
+
+
+def give_back_memory_if_tight() -> None:
+    """A worker started with superres.CPU_ALLOCATOR_ENV keeps its largest pass's memory for the next
+    pass. Dask counts that against the worker's memory limit, and a worker past 80 % of it is paused
+    until its memory falls, which it then never would. Past half its limit, a worker gives its freed
+    memory back after each task; it then faults the next task's activations in again. Nothing happens
+    outside a Dask worker or without a limit."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return
+    limit = worker.memory_manager.memory_limit
+    if limit and worker.monitor.get_process_memory() > TIGHT_MEMORY_FRACTION * limit:
+        give_back_freed_memory()
 
 
 def tasks_sharing_the_device() -> int:

@@ -13,12 +13,13 @@ import resource
 from pathlib import Path
 
 import torch
-from distributed import Client
+from distributed import Client, LocalCluster, get_worker
 
-from sr_batch.cluster import dask_client
+from sr_batch.cluster import cpu_allocator_environment, dask_client
 from sr_batch.job import cpu_allocator_note
 from sr_batch.spec import parse_spec
 from sr_batch.superres import CPU_ALLOCATOR_ENV
+from sr_batch.tiles import give_back_memory_if_tight
 
 from conftest import make_job
 
@@ -53,3 +54,30 @@ def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str, tmp_pat
     assert returned > 0.5, f"the contrast did not fault ({returned:.2f}): this test can no longer tell the settings apart"
     assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {CPU_ALLOCATOR_ENV}"
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == before, "the settings stayed in the caller's environment"
+
+
+def _memory_after_a_freed_allocation(megabytes: int = 1024) -> tuple[int, int]:
+    """In a worker: allocate and touch `megabytes`, free it, then do what a CPU task does at its end.
+    Returns the process memory before and after that step."""
+    torch.ones(megabytes * MB // 4).sum()
+    worker = get_worker()
+    before = worker.monitor.get_process_memory()
+    give_back_memory_if_tight()
+    return before, worker.monitor.get_process_memory()
+
+
+def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
+    """A worker past half its memory limit must not keep a pass's memory: Dask would pause it at 80 %
+    and wait for memory that never comes back. A roomy one keeps it for speed."""
+    for limit, gives_back in (("2.5GB", True), ("16GB", False)):
+        with (
+            cpu_allocator_environment(),
+            LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, dashboard_address="127.0.0.1:0") as cluster,
+            Client(cluster) as client,
+        ):
+            before, after = client.submit(_memory_after_a_freed_allocation, pure=False).result()
+        assert before > 1000 * MB, f"the freed GB was not kept ({before / MB:.0f} MB): the allocator settings did not reach the worker"
+        if gives_back:
+            assert after < before - 800 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
+        else:
+            assert after > before - 100 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
