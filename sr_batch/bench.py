@@ -53,9 +53,10 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 def allocating_as_cpu_workers() -> Iterator[None]:
     """Run this process's model-only passes with the allocator a job's CPU workers start with
     (superres.CPU_ALLOCATOR_ENV), so that model-only rates compare with theirs: glibc's mallopt at
-    run time, which governs the main thread's heap, where the passes run. Afterwards glibc's default
-    thresholds come back and the freed heap goes back to the system: kept, the activations of its
-    batches would crowd out the processes the benchmark starts next. Nothing happens without glibc."""
+    run time, which governs the main thread's heap, where the passes run. Afterwards the thresholds
+    return to glibc's initial values (fixed now, no longer adapting) and the freed heap goes back to
+    the system: kept, the activations of its batches would crowd out the processes the benchmark
+    starts next. Nothing happens without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -77,8 +77,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
     try:
         # The cluster starts empty and then all its workers at once: made with its CPU workers, it would
         # wait for them before the GPU workers began, and each worker process takes seconds to start.
+        # Without a GPU the workers run the network on their CPUs: they start with the allocator settings for it.
         with (
-            _network_allocator(gpus),
+            contextlib.nullcontext() if gpus else cpu_allocator_environment(),
             LocalCluster(n_workers=0, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster,
         ):
             cluster.worker_spec.update(_gpu_worker_specs(cluster, gpus, gpu_threads))
@@ -94,12 +95,6 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                     raise
     finally:
         dask_logger.setLevel(level)
-
-
-def _network_allocator(gpus: int) -> contextlib.AbstractContextManager:
-    """Without a GPU the workers run the network on their CPUs: start them with the allocator settings
-    that keep a pass's memory for the next pass."""
-    return contextlib.nullcontext() if gpus else cpu_allocator_environment()
 
 
 _ENVIRONMENT_LOCK = threading.Lock()

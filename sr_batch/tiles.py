@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 import dask.array as da
@@ -175,11 +176,8 @@ def give_back_memory_if_tight() -> None:
     until its memory falls, which it then never would. Past half its limit, a worker gives its freed
     memory back after each task; it then faults the next task's activations in again. Nothing happens
     outside a Dask worker or without a limit."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
+    worker = _current_worker()
+    if worker is None:
         return
     limit = worker.memory_manager.memory_limit
     if limit and worker.monitor.get_process_memory() > TIGHT_MEMORY_FRACTION * limit:
@@ -189,24 +187,28 @@ def give_back_memory_if_tight() -> None:
 def tasks_sharing_the_device() -> int:
     """Super-resolution tasks this worker runs at once on its device: the units of its GPU resource (each
     task takes one; a worker started with `--resources GPU=2` runs two), 1 outside a Dask worker."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
+    worker = _current_worker()
+    if worker is None:
         return 1
     return max(1, int(worker.state.total_resources.get(GPU_RESOURCE, 1)))
 
 
 def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
     """Tell the client a tile is done (progress, and where it ran); silent outside a Dask worker."""
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
+    worker = _current_worker()
+    if worker is None:
         return
     output, row, col, group = tile
     event = {"output": output, "tile": [row, col], "group": group, "dates": dates, "pixels": pixels}
     event |= {"device": device, "seconds": seconds, "worker": worker.address}
     worker.log_event(TILE_TOPIC, event)
+
+
+def _current_worker() -> Any:
+    """The Dask worker running this task, or None when the task runs outside one (tests, `superresolve`)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
