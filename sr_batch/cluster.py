@@ -26,6 +26,10 @@ GPU_SLOTS = 2
 """Super-resolution tasks a LocalCluster's GPU worker runs at once (its resource GPU=2; each task takes 1):
 one task's host work (the tile's upload, the result's copy back) overlaps the other's kernels."""
 MIN_GPU_WORKER_THREADS = 4
+MIN_WORKER_MEMORY = 1e9
+"""The smallest worker memory limit a job can run on: a worker that has imported what the tasks use
+(PyTorch, GDAL, xarray) holds 0.4-0.5 GB before its first task, and Dask pauses a worker at 80 % of its
+limit until its memory falls, so a smaller worker stops in the cloud scores and the job waits forever."""
 
 
 def gpu_worker_threads(cores: int, gpus: int) -> int:
@@ -63,6 +67,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
             ) from None
         with client:
             echo(f"Dask: connected to {scheduler} ({len(client.scheduler_info()['workers'])} workers); dashboard {client.dashboard_link}")
+            check_worker_memory(client, "--scheduler", "start the workers with --memory-limit 1GB or more")
             yield client
         return
     gpus = visible_gpus()
@@ -89,12 +94,24 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                 gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
                 echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
                 try:
+                    check_worker_memory(client, "--workers", "run fewer worker processes")
                     yield client
                 except BaseException:
                     _quiet_teardown(client)
                     raise
     finally:
         dask_logger.setLevel(level)
+
+
+def check_worker_memory(client: Client, option: str, fix: str) -> None:
+    """Refuse workers too small to start the work, before any task: Dask would pause them, not fail them."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    small = [limit for info in workers.values() if 0 < (limit := info.get("memory_limit") or 0) < MIN_WORKER_MEMORY]
+    if small:
+        raise SrBatchError(
+            f"{option}: {len(small)} of {len(workers)} Dask workers have a memory limit of {min(small) / 1e9:.2f} GB, under the "
+            f"{MIN_WORKER_MEMORY / 1e9:.0f} GB a worker needs (its libraries alone take about 0.5 GB and Dask pauses a worker at 80 %); {fix}"
+        )
 
 
 _ENVIRONMENT_LOCK = threading.Lock()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dask
 import yaml
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 from conftest import make_job
 
@@ -24,12 +24,33 @@ def _job(tmp_path: Path, stac_url: str, catalog, **sections) -> Path:
 
 
 def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A worker of 2.4 GB running 4 tasks at once has 0.6 GB per task: too little for this tiling's 0.5 GB
+    estimate (with the worker's other needs), though the worker itself is large enough to score the clouds."""
     job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
-    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MB", dashboard_address="127.0.0.1:0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=4, memory_limit="2400MB", dashboard_address="127.0.0.1:0") as cluster:
         run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "GB" in lines[0] and "lower tiling.tile" in lines[0], run.stderr
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "0.6 GB per running task" in lines[0], run.stderr
+    assert "lower tiling.tile" in lines[0]
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_workers_too_small_to_start_are_refused_before_any_task(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A 600 MB worker would pass Dask's 80 % pause line once it has imported what the tasks use, and the job
+    would wait on it forever: it is refused on connecting, in one line, and the worker runs nothing."""
+    job = _job(tmp_path, stac_url, catalog)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MB", dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=120)
+        tasks_run = sum(client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("sr-batch: error: --scheduler: 2 of 2 Dask workers have a memory limit of 0.60 GB"), run.stderr
+    assert "--memory-limit 1GB" in lines[0]
+    assert tasks_run == 0, "the job sent work to workers it refused"
     assert not (tmp_path / "out.zarr").exists()
 
 
