@@ -6,6 +6,8 @@ sends super-resolution only to those workers. The other workers read; writes fol
 GPU workers, which get half the cores for them. On an existing cluster the same holds for any worker
 started with `--resources GPU=N` (N tasks at once on its GPU). Without GPUs every worker runs the
 network on its CPU, and starts with the allocator settings that suit it (superres.CPU_ALLOCATOR_ENV).
+Workers too small to start the work are refused on connecting, and a worker Dask keeps paused for
+memory is named in the log: either would otherwise stall the job without an error.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
+import dask
 from distributed import Client, LocalCluster
 
 from sr_batch.errors import SrBatchError
@@ -30,6 +34,8 @@ MIN_WORKER_MEMORY = 1e9
 """The smallest worker memory limit a job can run on: a worker that has imported what the tasks use
 (PyTorch, GDAL, xarray) holds 0.4-0.5 GB before its first task, and Dask pauses a worker at 80 % of its
 limit until its memory falls, so a smaller worker stops in the cloud scores and the job waits forever."""
+PAUSED_NOTE_SECONDS = 30.0
+"""How long Dask may keep a worker paused for memory before the job says so in its log."""
 
 
 def gpu_worker_threads(cores: int, gpus: int) -> int:
@@ -68,7 +74,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
         with client:
             echo(f"Dask: connected to {scheduler} ({len(client.scheduler_info()['workers'])} workers); dashboard {client.dashboard_link}")
             check_worker_memory(client, "--scheduler", "start the workers with --memory-limit 1GB or more")
-            yield client
+            with reporting_paused_workers(client, echo):
+                yield client
         return
     gpus = visible_gpus()
     gpu_threads = gpu_worker_threads(os.cpu_count() or 1, gpus) if gpus else 0
@@ -95,7 +102,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                 echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
                 try:
                     check_worker_memory(client, "--workers", "run fewer worker processes")
-                    yield client
+                    with reporting_paused_workers(client, echo):
+                        yield client
                 except BaseException:
                     _quiet_teardown(client)
                     raise
@@ -112,6 +120,51 @@ def check_worker_memory(client: Client, option: str, fix: str) -> None:
             f"{option}: {len(small)} of {len(workers)} Dask workers have a memory limit of {min(small) / 1e9:.2f} GB, under the "
             f"{MIN_WORKER_MEMORY / 1e9:.0f} GB a worker needs (its libraries alone take about 0.5 GB and Dask pauses a worker at 80 %); {fix}"
         )
+
+
+@contextlib.contextmanager
+def reporting_paused_workers(client: Client, echo=print, interval: float = 2.0) -> Iterator[None]:
+    """Say in the job's log when Dask keeps a worker paused for memory: a paused worker runs nothing
+    until its memory falls, and a job that waits on it would otherwise show nothing at all."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch_paused_workers, args=(client, echo, interval, stop), daemon=True, name="sr-batch-paused-workers")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def _watch_paused_workers(client: Client, echo, interval: float, stop: threading.Event) -> None:
+    """One line per pause that lasts PAUSED_NOTE_SECONDS; a worker paused again later is reported again."""
+    paused_since: dict[str, float] = {}
+    reported: set[str] = set()
+    while not stop.wait(interval):
+        try:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:  # the client is closing: nothing left to watch
+            return
+        now = time.monotonic()
+        for address, info in workers.items():
+            if info.get("status") != "paused":
+                paused_since.pop(address, None)
+                reported.discard(address)
+                continue
+            since = paused_since.setdefault(address, now)
+            if address not in reported and now - since >= PAUSED_NOTE_SECONDS:
+                reported.add(address)
+                echo(paused_worker_note(address, info, now - since))
+
+
+def paused_worker_note(address: str, info: dict, seconds: float) -> str:
+    held, limit = info.get("metrics", {}).get("memory", 0), info.get("memory_limit") or 0
+    pause = dask.config.get("distributed.worker.memory.pause", None)
+    line = f"at {pause:.0%}" if isinstance(pause, float) else "past its pause fraction"  # the client's Dask config; the workers' usually matches
+    return (
+        f"Dask has paused worker {address} for {seconds:.0f} s: its process holds {held / 1e9:.2f} GB of its {limit / 1e9:.2f} GB memory limit "
+        f"(Dask pauses a worker {line}); the job waits until that falls: give the workers more memory, or lower tiling.tile or model.batch_size"
+    )
 
 
 _ENVIRONMENT_LOCK = threading.Lock()

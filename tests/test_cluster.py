@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from pathlib import Path
 
 import torch
 from distributed import Client, LocalCluster, get_worker
 
+from sr_batch import cluster
 from sr_batch.cluster import cpu_allocator_environment, dask_client
 from sr_batch.job import cpu_allocator_note
 from sr_batch.spec import parse_spec
@@ -81,3 +83,34 @@ def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
             assert after < before - 800 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
         else:
             assert after > before - 100 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
+
+
+def _hold_memory_past_the_pause_line(dask_worker) -> None:
+    """Unmanaged memory (touched pages no Dask key holds) up to 87 % of the worker's limit: past the 80 %
+    where Dask pauses a worker, short of the 95 % where its nanny kills it."""
+    limit = dask_worker.memory_manager.memory_limit
+    missing = int(0.87 * limit) - dask_worker.monitor.get_process_memory()
+    dask_worker.sr_batch_test_hold = torch.ones(max(missing, 0) // 4)
+
+
+def _release_memory(dask_worker) -> None:
+    del dask_worker.sr_batch_test_hold
+
+
+def test_a_worker_dask_pauses_for_memory_is_reported_in_the_log(monkeypatch) -> None:
+    """A paused worker runs nothing and raises nothing: a job waiting on it says why in one line, once."""
+    monkeypatch.setattr(cluster, "PAUSED_NOTE_SECONDS", 3.0)
+    lines: list[str] = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GB", dashboard_address="127.0.0.1:0") as local:
+        with dask_client(local.scheduler_address, echo=lines.append) as client:
+            first, second = sorted(client.scheduler_info(n_workers=-1)["workers"])
+            client.run(_hold_memory_past_the_pause_line, workers=[first])
+            deadline = time.monotonic() + 60
+            while not any(line.startswith("Dask has paused") for line in lines) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(5)  # still paused: no second line for the same pause
+            client.run(_release_memory, workers=[first])
+    notes = [line for line in lines if line.startswith("Dask has paused")]
+    assert len(notes) == 1, lines
+    assert notes[0].startswith(f"Dask has paused worker {first} for ") and "of its 2.00 GB memory limit" in notes[0], notes[0]
+    assert "lower tiling.tile or model.batch_size" in notes[0] and second not in notes[0]
