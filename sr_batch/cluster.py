@@ -123,7 +123,7 @@ def check_worker_memory(client: Client, option: str, fix: str) -> None:
 
 
 @contextlib.contextmanager
-def reporting_paused_workers(client: Client, echo=print, interval: float = 2.0) -> Iterator[None]:
+def reporting_paused_workers(client: Client, echo=print, interval: float = 5.0) -> Iterator[None]:
     """Say in the job's log when Dask keeps a worker paused for memory: a paused worker runs nothing
     until its memory falls, and a job that waits on it would otherwise show nothing at all."""
     stop = threading.Event()
