@@ -26,6 +26,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from dask.utils import key_split
+from distributed import get_task_stream
 
 from sr_batch.cluster import cpu_allocator_environment, cpu_worker_layout
 from sr_batch.model import LoadedModel
@@ -272,7 +275,13 @@ def end_to_end(
             "output": {"uri": str(out)},
         }
         spec = parse_spec(job)
-        with dask_client(workers=workers, echo=lambda _: None) as client, PeakWorkerMemory(client) as memory, TileEvents(client) as tiles:
+        with (
+            dask_client(workers=workers, echo=lambda _: None) as client,
+            PeakWorkerMemory(client) as memory,
+            TileEvents(client) as tiles,
+            get_task_stream(client=client) as stream,
+        ):
+            threads = sum(info["nthreads"] for info in client.scheduler_info(n_workers=-1)["workers"].values())
             started, wall_started = time.perf_counter(), time.time()
             result = run_job(spec, scheduler=client.scheduler.address, show_progress=False, echo=lambda _: None, task_dates=task_dates, in_flight=in_flight)
             seconds, wall_ended = time.perf_counter() - started, time.time()
@@ -303,7 +312,27 @@ def end_to_end(
         "sr_task_seconds": sum(event["seconds"] for _, event in events),
         "before_sr_seconds": first - wall_started,
         "after_sr_seconds": wall_ended - last,
+        "worker_thread_seconds": threads * seconds,
+        "task_seconds_by_kind": task_seconds_by_kind(stream.data),
     }
+
+
+def task_seconds_by_kind(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds the workers' threads spent computing each kind of task (its key's name), largest first:
+    with the threads' seconds in the job, where the time went besides the network."""
+    busy: Counter[str] = Counter()
+    for record in records:
+        busy[key_split(record["key"])] += sum(step["stop"] - step["start"] for step in record["startstops"] if step["action"] == "compute")
+    return {kind: round(seconds, 2) for kind, seconds in busy.most_common()}
+
+
+def _time_split(row: dict[str, Any]) -> str:
+    """The threads' seconds by task kind, as shares of all the threads' seconds in the job."""
+    available = row["worker_thread_seconds"]
+    kinds = row["task_seconds_by_kind"]
+    shown = [f"{kind} {seconds:.1f} s ({seconds / available:.0%})" for kind, seconds in list(kinds.items())[:5]]
+    idle = available - sum(kinds.values())
+    return f"worker threads, {available:.0f} s in all: " + ", ".join(shown) + f"; no task {idle:.1f} s ({idle / available:.0%})"
 
 
 class TileEvents:
@@ -425,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(tasks busy {row['sr_task_seconds']:.1f} s); {row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
                 f"{row['dates_per_task']} dates per task, halo {row['halo']} px"
             )
+            print(f"            {_time_split(row)}")
             _write(report, args.out)
         # A small job splits its dates over more, smaller tasks to keep every slot busy, and a task's
         # memory grows with its dates: the memory target compares jobs whose tasks are alike.

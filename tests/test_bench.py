@@ -25,11 +25,15 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         row = report[f"end_to_end_{factor}"]
         assert row["lr_mpx_per_s"] > 0 and row["peak_worker_memory_mb"] > 0 and row["tile_dates"] > 0
         assert 0 < row["sr_phase_seconds"] <= row["seconds"] and row["sr_task_seconds"] > 0 and row["before_sr_seconds"] > 0
+        # Where the workers' threads spent the job: the tile tasks among the kinds, all within the threads' time.
+        kinds = row["task_seconds_by_kind"]
+        assert "superresolve" in kinds and 0 < sum(kinds.values()) <= row["worker_thread_seconds"], kinds
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
     assert report["ratio_end_to_end_over_model_only"] > 0
     # One 1x tile on a two-worker cluster: its dates are split over both; the memory comparison reruns it with the 4x job's tasks.
     assert report["end_to_end_1x"]["dates_per_task"] < report["end_to_end_4x"]["dates_per_task"] == 2
     assert report["end_to_end_1x_same_tasks"]["dates_per_task"] == 2 and report["ratio_memory_4x_over_1x_same_tasks"] > 0
-    assert "end to end ÷ best model only" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "end to end ÷ best model only" in printed and "worker threads, " in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
