@@ -6,6 +6,8 @@
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
    how much the pipeline costs. Tiling is a job's default: `--tile` and `halo: auto`, the model's seam-free halo.
+   Each job also reports its worker threads' seconds by kind of task, and the best model-only variant
+   is read again after the jobs: the ratios take the mean of both readings, as a machine's speed drifts.
 3. Memory: the peak memory of the largest worker process for 1x and 4x the area; it should not grow
    with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
    dates per task it runs once more with the 4x job's, and the target compares those.
