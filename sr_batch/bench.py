@@ -330,6 +330,7 @@ def end_to_end(
         "sr_phase_seconds": phase,
         "sr_phase_lr_mpx_per_s": lr_pixels / 1e6 / phase,
         "sr_task_seconds": sum(event["seconds"] for _, event in events),
+        "sr_task_thread_cpu_seconds": sum(event["thread_cpu_seconds"] for _, event in events),
         "before_sr_seconds": first - wall_started,
         "after_sr_seconds": wall_ended - last,
         "worker_thread_seconds": threads * seconds,
@@ -471,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"            super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s "
-                f"(tasks busy {row['sr_task_seconds']:.1f} s); {row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
+                f"(tasks busy {row['sr_task_seconds']:.1f} s, their own threads on a core {row['sr_task_thread_cpu_seconds']:.1f} s); "
+                f"{row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
                 f"{row['dates_per_task']} dates per task, halo {row['halo']} px"
             )
             print(f"            {_time_split(row)}")

@@ -132,7 +132,7 @@ def superresolve_tile(
     The tile goes to the network's device as it was read (uint16, the smallest form) and everything
     after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
     CPU only moves bytes, and the result that travels on to the writer is half the size of float32."""
-    started = time.perf_counter()
+    started, started_on_cpu = time.perf_counter(), time.thread_time()
     top, bottom, left, right = crop
     height = block.shape[2] - top - bottom
     width = block.shape[3] - left - right
@@ -160,7 +160,7 @@ def superresolve_tile(
     else:
         out = np.zeros((n_dates, *encoded.shape[1:]), np.uint16)
         out[slots] = encoded
-    _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started)
+    _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started, time.thread_time() - started_on_cpu)
     if runner.device.type == "cpu":
         give_back_memory_if_tight()
     return out
@@ -193,14 +193,15 @@ def tasks_sharing_the_device() -> int:
     return max(1, int(worker.state.total_resources.get(GPU_RESOURCE, 1)))
 
 
-def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float) -> None:
-    """Tell the client a tile is done (progress, and where it ran); silent outside a Dask worker."""
+def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float, thread_cpu_seconds: float) -> None:
+    """Tell the client a tile is done (progress, where it ran, and how long its thread ran on a core:
+    on a CPU worker whose PyTorch runs in the task's thread, the rest of `seconds` it waited for one)."""
     worker = _current_worker()
     if worker is None:
         return
     output, row, col, group = tile
     event = {"output": output, "tile": [row, col], "group": group, "dates": dates, "pixels": pixels}
-    event |= {"device": device, "seconds": seconds, "worker": worker.address}
+    event |= {"device": device, "seconds": seconds, "thread_cpu_seconds": thread_cpu_seconds, "worker": worker.address}
     worker.log_event(TILE_TOPIC, event)
 
 
