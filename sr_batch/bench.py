@@ -108,7 +108,7 @@ def best_model_only_again(best: dict[str, Any], loaded: LoadedModel, device: tor
     drifts by tens of percent over minutes (bench/RESULTS.md): a ratio to one reading taken minutes
     before the jobs would carry that drift, so the ratios use both readings and show their spread."""
     if "processes" in best:
-        return model_only_on_workers(args.checkpoint, args.tile, best["batch"], args.repeats * args.batch // best["batch"], best["processes"], best["threads"])
+        return model_only_on_workers(args.checkpoint, args.tile, best["batch"], best["repeats"], best["processes"], best["threads"])
     with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
         return model_only(loaded, device, args.tile, args.batch, args.repeats, args.compile, only=best["variant"])[0]
 
@@ -140,7 +140,8 @@ def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, 
     # count the time the others then run with the machine to themselves.
     mpx = workers * batch * repeats * tile * tile / 1e6 / (max(end for _, end in spans) - min(start for start, _ in spans))
     name = f"fp32 channels_last, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
-    return {"variant": name, "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX, "processes": workers, "threads": threads, "batch": batch}
+    row = {"variant": name, "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX}
+    return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats}
 
 
 def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, ready: Any, results: Any) -> None:
