@@ -74,8 +74,8 @@ def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
     for limit, gives_back in (("2.5GB", True), ("16GB", False)):
         with (
             cpu_allocator_environment(),
-            LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, dashboard_address="127.0.0.1:0") as cluster,
-            Client(cluster) as client,
+            LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, dashboard_address="127.0.0.1:0") as local,
+            Client(local) as client,
         ):
             before, after = client.submit(_memory_after_a_freed_allocation, pure=False).result()
         assert before > 1000 * MB, f"the freed GB was not kept ({before / MB:.0f} MB): the allocator settings did not reach the worker"
