@@ -6,6 +6,8 @@ sends super-resolution only to those workers. The other workers read; writes fol
 GPU workers, which get half the cores for them. On an existing cluster the same holds for any worker
 started with `--resources GPU=N` (N tasks at once on its GPU). Without GPUs every worker runs the
 network on its CPU, and starts with the allocator settings that suit it (superres.CPU_ALLOCATOR_ENV).
+A LocalCluster also profiles its tasks and checks its event loops less often than Dask's defaults, whose
+wake-ups compete with the tasks for the CPU (QUIET_DASK_SETTINGS).
 Workers too small to start the work are refused on connecting, and a worker Dask keeps paused for
 memory is named in the log: either would otherwise stall the job without an error.
 """
@@ -36,6 +38,13 @@ MIN_WORKER_MEMORY = 1e9
 limit until its memory falls, so a smaller worker stops in the cloud scores and the job waits forever."""
 PAUSED_NOTE_SECONDS = 30.0
 """How long Dask may keep a worker paused for memory before the job says so in its log."""
+QUIET_DASK_SETTINGS = {"distributed.worker.profile.interval": "100ms", "distributed.admin.tick.interval": "1s"}
+"""Dask's housekeeping, made less frequent in a LocalCluster: each worker's event loop samples its
+running tasks' stacks for the dashboard's profile every 10 ms, and every server checks its own event
+loop every 20 ms. In a job on 2 cores, Dask's event loops used 15 % of the CPU time with Dask's
+defaults and 7 % with these (bench/RESULTS.md), time the tasks' network waited for. 100 ms still
+gives the profile ten samples a second of tasks that run for seconds, and a blocked event loop is
+still reported past 3 s. A value set in Dask's own configuration wins."""
 
 
 def gpu_worker_threads(cores: int, gpus: int) -> int:
@@ -92,6 +101,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
         # Without a GPU the workers run the network on their CPUs: they start with the allocator settings for it.
         with (
             contextlib.nullcontext() if gpus else cpu_allocator_environment(),
+            dask.config.set(quiet_dask_settings()),  # read as the scheduler, nannies and workers start
             LocalCluster(n_workers=0, threads_per_worker=per_worker, processes=True, dashboard_address="127.0.0.1:0", env=env) as cluster,
         ):
             cluster.worker_spec.update(_gpu_worker_specs(cluster, gpus, gpu_threads))
@@ -109,6 +119,12 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                     raise
     finally:
         dask_logger.setLevel(level)
+
+
+def quiet_dask_settings() -> dict[str, str]:
+    """QUIET_DASK_SETTINGS, less those the user's Dask configuration (YAML or DASK_* variables) sets."""
+    shipped = dask.config.merge(*dask.config.defaults)
+    return {key: value for key, value in QUIET_DASK_SETTINGS.items() if dask.config.get(key) == dask.config.get(key, config=shipped)}
 
 
 def check_worker_memory(client: Client, option: str, fix: str) -> None:

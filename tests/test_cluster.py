@@ -12,12 +12,15 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
+import dask
 import torch
+from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, get_worker
 
 from sr_batch import cluster
-from sr_batch.cluster import cpu_allocator_environment, dask_client
+from sr_batch.cluster import QUIET_DASK_SETTINGS, cpu_allocator_environment, dask_client, quiet_dask_settings
 from sr_batch.job import cpu_allocator_note
 from sr_batch.spec import parse_spec
 from sr_batch.superres import CPU_ALLOCATOR_ENV
@@ -56,6 +59,32 @@ def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str, tmp_pat
     assert returned > 0.5, f"the contrast did not fault ({returned:.2f}): this test can no longer tell the settings apart"
     assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {CPU_ALLOCATOR_ENV}"
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == before, "the settings stayed in the caller's environment"
+
+
+def _housekeeping_intervals(dask_worker: Any) -> tuple[float, float]:
+    """In a worker: (ms between profile samples, s between event-loop checks), as the worker runs them."""
+    return dask_worker.periodic_callbacks["profile"].callback_time, dask_worker._tick_interval
+
+
+def test_local_cluster_runs_dask_housekeeping_less_often() -> None:
+    """Dask samples a worker's task stacks every 10 ms and checks each event loop every 20 ms; the
+    LocalCluster a job starts does both less often, in the workers themselves and in the scheduler."""
+    expected = (
+        parse_timedelta(QUIET_DASK_SETTINGS["distributed.worker.profile.interval"]) * 1000,
+        parse_timedelta(QUIET_DASK_SETTINGS["distributed.admin.tick.interval"]),
+    )
+    assert expected == (100, 1.0)
+    with dask_client(workers=1, echo=lambda _: None) as client:
+        assert set(client.run(_housekeeping_intervals).values()) == {expected}
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == expected[1]
+    defaults = dask.config.get("distributed.worker.profile.interval"), dask.config.get("distributed.admin.tick.interval")
+    assert defaults == ("10ms", "20ms"), "the settings stayed in this process's Dask configuration"
+
+
+def test_dask_settings_of_the_user_win_over_the_quieter_ones() -> None:
+    assert quiet_dask_settings() == QUIET_DASK_SETTINGS
+    with dask.config.set({"distributed.worker.profile.interval": "50ms"}):  # as a YAML file or DASK_* variable sets it
+        assert quiet_dask_settings() == {"distributed.admin.tick.interval": "1s"}
 
 
 def _memory_after_a_freed_allocation(megabytes: int = 1024) -> tuple[int, int]:

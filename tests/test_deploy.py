@@ -38,12 +38,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from distributed import Client
 
+from sr_batch.cluster import QUIET_DASK_SETTINGS
 from sr_batch.spec import JobSpec, load_spec
 from sr_batch.superres import CPU_ALLOCATOR_ENV
 
@@ -212,6 +214,16 @@ def test_cpu_image_starts_workers_with_the_cpu_allocator_settings() -> None:
     final = final_stage(dockerfile_instructions(DOCKER / "Dockerfile.cpu"))
     environment = dict(pair.split("=", 1) for keyword, arguments in final if keyword == "ENV" for pair in shlex.split(arguments))
     assert {name: environment.get(name) for name in CPU_ALLOCATOR_ENV} == CPU_ALLOCATOR_ENV
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_images_run_dask_housekeeping_as_the_local_cluster_does(flavour: str) -> None:
+    """Workers and schedulers started from either image profile and check their event loops as seldom
+    as a job's LocalCluster does: the same values, read by Dask from the environment."""
+    final = final_stage(dockerfile_instructions(DOCKER / f"Dockerfile.{flavour}"))
+    environment = {name: value for keyword, arguments in final if keyword == "ENV" for name, value in (pair.split("=", 1) for pair in shlex.split(arguments))}
+    read = dask.config.merge(dask.config.config, dask.config.collect_env({name: value for name, value in environment.items() if name.startswith("DASK_")}))
+    assert {key: dask.config.get(key, config=read) for key in QUIET_DASK_SETTINGS} == QUIET_DASK_SETTINGS
 
 
 def test_dockerignore_sends_what_the_images_copy_and_nothing_else() -> None:
