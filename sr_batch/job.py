@@ -67,10 +67,12 @@ from sr_batch.sink import (
 from sr_batch.spec import JobSpec
 from sr_batch.storage import Location
 from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, load_model, pick_device, runs_without_cpu_allocator, warm_up
-from sr_batch.tiles import GPU_RESOURCE, superresolve_plan, task_memory_bytes
+from sr_batch.tiles import GPU_RESOURCE, slab_days, superresolve_plan, task_memory_bytes, time_slabs
 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
+Unit = tuple[int, int, int]
+"""(time slab, tile row, tile col): the tasks of one tile in one slab, which share its read block."""
 
 
 @dataclass
@@ -445,7 +447,8 @@ def write_pending(
     date_at = {k: date for date, k in time_index.items()}
     by_date = {(plan.days[w.target].date.isoformat(), tile): w for tile, windows in pending.items() for w in windows}
 
-    def record(tile: tuple[int, int], result: list[tuple[int, list[tuple[int, int]]]]) -> None:
+    def record(unit: Unit, result: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        tile = unit[1:]
         for index, empty_chunks in result:
             manifest.record_done(date_at[index], *tile, empty_chunks)
         lock.check_held()
@@ -459,7 +462,26 @@ def write_pending(
 
 
 def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> WriteTasks:
-    """Per tile, one task per group of `per_task` dates: super-resolve (tiles.py), then write the tile's pending dates."""
+    """Per time slab and tile, one task per group of `per_task` dates: super-resolve (tiles.py), then
+    write the tile's pending dates. Each slab reads its own days (tiles.time_slabs)."""
+    slabs = time_slabs(work, slab_days(work))
+    per_unit: dict[Unit, list[Delayed]] = {}
+    blocks: dict[Unit, Delayed] = {}
+    reads_of: dict[Unit, list[Unit]] = {}
+    for s, slab in enumerate(slabs):
+        tasks, slab_blocks = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task)
+        per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
+        blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
+        # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
+        block_of = {key: (s, *tile) for tile, (key, _) in slab_blocks.items()}
+        reads_of |= {(s, *tile): sorted({block_of[key] for task in per_tile for key in task.dask if key in block_of}) for tile, per_tile in tasks.items()}
+    return WriteTasks(per_unit, blocks, reads_of, [len(slab.frame_days) for slab in slabs])
+
+
+def _slab_write_tasks(
+    store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]]]:
+    """One slab's write tasks per tile, and its read blocks per tile (their key and each as a Delayed)."""
     graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only)
     sr = graph_of_tiles.output
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -484,10 +506,8 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     for key, tile in tiles.items():
         tasks.setdefault(tile, []).append(whole.delayed(key))
     reads = graph_of_tiles.reads
-    block_of = {} if reads is None else {key: (key[3], key[4]) for key in flatten(reads.__dask_keys__())}  # (name, day, band, row, col)
-    # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
-    reads_of = {tile: sorted({block_of[key] for task in per_tile for key in task.dask if key in block_of}) for tile, per_tile in tasks.items()}
-    return WriteTasks(tasks, {block: whole.delayed(key) for key, block in block_of.items()}, reads_of)
+    keys = [] if reads is None else list(flatten(reads.__dask_keys__()))  # (name, day, band, row, col)
+    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys if key in whole.tasks}
 
 
 class Subgraphs:
@@ -526,17 +546,21 @@ class Subgraphs:
 
 @dataclass(frozen=True)
 class WriteTasks:
-    """A job's tasks per tile, and the read block of each tile (its own and its neighbours' halo source)."""
+    """A job's tasks per unit (time slab, tile row, tile col), and the read block of each unit (the
+    tile's days of that slab: its own input and its neighbours' halo source)."""
 
-    per_tile: dict[tuple[int, int], list[Delayed]]
-    blocks: dict[tuple[int, int], Delayed]
-    reads_of: dict[tuple[int, int], list[tuple[int, int]]]
-    """The blocks each tile's tasks take (its own and its halo's)."""
+    per_unit: dict[Unit, list[Delayed]]
+    blocks: dict[Unit, Delayed]
+    reads_of: dict[Unit, list[Unit]]
+    """The blocks each unit's tasks take (its own and its halo's)."""
+    slab_days: list[int]
+    """Days each time slab reads, in time order."""
 
 
-def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[tuple[int, int], Any], None]) -> None:
-    """Run the write tasks on the cluster, at most `in_flight` at once, tile by tile in row-major order;
-    `on_done(tile, result)` as each returns, in completion order. Progress comes from the tasks' own events (progress.py).
+def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None]) -> None:
+    """Run the write tasks on the cluster, at most `in_flight` at once, time slab by time slab and in
+    each tile by tile in row-major order; `on_done(unit, result)` as each returns, in completion order.
+    Progress comes from the tasks' own events (progress.py).
 
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
@@ -544,23 +568,25 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` tiles
     (with their halo sources, the next row's blocks), so that a task's input is there when a slot is
     free. A tile's read block is also its neighbours' halo: the job holds each block from the first
-    task that needs it until the last of those is done, so no tile is read twice, and what stays read
-    is about a row of tiles plus the read-ahead, whatever the region's height."""
-    tiles = sorted(tasks.per_tile)
-    flat = [(tile, task) for tile in tiles for task in tasks.per_tile[tile]]
-    echo(f"Computing {len(flat)} tile tasks, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
-    place = {tile: k for k, tile in enumerate(tiles)}
-    first_task: dict[tuple[int, int], int] = {}
-    for position, (tile, _) in enumerate(flat):
-        first_task.setdefault(tile, position)
-    users = Counter(block for tile, _ in flat for block in tasks.reads_of[tile])
-    held: dict[tuple[int, int], Any] = {}
-    tile_of: dict[str, tuple[int, int]] = {}
+    task that needs it until the last of those is done, so no tile is read twice in a slab, and what
+    stays read is about a row of tiles plus the read-ahead, whatever the region's height, each block
+    at most a slab's days, whatever the time range."""
+    units = sorted(tasks.per_unit)
+    flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]
+    slabs = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
+    echo(f"Computing {len(flat)} tile tasks{slabs}, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
+    place = {unit: k for k, unit in enumerate(units)}
+    first_task: dict[Unit, int] = {}
+    for position, (unit, _) in enumerate(flat):
+        first_task.setdefault(unit, position)
+    users = Counter(block for unit, _ in flat for block in tasks.reads_of[unit])
+    held: dict[Unit, Any] = {}
+    unit_of: dict[str, Unit] = {}
     pending = iter(enumerate(flat))
 
-    def read_ahead(tile: tuple[int, int]) -> None:
+    def read_ahead(unit: Unit) -> None:
         # Each block is asked for once, with the place of the first task that needs it as its priority.
-        for upcoming in tiles[place[tile] : place[tile] + in_flight + 1]:
+        for upcoming in units[place[unit] : place[unit] + in_flight + 1]:
             for block in tasks.reads_of[upcoming]:
                 if block not in held:
                     (held[block],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
@@ -569,21 +595,21 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
         # One submission per task, its place in the order as its priority: the cluster reads and
         # computes the tiles in that order, which one submission of many tasks would not keep.
         futures = []
-        for _, (position, (tile, task)) in zip(range(count), pending):
-            read_ahead(tile)
+        for _, (position, (unit, task)) in zip(range(count), pending):
+            read_ahead(unit)
             (future,) = client.compute([task], priority=-position)
-            tile_of[future.key] = tile
+            unit_of[future.key] = unit
             futures.append(future)
         return futures
 
     running = as_completed(submit(in_flight), with_results=True)
     for future, result in running:
-        tile = tile_of.pop(future.key)
-        for block in tasks.reads_of[tile]:
+        unit = unit_of.pop(future.key)
+        for block in tasks.reads_of[unit]:
             users[block] -= 1
             if not users[block]:
                 held.pop(block).release()
-        on_done(tile, result)
+        on_done(unit, result)
         for more in submit(1):
             running.add(more)
 

@@ -2,7 +2,10 @@
 
 Strategy: the cube holds only the days some window reads, chunked by tile with every day in one
 chunk. Each tile's chunk is extended by a halo from its neighbours (no padding at the region's edge,
-exactly as a whole-image run sees it). One task super-resolves one tile for a group of output dates
+exactly as a whole-image run sees it). A job over years would make that chunk as long as its
+history, so the job splits its windows by output date into time slabs (`time_slabs`) whose days fit
+READ_BLOCK_BYTES per tile, a cube each: a slab re-reads only the few earlier frames its first windows
+need. One task super-resolves one tile for a group of output dates
 and crops the halo (4 x halo at 2.5 m), so with halo >= the receptive field the tiles join without
 seams. Output chunks are (dates of the group, band, 4·tile, 4·tile), already encoded as the sink
 stores them (uint16): the Zarr sink writes each one whole, never sharing a Zarr chunk between tasks.
@@ -21,7 +24,7 @@ layer itself, which graph optimisation keeps (the job tests check where the task
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
@@ -44,6 +47,10 @@ GPU_RESOURCE = "GPU"
 """The Dask worker resource that marks a GPU worker (`dask worker ... --resources GPU=1`)."""
 TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
+READ_BLOCK_BYTES = 256e6
+"""The largest read block (a tile with its halo, every day its windows read, 4 bands + SCL) a job
+reads at once. The job holds about a row of tiles' blocks, and a block of a whole multi-year history
+would grow with the time range: past this size the days are read in time slabs."""
 
 
 @dataclass(frozen=True)
@@ -90,23 +97,60 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube)
 
 
-def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
-    """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo: the tile's block of every day read (and its copies on the way to the device) and, on a CPU,
-    what the device holds on a GPU (the reflectance of those days, a batch of windows twice, the
-    network's activations capped per pass and a batch's float32 output), then the task's encoded
-    output and its pinned copy."""
-    spec = plan.spec
-    halo = plan.halo
+def slab_days(plan: Plan) -> int:
+    """Days a time slab may read: READ_BLOCK_BYTES of the largest tile with its halo, and at least the
+    frames of one task's windows (a batch of consecutive dates)."""
+    height, width = _largest_read(plan)
+    per_day = (len(BANDS) + 1) * height * width * 2
+    return max(plan.spec.model.frames + plan.spec.model.batch_size - 1, int(READ_BLOCK_BYTES // per_day))
+
+
+def time_slabs(plan: Plan, max_days: int) -> list[Plan]:
+    """The plan's windows split by output date into consecutive slabs, oldest first, each reading at most
+    `max_days` days over all its tiles (unless a single date's windows need more). Windows are causal, so
+    a slab needs no later day; it re-reads only the earlier frames its first windows need."""
+    frames_of: dict[int, set[int]] = {}
+    for windows in plan.windows.values():
+        for window in windows:
+            frames_of.setdefault(window.target, set()).update(window.frames)
+    slabs: list[list[int]] = []
+    days: set[int] = set()
+    for target in sorted(frames_of):
+        needed = days | frames_of[target]
+        if slabs and len(needed) <= max_days:
+            slabs[-1].append(target)
+        else:
+            slabs.append([target])
+            needed = set(frames_of[target])
+        days = needed
+    return [replace(plan, windows={tile: [w for w in windows if w.target in set(slab)] for tile, windows in plan.windows.items()}) for slab in slabs]
+
+
+def _largest_read(plan: Plan) -> tuple[int, int]:
+    """(height, width) of the largest tile with its halo on both sides."""
     core_y = max(bottom - top for top, bottom in plan.rows)
     core_x = max(right - left for left, right in plan.cols)
-    height, width = core_y + 2 * halo, core_x + 2 * halo
-    days, dates, frames, bands = len(plan.frame_days), spec.model.batch_size, spec.model.frames, len(BANDS)
+    return core_y + 2 * plan.halo, core_x + 2 * plan.halo
+
+
+def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
+    """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
+    halo: the tile's block of every day its time slab reads (and its copies on the way to the device)
+    and, on a CPU, what the device holds on a GPU (the reflectance of the days its windows use, a batch
+    of windows twice, the network's activations capped per pass and a batch's float32 output), then the
+    task's encoded output and its pinned copy."""
+    spec = plan.spec
+    height, width = _largest_read(plan)
+    core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
+    days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan))), default=0)
+    dates, frames, bands = spec.model.batch_size, spec.model.frames, len(BANDS)
+    used = min(days, dates + frames - 1)  # a task's windows are consecutive dates: it converts only their frames
     block = days * (bands + 1) * height * width * 2
+    used_block = used * (bands + 1) * height * width * 2
     encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2
     if on_gpu:
-        return 3 * block + encoded  # Dask's block, the days gathered from it and their pinned copy
-    reflectance = days * bands * height * width * 4 + 2 * block  # and the mask's int32 copy of the DN
+        return block + 2 * used_block + encoded  # Dask's block, the days gathered from it and their pinned copy
+    reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4
     activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
     output = dates * bands * SCALE**2 * height * width * 4

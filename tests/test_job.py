@@ -134,8 +134,8 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
     manifest.times.extend(plan.days[d].date.isoformat() for d in plan.output_days)
     tasks = write_tasks(check_location(str(tmp_path / "graphs.zarr")), plan, manifest, model_ref(spec), gpu_workers_only=True, per_task=2)
     assert len(plan.rows) * len(plan.cols) >= 16 and len(plan.output_days) >= 3
-    whole = sum(len(task.dask) for per_tile in tasks.per_tile.values() for task in per_tile)
-    for (row, col), per_tile in tasks.per_tile.items():
+    whole = sum(len(task.dask) for per_tile in tasks.per_unit.values() for task in per_tile)
+    for (_, row, col), per_tile in tasks.per_unit.items():
         for task in per_tile:
             graph = dict(task.dask)
             # Keys of a tile's work end in its (row, col); the reads may be its neighbours'.
@@ -143,6 +143,6 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             assert all(abs(r - row) < 2 and abs(c - col) < 2 for r, c in places), ((row, col), sorted(places))
             gpu = [layer.annotations for name, layer in task.dask.layers.items() if name.startswith("superresolve")]
             assert gpu == [{"resources": {"GPU": 1}}]
-    assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_tile.values())
-    for (row, col), block in tasks.blocks.items():
+    assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_unit.values())
+    for (_, row, col), block in tasks.blocks.items():
         assert {tuple(key[-2:]) for key in dict(block.dask) if isinstance(key, tuple) and len(key) >= 4} == {(row, col)}
