@@ -150,10 +150,19 @@ def _version(text: str) -> tuple[int, ...]:
         return (0,)
 
 
-def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_names: list[str], chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> xr.DataArray:
+def load_cube(
+    days: list[SolarDay],
+    grid: Grid,
+    asset_keys: list[str],
+    band_names: list[str],
+    chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    days_per_chunk: int | None = None,
+) -> xr.DataArray:
     """(time, band, y, x) uint16 harmonised DN, nodata 0, one time entry per solar day, lazily.
 
-    `asset_keys` are the collection's names, `band_names` the names the output uses for them.
+    `asset_keys` are the collection's names, `band_names` the names the output uses for them. `chunks`
+    are the (y, x) chunks; along time a chunk holds `days_per_chunk` days, or every day when None,
+    whether or not some day's granules had to be mosaicked.
     """
     import stackstac
     from rasterio.enums import Resampling
@@ -171,7 +180,7 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
         fill_value=np.uint16(0),
         rescale=False,
         resampling=Resampling.nearest,
-        chunksize=(-1, -1, chunks[0], chunks[1]),
+        chunksize=(days_per_chunk or -1, -1, chunks[0], chunks[1]),
         xy_coords="center",
         properties=False,
         sortby_date=False,
@@ -181,7 +190,8 @@ def load_cube(days: list[SolarDay], grid: Grid, asset_keys: list[str], band_name
     _check_grid(stack, grid)
     stack = stack.assign_coords(band=band_names)
     stack = _harmonise(stack, items, asset_keys, band_names)
-    stack = _mosaic_solar_days(stack, days)
+    # Mosaicking leaves a chunk per day along time: the callers' tasks take a chunk as their days.
+    stack = _mosaic_solar_days(stack, days).chunk({"time": days_per_chunk or -1})
     return stack.drop_vars([c for c in stack.coords if c not in ("time", "band", "y", "x")])
 
 

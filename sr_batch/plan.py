@@ -121,11 +121,19 @@ def tile_edges(size: int, tile: int, min_last: int) -> list[tuple[int, int]]:
     return [(start, stops) for start, stops in zip(starts, starts[1:] + [size])]
 
 
+SCORE_BLOCK_BYTES = 64e6
+"""SCL read at once by one cloud-score task (a tile with its margin, some days): a long history is
+scored a group of days at a time, as each day's score is its own."""
+
+
 def score_clouds(plan: Plan) -> np.ndarray:
     """(day, row, col) unusable fraction, each tile scored with a margin so dilation sees its edges."""
     assets = plan.spec.stac.assets
-    scl = load_cube(plan.days, plan.grid, [assets.scl], [SCL], plan.chunks()).data[:, 0]
     depth = plan.spec.cloud.dilate_pixels
+    height = max(bottom - top for top, bottom in plan.rows) + 2 * depth
+    width = max(right - left for left, right in plan.cols) + 2 * depth
+    days_per_chunk = max(1, int(SCORE_BLOCK_BYTES // (height * width * 2)))
+    scl = load_cube(plan.days, plan.grid, [assets.scl], [SCL], plan.chunks(), days_per_chunk).data[:, 0]
     depths = {0: 0, 1: depth if len(plan.rows) > 1 else 0, 2: depth if len(plan.cols) > 1 else 0}
     padded = da.overlap.overlap(scl, depth=depths, boundary="none") if depth else scl
     scores = da.map_blocks(
@@ -134,7 +142,7 @@ def score_clouds(plan: Plan) -> np.ndarray:
         depths=depths,
         shape=(len(plan.rows), len(plan.cols)),
         dilate=depth,
-        chunks=((scl.shape[0],), (1,) * len(plan.rows), (1,) * len(plan.cols)),
+        chunks=(scl.chunks[0], (1,) * len(plan.rows), (1,) * len(plan.cols)),
         dtype=np.float32,
     )
     (result,) = dask.compute(scores)

@@ -16,6 +16,7 @@ from affine import Affine
 
 from sr_batch.clouds import usable_reflectance, usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, choose_grid, dn_offset, load_cube
+from sr_batch.job import run_job
 from sr_batch.sample import ASSETS
 from sr_batch.search import deduplicate, group_by_solar_day, search
 from sr_batch.spec import parse_spec
@@ -169,3 +170,26 @@ def test_cloud_mask_on_the_device_equals_the_numpy_definition(source_cube: xr.Da
     assert 0.01 < np.isnan(expected).mean() < 0.99  # the sample has clouds and clear sky
     ours = usable_reflectance_tensor(torch.from_numpy(block.view(np.int16)).to(device), dilate).cpu().numpy()
     np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_job_on_days_split_across_granules_writes_what_whole_scenes_give(catalog, source_cube: xr.Dataset, tmp_path: Path, scheduler: str) -> None:
+    """Mosaicking a day's granules splits the cube's time axis into a chunk per day: every tile task
+    must still get all the days its windows read, not the first chunk's."""
+    items = summer_items(catalog, 5)
+    split = []
+    for item in items[1:3]:
+        west = rewrite_assets(copy.deepcopy(item), tmp_path / f"w-{item['id']}", source_cube, cols=slice(0, 60))
+        east = rewrite_assets(copy.deepcopy(item), tmp_path / f"e-{item['id']}", source_cube, cols=slice(40, 100))
+        west["id"], east["id"] = item["id"] + "_W", item["id"] + "_E"
+        west["properties"]["grid:code"], east["properties"]["grid:code"] = "WEST", "EAST"
+        split += [west, east]
+    outputs = []
+    for name, published in (("whole", items), ("split", [items[0], *split, *items[3:]])):
+        with serve_items(catalog.collection, published) as url:
+            job = make_job(url, tmp_path / f"{name}.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, cloud={"max_cloud_fraction": 1.0})
+            result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lambda _: None)
+        assert len(result.plan.output_days) == 5 and len(result.plan.windows) == 4
+        with xr.open_zarr(result.output, consolidated=False) as ds:
+            outputs.append(ds.sr.values)
+    assert [len(day.items) for day in result.plan.days] == [1, 2, 2, 1, 1]
+    np.testing.assert_array_equal(outputs[1], outputs[0])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from sr_batch import plan as plan_module
 from sr_batch import tiles
 from sr_batch.job import plan_job, run_job
 from sr_batch.spec import parse_spec
@@ -46,6 +47,26 @@ def test_slabs_partition_the_windows_in_time_order_within_the_limit(tmp_path: Pa
     assert sum(len(slab.frame_days) <= SMALLEST_SLAB for slab in slabs) > len(slabs) / 2
     # A task's memory estimate counts a slab's days, not the history's.
     assert task_memory_bytes(plan) < whole_history
+
+
+def test_cloud_scores_of_a_long_history_are_read_a_group_of_days_at_a_time(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
+    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2015-01-01", "end": "2021-12-31"}, tiling={"tile": 48}))
+    lines: list[str] = []
+    one_block = plan_job(spec, scheduler, echo=lines.append).cloud
+    time_chunks = []
+
+    def load_cube(*args, **kwargs):
+        cube = real_load_cube(*args, **kwargs)
+        time_chunks.append(cube.chunks[0])
+        return cube
+
+    real_load_cube = plan_module.load_cube
+    monkeypatch.setattr(plan_module, "load_cube", load_cube)
+    monkeypatch.setattr(plan_module, "SCORE_BLOCK_BYTES", 1)  # a day per task
+    groups = plan_job(spec, scheduler, echo=lines.append).cloud
+    assert time_chunks == [(1,) * 140]
+    assert one_block.shape == groups.shape and one_block.shape[0] == 140
+    np.testing.assert_array_equal(groups, one_block)
 
 
 def run(stac_url: str, catalog, scheduler: str, out: Path) -> tuple[np.ndarray, list[str]]:
