@@ -9,8 +9,9 @@ manifest does not record as written: the windows of days it has not seen, and wi
 left unfinished (increment.py). With nothing to do it stops before starting a cluster and writes
 nothing. Otherwise it appends the new dates to the store, super-resolves the pending windows, and
 records each tile's windows once its task has written them (sink.py). The tasks go to the cluster
-a sliding window at a time, with their reads just ahead (`_compute`), so that memory follows the
-tile, not the region. A run killed at any moment leaves an output the next run completes, equal to
+a sliding window at a time, with their reads just ahead (`_compute`), and a long time range is read
+a time slab after another (tiles.time_slabs), so that memory follows the tile, not the region's size
+nor its time range. A run killed at any moment leaves an output the next run completes, equal to
 an uninterrupted run's.
 
 `--overwrite` recomputes everything into a hidden staging store beside the output and swaps it in
