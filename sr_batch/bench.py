@@ -25,6 +25,8 @@ import datetime as dt
 import json
 import os
 import platform
+import queue
+import signal
 import tempfile
 import threading
 import time
@@ -133,15 +135,37 @@ def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, 
     with cpu_allocator_environment():  # they start with the allocator of a job's CPU workers
         for process in processes:
             process.start()
-    spans = [results.get(timeout=3600) for _ in processes]
-    for process in processes:
-        process.join()
+    name = f"fp32 channels_last, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
+    spans = _spans_of(processes, results, name)
     # The group's rate from the first start to the last end: a process that finishes early does not
     # count the time the others then run with the machine to themselves.
     mpx = workers * batch * repeats * tile * tile / 1e6 / (max(end for _, end in spans) - min(start for start, _ in spans))
-    name = f"fp32 channels_last, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
     row = {"variant": name, "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX}
     return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats}
+
+
+class ModelOnlyDied(RuntimeError):
+    """A model-only process ended without its result (the kernel's out-of-memory killer, most often)."""
+
+
+def _spans_of(processes: list[Any], results: Any, name: str) -> list[tuple[float, float]]:
+    """Each process's (start, end), or ModelOnlyDied as soon as one has died: the others would wait for
+    it at their barrier, and the benchmark with them, for ever."""
+    spans: list[tuple[float, float]] = []
+    while len(spans) < len(processes):
+        try:
+            spans.append(results.get(timeout=2))
+        except queue.Empty:
+            died = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
+            if died:
+                for process in processes:
+                    process.terminate()
+                    process.join()
+                killed = " (killed: out of memory, most likely; lower --batch or --tile)" if -signal.SIGKILL in died else ""
+                raise ModelOnlyDied(f"{name}: a process ended with exit code {died[0]}{killed}") from None
+    for process in processes:
+        process.join()
+    return spans
 
 
 def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, ready: Any, results: Any) -> None:
@@ -442,7 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and workers > 1:
         # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too.
         for batch in sorted({1, args.batch}):
-            report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, args.repeats * args.batch // batch, workers, threads))
+            try:
+                report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, args.repeats * args.batch // batch, workers, threads))
+            except ModelOnlyDied as died:
+                if batch == 1:  # the reference a CPU job's tasks compare with
+                    raise SystemExit(f"model only: {died}") from None
+                print(f"model only  {died}; left out")
+                report.setdefault("model_only_died", []).append(str(died))
     for row in report["model_only"]:
         print(f"model only  {row['variant']:<52} {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s ")
     _write(report, args.out)

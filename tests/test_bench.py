@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from sr_batch.bench import main
+import pytest
+
+from sr_batch.bench import ModelOnlyDied, main, model_only_on_workers
 from sr_batch.superres import CPU_ALLOCATOR_ENV
 
 
@@ -42,3 +44,10 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     assert "end to end ÷ best model only" in printed and "worker threads, " in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
+
+
+def test_a_model_only_process_that_dies_stops_the_benchmark_in_one_line() -> None:
+    """A process that cannot allocate its input (here a 200000² px tile) ends without a result; the
+    others would wait for it at their barrier for ever, and the benchmark with them."""
+    with pytest.raises(ModelOnlyDied, match=r"batch 1: a process ended with exit code 1$"):
+        model_only_on_workers("default", tile=200_000, batch=1, repeats=1, workers=2, threads=1)
