@@ -144,6 +144,9 @@ def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, 
     return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats}
 
 
+MODEL_ONLY_TIMEOUT_S = 3600.0
+
+
 class ModelOnlyDied(RuntimeError):
     """A model-only process ended without its result (the kernel's out-of-memory killer, most often)."""
 
@@ -152,15 +155,18 @@ def _spans_of(processes: list[Any], results: Any, name: str) -> list[tuple[float
     """Each process's (start, end), or ModelOnlyDied as soon as one has died: the others would wait for
     it at their barrier, and the benchmark with them, for ever."""
     spans: list[tuple[float, float]] = []
+    deadline = time.monotonic() + MODEL_ONLY_TIMEOUT_S
     while len(spans) < len(processes):
         try:
             spans.append(results.get(timeout=2))
         except queue.Empty:
             died = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
-            if died:
+            if died or time.monotonic() > deadline:
                 for process in processes:
                     process.terminate()
                     process.join()
+                if not died:
+                    raise ModelOnlyDied(f"{name}: no result within {MODEL_ONLY_TIMEOUT_S:.0f} s; lower --repeats") from None
                 killed = " (killed: out of memory, most likely; lower --batch or --tile)" if -signal.SIGKILL in died else ""
                 raise ModelOnlyDied(f"{name}: a process ended with exit code {died[0]}{killed}") from None
     for process in processes:

@@ -44,7 +44,7 @@ running tasks' stacks for the dashboard's profile every 10 ms, and every server 
 loop every 20 ms. In a job on 2 cores, Dask's event loops used 15 % of the CPU time with Dask's
 defaults and 7 % with these (bench/RESULTS.md), time the tasks' network waited for. 100 ms still
 gives the profile ten samples a second of tasks that run for seconds, and a blocked event loop is
-still reported past 3 s. A value set in Dask's own configuration wins."""
+still reported past 3 s. A value set in Dask's own configuration, other than Dask's default, wins."""
 
 
 def gpu_worker_threads(cores: int, gpus: int) -> int:

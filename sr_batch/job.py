@@ -203,7 +203,12 @@ def run_job(
             on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
             if on_gpus:
                 echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
-            echo(check_task_memory(client, increment.plan, on_gpus))  # before anything is written
+            # The windows this run computes (the manifest's record of what is written does not change
+            # before the run writes them), and their tasks' size, checked before anything is written.
+            work = replace(increment.plan, windows=increment.pending(manifest))
+            slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
+            per_task = task_dates or dates_per_task(work, spec.model.batch_size, slots)
+            echo(check_task_memory(client, work, on_gpus, per_task))
             precision = resolved_precision(client, spec, on_gpus)
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
             settings = with_precision(settings, precision)
@@ -225,12 +230,10 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
-                    per_task = task_dates or dates_per_task(replace(increment.plan, windows=pending), spec.model.batch_size, slots)
                     in_flight = in_flight or tasks_in_flight(slots)
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, in_flight, echo)
                 except KilledWorker as died:
-                    memory = task_memory_note(increment.plan, bool(on_gpus))
+                    memory = task_memory_note(work, per_task, bool(on_gpus))
                     raise SrBatchError(
                         f"tiling.tile: Dask workers died running {died.task} (out of memory is the usual cause; {memory}); "
                         "lower tiling.tile or model.batch_size, or give workers more memory, and run again: written windows are kept"
@@ -339,27 +342,27 @@ MEMORY_SHARE = 0.6
 worker at 80 % and the worker also holds its neighbours' blocks and the write's encoded chunks."""
 
 
-def check_task_memory(client: Client, plan: Plan, on_gpus: list[str]) -> str:
-    """Refuse, before anything is written, a tiling whose tasks cannot fit the workers that run them."""
+def check_task_memory(client: Client, plan: Plan, on_gpus: list[str], per_task: int) -> str:
+    """Refuse, before anything is written, a tiling whose tasks (`per_task` dates each) cannot fit the workers that run them."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     # A GPU worker runs as many super-resolution tasks at once as its GPU resource says; a CPU worker one per thread.
-    per_task = [
+    per_running_task = [
         (info.get("memory_limit") or 0) / max(1, int(info.get("resources", {}).get(GPU_RESOURCE, 1) if on_gpus else info.get("nthreads", 1)))
         for address, info in workers.items()
         if not on_gpus or address in on_gpus
     ]
-    needed = task_memory_bytes(plan, on_gpu=bool(on_gpus))
-    limit = min((value for value in per_task if value), default=0)
+    needed = task_memory_bytes(plan, per_task, on_gpu=bool(on_gpus))
+    limit = min((value for value in per_running_task if value), default=0)
     if limit and needed > MEMORY_SHARE * limit:
         raise SpecError(
             f"tiling.tile: a super-resolution task needs about {needed / 1e9:.1f} GB but the workers have {limit / 1e9:.1f} GB per running task; "
             "lower tiling.tile or model.batch_size, or give the workers more memory (or fewer threads)"
         )
-    return task_memory_note(plan, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB per running task" if limit else "")
+    return task_memory_note(plan, per_task, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB per running task" if limit else "")
 
 
-def task_memory_note(plan: Plan, on_gpu: bool = False) -> str:
-    return f"Memory: about {task_memory_bytes(plan, on_gpu) / 1e9:.2f} GB per super-resolution task"
+def task_memory_note(plan: Plan, per_task: int, on_gpu: bool = False) -> str:
+    return f"Memory: about {task_memory_bytes(plan, per_task, on_gpu) / 1e9:.2f} GB per super-resolution task"
 
 
 def existing_manifest(target: Location, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:
@@ -465,12 +468,14 @@ def write_pending(
 def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> WriteTasks:
     """Per time slab and tile, one task per group of `per_task` dates: super-resolve (tiles.py), then
     write the tile's pending dates. Each slab reads its own days (tiles.time_slabs)."""
-    slabs = time_slabs(work, slab_days(work))
+    slabs = time_slabs(work, slab_days(work), per_task)
     per_unit: dict[Unit, list[Delayed]] = {}
     blocks: dict[Unit, Delayed] = {}
     reads_of: dict[Unit, list[Unit]] = {}
+    first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_blocks = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task)
+        tasks, slab_blocks = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
+        first_group += -(-len(slab.output_days) // per_task)
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
         # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
@@ -480,10 +485,10 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
 
 
 def _slab_write_tasks(
-    store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int
+    store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int
 ) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]]]:
     """One slab's write tasks per tile, and its read blocks per tile (their key and each as a Delayed)."""
-    graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only)
+    graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only, first_group=first_group)
     sr = graph_of_tiles.output
     time_index = {date: k for k, date in enumerate(manifest.times)}
     outputs = work.output_days
@@ -548,7 +553,7 @@ class Subgraphs:
 @dataclass(frozen=True)
 class WriteTasks:
     """A job's tasks per unit (time slab, tile row, tile col), and the read block of each unit (the
-    tile's days of that slab: its own input and its neighbours' halo source)."""
+    tile with every day its slab reads: its own input and its neighbours' halo source)."""
 
     per_unit: dict[Unit, list[Delayed]]
     blocks: dict[Unit, Delayed]

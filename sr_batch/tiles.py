@@ -48,9 +48,9 @@ GPU_RESOURCE = "GPU"
 TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 READ_BLOCK_BYTES = 256e6
-"""The largest read block (a tile with its halo, every day its windows read, 4 bands + SCL) a job
-reads at once. The job holds about a row of tiles' blocks, and a block of a whole multi-year history
-would grow with the time range: past this size the days are read in time slabs."""
+"""The read block (a tile with its halo and the days of a time slab, 4 bands + SCL) a job aims at. The
+job holds about a row of tiles' blocks, and a block of a whole multi-year history would grow with the
+time range: past this size the days are read in time slabs (one group of a task's dates may need more)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ class TileGraph:
     neighbours' halos (None when there is no output date)."""
 
 
-def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False) -> TileGraph:
-    """The plan's super-resolution as a Dask graph: one task per tile and group of `dates_per_task` output dates."""
+def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False, first_group: int = 0) -> TileGraph:
+    """The plan's super-resolution as a Dask graph: one task per tile and group of `dates_per_task` output dates.
+    The groups are numbered from `first_group` in the tasks' events (a time slab's groups follow the slab before)."""
     spec = plan.spec
     ychunks, xchunks = plan.chunks()
     hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
@@ -86,7 +87,15 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
         for (row, col), windows in plan.windows.items():
             selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
             crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
-            tasks[(g, row, col)] = ((padded.name, 0, 0, row, col), selected, len(group), crop, spec.cloud.dilate_pixels, model, (spec.output.uri, row, col, g))
+            tasks[(g, row, col)] = (
+                (padded.name, 0, 0, row, col),
+                selected,
+                len(group),
+                crop,
+                spec.cloud.dilate_pixels,
+                model,
+                (spec.output.uri, row, col, first_group + g),
+            )
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident.
     name = f"superresolve-{tokenize(tasks)}"
     graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
@@ -105,25 +114,39 @@ def slab_days(plan: Plan) -> int:
     return max(plan.spec.model.frames + plan.spec.model.batch_size - 1, int(READ_BLOCK_BYTES // per_day))
 
 
-def time_slabs(plan: Plan, max_days: int) -> list[Plan]:
+def time_slabs(plan: Plan, max_days: int, dates_per_task: int = 1) -> list[Plan]:
     """The plan's windows split by output date into consecutive slabs, oldest first, each reading at most
-    `max_days` days over all its tiles (unless a single date's windows need more). Windows are causal, so
-    a slab needs no later day; it re-reads only the earlier frames its first windows need."""
+    `max_days` days over all its tiles, unless a single group of `dates_per_task` dates needs more (a
+    slab holds whole groups, so that its tasks keep their full batches). Windows are causal, so a slab
+    needs no later day; it re-reads only the earlier frames its first windows need."""
     frames_of: dict[int, set[int]] = {}
     for windows in plan.windows.values():
         for window in windows:
             frames_of.setdefault(window.target, set()).update(window.frames)
+    targets = sorted(frames_of)
     slabs: list[list[int]] = []
     days: set[int] = set()
-    for target in sorted(frames_of):
-        needed = days | frames_of[target]
-        if slabs and len(needed) <= max_days:
-            slabs[-1].append(target)
+    for start in range(0, len(targets), dates_per_task):
+        group = targets[start : start + dates_per_task]
+        group_days = set().union(*(frames_of[target] for target in group))
+        if slabs and len(days | group_days) <= max_days:
+            slabs[-1].extend(group)
+            days |= group_days
         else:
-            slabs.append([target])
-            needed = set(frames_of[target])
-        days = needed
-    return [replace(plan, windows={tile: [w for w in windows if w.target in set(slab)] for tile, windows in plan.windows.items()}) for slab in slabs]
+            slabs.append(list(group))
+            days = group_days
+    members = [set(slab) for slab in slabs]
+    return [replace(plan, windows={tile: [w for w in windows if w.target in member] for tile, windows in plan.windows.items()}) for member in members]
+
+
+def frames_per_task(plan: Plan, dates_per_task: int) -> int:
+    """The most days one task converts: a task's windows are a run of at most `dates_per_task` of its
+    tile's windows in time order (those of its group of dates), and the run's frames are its days."""
+    most = 0
+    for windows in plan.windows.values():
+        for start in range(max(1, len(windows) - dates_per_task + 1)):
+            most = max(most, len({day for window in windows[start : start + dates_per_task] for day in window.frames}))
+    return most
 
 
 def _largest_read(plan: Plan) -> tuple[int, int]:
@@ -133,18 +156,19 @@ def _largest_read(plan: Plan) -> tuple[int, int]:
     return core_y + 2 * plan.halo, core_x + 2 * plan.halo
 
 
-def task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
+def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False) -> int:
     """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo: the tile's block of every day its time slab reads (and its copies on the way to the device)
-    and, on a CPU, what the device holds on a GPU (the reflectance of the days its windows use, a batch
+    halo, for the plan's windows split into tasks of `dates_per_task` dates: the tile's block of every day
+    its time slab reads (and its copies on the way to the device) and, on a CPU, what the device holds
+    on a GPU (the reflectance of the days its windows use, a batch
     of windows twice, the network's activations capped per pass and a batch's float32 output), then the
     task's encoded output and its pinned copy."""
     spec = plan.spec
     height, width = _largest_read(plan)
     core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
-    days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan))), default=0)
+    days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan), dates_per_task)), default=0)
     dates, frames, bands = spec.model.batch_size, spec.model.frames, len(BANDS)
-    used = min(days, dates + frames - 1)  # a task's windows are consecutive dates: it converts only their frames
+    used = frames_per_task(plan, dates_per_task)  # a task converts only its own windows' frames
     block = days * (bands + 1) * height * width * 2
     used_block = used * (bands + 1) * height * width * 2
     encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2

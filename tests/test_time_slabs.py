@@ -31,7 +31,7 @@ def test_slabs_partition_the_windows_in_time_order_within_the_limit(tmp_path: Pa
     plan = plan_job(spec, scheduler, echo=lambda _: None)
     assert len(plan.windows) >= 4 and len(plan.frame_days) > 3 * SMALLEST_SLAB
     assert len(time_slabs(plan, slab_days(plan))) == 1, "the sample's history fits one block at the default limit"
-    whole_history = task_memory_bytes(plan)
+    whole_history = task_memory_bytes(plan, SMALL_MODEL["batch_size"])
 
     monkeypatch.setattr(tiles, "READ_BLOCK_BYTES", 1)  # every slab as small as a task allows
     assert slab_days(plan) == SMALLEST_SLAB
@@ -46,7 +46,7 @@ def test_slabs_partition_the_windows_in_time_order_within_the_limit(tmp_path: Pa
         assert len(slab.frame_days) <= SMALLEST_SLAB or len(slab.output_days) == 1, (slab.output_days, slab.frame_days)
     assert sum(len(slab.frame_days) <= SMALLEST_SLAB for slab in slabs) > len(slabs) / 2
     # A task's memory estimate counts a slab's days, not the history's.
-    assert task_memory_bytes(plan) < whole_history
+    assert task_memory_bytes(plan, SMALL_MODEL["batch_size"]) < whole_history
 
 
 def test_cloud_scores_of_a_long_history_are_read_a_group_of_days_at_a_time(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
@@ -84,7 +84,9 @@ def test_a_job_read_in_time_slabs_writes_what_one_block_writes(tmp_path: Path, s
     assert not any("time slabs" in line for line in lines)
     monkeypatch.setattr(tiles, "READ_BLOCK_BYTES", 1)
     slabbed, lines = run(stac_url, catalog, scheduler, tmp_path / "slabs.zarr")
-    assert any(f"in 3 time slabs of up to {SMALLEST_SLAB} days" in line for line in lines), lines
+    assert any(f"in 4 time slabs of up to {SMALLEST_SLAB} days" in line for line in lines), lines
+    # The tasks of every slab count in the progress (their groups of dates are numbered across slabs).
+    assert any(line.startswith("  super-resolved 76/76 tile-dates (100%)") for line in lines), [line for line in lines if "super-resolved" in line]
     assert whole.shape == slabbed.shape and whole.shape[0] == 19
     assert np.array_equal(np.isnan(whole), np.isnan(slabbed))
     # Tasks group other dates in a slab: float noise of another batch may flip one step of the 1e-4 rounding.
