@@ -474,8 +474,8 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     reads_of: dict[Unit, list[Unit]] = {}
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_blocks = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
-        first_group += -(-len(slab.output_days) // per_task)
+        tasks, slab_blocks, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
+        first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
         # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
@@ -486,8 +486,8 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
 
 def _slab_write_tasks(
     store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int
-) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]]]:
-    """One slab's write tasks per tile, and its read blocks per tile (their key and each as a Delayed)."""
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]], int]:
+    """One slab's write tasks per tile, its read blocks per tile (their key and each as a Delayed), and its number of groups of dates."""
     graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only, first_group=first_group)
     sr = graph_of_tiles.output
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -513,7 +513,7 @@ def _slab_write_tasks(
         tasks.setdefault(tile, []).append(whole.delayed(key))
     reads = graph_of_tiles.reads
     keys = [] if reads is None else list(flatten(reads.__dask_keys__()))  # (name, day, band, row, col)
-    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys if key in whole.tasks}
+    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys if key in whole.tasks}, len(sr.chunks[0])
 
 
 class Subgraphs:
