@@ -63,16 +63,34 @@ def usable_reflectance_tensor(block: torch.Tensor, dilate_pixels: int) -> torch.
     dn = block.to(torch.int32) & 0xFFFF
     bands, scl = dn[:, :4], dn[:, 4]
     # A true division, as NumPy's: CUDA turns a division by a Python number into a multiplication by its reciprocal.
-    values = bands.to(torch.float32) / torch.tensor(10000.0, device=block.device)
-    grown = torch.isin(scl, torch.tensor(GROWN_CLASSES, device=block.device))
+    # Constants are made on the device, not copied there: a copy from the host's pageable memory would
+    # make the host wait for all the work queued on the device before it.
+    values = bands.to(torch.float32) / torch.full((), 10000.0, device=block.device)
+    grown = _is_any_of(scl, GROWN_CLASSES)
     if dilate_pixels > 0:
         # Binary dilation by the disk = "any grown pixel under the disk": a convolution of 0/1 values,
         # exact in float32 (and in TF32); zero padding is scipy's border_value=0.
-        disk = torch.from_numpy(_disk(dilate_pixels).astype(np.float32)).to(block.device)[None, None]
+        disk = _disk_tensor(dilate_pixels, block.device)[None, None]
         grown = torch.nn.functional.conv2d(grown[:, None].to(torch.float32), disk, padding=dilate_pixels)[:, 0] > 0.5
-    exact = torch.isin(scl, torch.tensor(EXACT_CLASSES, device=block.device))
+    exact = _is_any_of(scl, EXACT_CLASSES)
     missing = ((bands <= 0) | (bands >= SATURATED_DN)).any(dim=1) | grown | exact
     return values.masked_fill_(missing[:, None], float("nan"))
+
+
+def _is_any_of(scl: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+    """np.isin(scl, classes) for a few classes, by comparisons with numbers (no class list on the device)."""
+    found = scl == classes[0]
+    for value in classes[1:]:
+        found |= scl == value
+    return found
+
+
+def _disk_tensor(radius: int, device: torch.device) -> torch.Tensor:
+    """`_disk` as float32 0/1 on `device`, computed there."""
+    import torch
+
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).to(torch.float32)
 
 
 def _disk(radius: int) -> np.ndarray:

@@ -253,7 +253,8 @@ def encode_reflectance_tensor(image: torch.Tensor) -> torch.Tensor:
     import torch  # here, not at the top: reading and verifying a store need no torch
 
     scaled = torch.clamp(image.float(), 1e-4, MAX_REFLECTANCE)  # a new tensor: the steps after it work in place
-    scaled.div_(torch.tensor(SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)).nan_to_num_(nan=0.0).round_()
+    # The divisor is made on the device: copied there from the host, it would wait for the device's queued work.
+    scaled.div_(torch.full((), SR_ENCODING["scale_factor"], dtype=torch.float32, device=image.device)).nan_to_num_(nan=0.0).round_()
     return scaled.to(torch.int32).to(torch.int16)
 
 

@@ -16,7 +16,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -251,6 +251,34 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+_FREE_STREAMS: dict[str, list[torch.cuda.Stream]] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def own_stream(runner: Runner) -> Iterator[None]:
+    """Run the block on a CUDA stream of its own, taken from this process's pool and given back after.
+
+    Tasks that share a GPU (a worker with GPU=2 runs two) then queue their work side by side: one task's
+    copies overlap the other's passes, and a task that waits for its result waits for its own work only,
+    where on the one default stream it would wait for the other task's passes too. Nothing changes on a
+    CPU, nor for a compiled model, whose passes run on its one thread's stream (its CUDA graphs live there)."""
+    if runner.device.type != "cuda" or runner.compiled:
+        yield
+        return
+    key = str(runner.device)
+    with _STREAMS_LOCK:
+        free = _FREE_STREAMS.setdefault(key, [])
+        stream = free.pop() if free else torch.cuda.Stream(runner.device)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        # Work still queued on it (a task that failed) stays ahead of the next task's on the same stream.
+        with _STREAMS_LOCK:
+            _FREE_STREAMS[key].append(stream)
+
+
 @dataclass
 class _Submitted:
     """A batch the device is working on: where its result lands and which output rows it fills."""
@@ -347,14 +375,21 @@ def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: in
 
 def gather_windows(frames: torch.Tensor, windows: list[tuple[int, ...]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(days, 4, H, W) frames + the positions of each window's frames → (n, size, 4, H, W) windows whose
-    frames come first, NaN after them, and their alphas (1 for a frame, 0 for padding)."""
-    n, (height, width) = len(windows), frames.shape[-2:]
-    x = torch.full((n, size, 4, height, width), float("nan"), dtype=torch.float32, device=frames.device)
-    alphas = torch.zeros((n, size), dtype=torch.float32, device=frames.device)
+    frames come first, NaN after them, and their alphas (1 for a frame, 0 for padding).
+
+    The positions of the whole batch go to the device in one asynchronous copy and the frames are
+    gathered by one index_select: indexing a GPU tensor with a Python list copies the list from pageable
+    memory, which makes the host wait until the device has finished all the work queued before it."""
+    n = len(windows)
+    index = np.zeros((n, size), np.int64)  # padding takes frame 0, then NaN
+    alphas = np.zeros((n, size), np.float32)
     for i, window in enumerate(windows):
-        x[i, : len(window)] = frames[list(window)]
+        index[i, : len(window)] = window
         alphas[i, : len(window)] = 1.0
-    return x, alphas
+    on_device = to_device(torch.from_numpy(index).view(-1), frames.device)
+    alphas_on_device = to_device(torch.from_numpy(alphas), frames.device)
+    x = frames.index_select(0, on_device).view(n, size, *frames.shape[1:])
+    return x.masked_fill_(alphas_on_device[:, :, None, None, None] == 0, float("nan")), alphas_on_device
 
 
 def normalise_and_fill(x: torch.Tensor, alphas: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:

@@ -3,6 +3,8 @@ whose super-resolution really runs on the GPU worker. Skipped where no CUDA devi
 
 from __future__ import annotations
 
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ import xarray as xr
 from sr_batch.job import run_job
 from sr_batch.model import load_checkpoint, resolve_checkpoint
 from sr_batch.spec import parse_spec
-from sr_batch.superres import ModelRef, eager_runner, load_runner, superresolve_windows
+from sr_batch.superres import _FREE_STREAMS, ModelRef, eager_runner, load_runner, superresolve_windows
+from sr_batch.tiles import superresolve_tile
 
 from conftest import make_job
 
@@ -63,3 +66,43 @@ def test_job_runs_super_resolution_on_the_gpu_worker(tmp_path: Path, stac_url: s
             outputs[device] = ds.sr.values
     assert outputs["auto"].shape == outputs["cpu"].shape and outputs["auto"].shape[0] > 0
     np.testing.assert_allclose(outputs["auto"], outputs["cpu"], atol=FP32_TOLERANCE + 1e-4, equal_nan=True)
+
+
+def _tile_task(source_cube: xr.Dataset, start: int) -> tuple[np.ndarray, list, tuple[int, int, int, int]]:
+    """A real tile block with halo (12 days, 4 bands + SCL, 80 px) and 4 windows of 8 frames from `start`."""
+    names = ("B2", "B3", "B4", "B8", "SCL")
+    block = np.stack([source_cube[name].values for name in names], axis=1).astype(np.uint16)[start : start + 12, :, :80, :80]
+    return block, [(k, tuple(range(k, k + 8))) for k in range(4)], (8, 8, 8, 8)
+
+
+def test_a_tile_task_makes_the_host_wait_for_the_gpu_only_for_its_results(source_cube: xr.Dataset) -> None:
+    """From its tile's copy to the device to its encoded result, a task queues its work without waiting
+    for the GPU (torch's sync debug mode reports every implicit wait), so the tasks that share a GPU keep
+    it fed. The only waits allowed are one per batch, for that batch's result."""
+    model = ModelRef(checkpoint="default", device="cuda", batch_size=2)  # 4 windows: 2 batches
+    block, windows, crop = _tile_task(source_cube, 0)
+    expected = superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, 0, 0))  # loads the model first
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, 0, 0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert len(waits) <= 2, waits
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_tasks_sharing_the_gpu_run_on_their_own_streams_and_give_what_they_give_alone(source_cube: xr.Dataset) -> None:
+    """Four tile tasks on four threads at once (a GPU worker runs its tasks side by side, each on a
+    stream of its own) write exactly what each writes alone: no task reads another's memory too early."""
+    model = ModelRef(checkpoint="default", device="cuda", batch_size=2)
+    tasks = [_tile_task(source_cube, start) for start in (0, 10, 20, 30)]
+    alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0)) for k, (block, windows, crop) in enumerate(tasks)]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda k: superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0)), range(4)))
+        for one, other in zip(together, alone):
+            np.testing.assert_array_equal(one, other)
+    assert len(_FREE_STREAMS[str(load_runner(model).device)]) >= 2  # the tasks did not all queue on one stream
