@@ -68,7 +68,7 @@ from sr_batch.sink import (
 from sr_batch.spec import JobSpec
 from sr_batch.storage import Location
 from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, load_model, pick_device, runs_without_cpu_allocator, warm_up
-from sr_batch.tiles import GPU_RESOURCE, slab_days, superresolve_plan, task_memory_bytes, time_slabs
+from sr_batch.tiles import GPU_RESOURCE, slab_days, smallest_task_memory_bytes, superresolve_plan, task_memory_bytes, time_slabs
 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
@@ -197,10 +197,11 @@ def run_job(
             echo(result.report())
             return result
         with dask_client(scheduler, workers, echo) as client, read_errors_of(client, job_hrefs(found)) as read_errors:
+            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+            check_smallest_task(client, quick.plan, on_gpus)
             increment = plan_increment(spec, found, manifest, radius)
             echo(increment.plan.summary())
             _warn_late(increment, echo)
-            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
             if on_gpus:
                 echo(f"Super-resolution runs on the {len(on_gpus)} GPU worker(s) only: {', '.join(on_gpus)}")
             # The windows this run computes (the manifest's record of what is written does not change
@@ -344,21 +345,36 @@ worker at 80 % and the worker also holds its neighbours' blocks and the write's 
 
 def check_task_memory(client: Client, plan: Plan, on_gpus: list[str], per_task: int) -> str:
     """Refuse, before anything is written, a tiling whose tasks (`per_task` dates each) cannot fit the workers that run them."""
+    limit = memory_per_running_task(client, on_gpus)
+    _refuse_over(task_memory_bytes(plan, per_task, on_gpu=bool(on_gpus)), limit, "a super-resolution task needs", "lower tiling.tile or model.batch_size")
+    return task_memory_note(plan, per_task, bool(on_gpus)) + (f"; workers have {limit / 1e9:.2f} GB per running task" if limit else "")
+
+
+def check_smallest_task(client: Client, plan: Plan, on_gpus: list[str]) -> None:
+    """Refuse, before the clouds are scored, a tiling whose smallest possible task (one date, one frame of
+    the largest tile) cannot fit the workers: no reading of clouds would change the answer."""
+    needed = smallest_task_memory_bytes(plan, on_gpu=bool(on_gpus))
+    _refuse_over(needed, memory_per_running_task(client, on_gpus), "even a super-resolution task of one date needs", "lower tiling.tile")
+
+
+def memory_per_running_task(client: Client, on_gpus: list[str]) -> float:
+    """The smallest memory limit per running super-resolution task among the workers that run them (0: no limit).
+    A GPU worker runs as many at once as its GPU resource says; a CPU worker one per thread."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    # A GPU worker runs as many super-resolution tasks at once as its GPU resource says; a CPU worker one per thread.
     per_running_task = [
         (info.get("memory_limit") or 0) / max(1, int(info.get("resources", {}).get(GPU_RESOURCE, 1) if on_gpus else info.get("nthreads", 1)))
         for address, info in workers.items()
         if not on_gpus or address in on_gpus
     ]
-    needed = task_memory_bytes(plan, per_task, on_gpu=bool(on_gpus))
-    limit = min((value for value in per_running_task if value), default=0)
+    return min((value for value in per_running_task if value), default=0)
+
+
+def _refuse_over(needed: int, limit: float, what: str, fix: str) -> None:
     if limit and needed > MEMORY_SHARE * limit:
         raise SpecError(
-            f"tiling.tile: a super-resolution task needs about {needed / 1e9:.1f} GB but the workers have {limit / 1e9:.1f} GB per running task; "
-            "lower tiling.tile or model.batch_size, or give the workers more memory (or fewer threads)"
+            f"tiling.tile: {what} about {needed / 1e9:.2f} GB but the workers have {limit / 1e9:.2f} GB per running task, "
+            f"of which a task may use {MEMORY_SHARE:.0%}; {fix}, or give the workers more memory (or fewer threads)"
         )
-    return task_memory_note(plan, per_task, bool(on_gpus)) + (f"; workers have {limit / 1e9:.1f} GB per running task" if limit else "")
 
 
 def task_memory_note(plan: Plan, per_task: int, on_gpu: bool = False) -> str:

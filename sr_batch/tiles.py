@@ -158,24 +158,34 @@ def _largest_read(plan: Plan) -> tuple[int, int]:
 
 def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False) -> int:
     """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo, for the plan's windows split into tasks of `dates_per_task` dates: the tile's block of every day
-    its time slab reads (and its copies on the way to the device) and, on a CPU, what the device holds
-    on a GPU (the reflectance of the days its windows use, a batch
-    of windows twice, the network's activations capped per pass and a batch's float32 output), then the
-    task's encoded output and its pinned copy."""
-    spec = plan.spec
+    halo, for the plan's windows split into tasks of `dates_per_task` dates (see `_task_bytes`)."""
+    days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan), dates_per_task)), default=0)
+    used = frames_per_task(plan, dates_per_task)  # a task converts only its own windows' frames
+    return _task_bytes(plan, days, used, plan.spec.model.batch_size, on_gpu)
+
+
+def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
+    """The host memory even the smallest task of the largest tile needs, whatever the clouds: one date
+    whose window has one frame. Known before the clouds are scored, so a tile far too large for the
+    workers is refused before that reading."""
+    return _task_bytes(plan, 1, 1, 1, on_gpu)
+
+
+def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool) -> int:
+    """The largest tile's block of `days` days (and its copies on the way to the device) and, on a CPU,
+    what the device holds on a GPU (the reflectance of the `used` days the task converts, a pass of
+    `dates` windows twice, the network's activations capped per pass and a pass's float32 output), then
+    the task's encoded output and its pinned copy."""
     height, width = _largest_read(plan)
     core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
-    days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan), dates_per_task)), default=0)
-    dates, frames, bands = spec.model.batch_size, spec.model.frames, len(BANDS)
-    used = frames_per_task(plan, dates_per_task)  # a task converts only its own windows' frames
+    frames, bands = plan.spec.model.frames, len(BANDS)
     block = days * (bands + 1) * height * width * 2
     used_block = used * (bands + 1) * height * width * 2
     encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2
     if on_gpu:
         return block + 2 * used_block + encoded  # Dask's block, the days gathered from it and their pinned copy
     reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
-    windows = 2 * dates * frames * bands * height * width * 4
+    windows = 2 * dates * frames * bands * height * width * 4  # a window is padded to the model's frames
     activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
     output = dates * bands * SCALE**2 * height * width * 4
     return block + reflectance + windows + int(activations) + output + encoded

@@ -31,8 +31,27 @@ def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path
         run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "0.6 GB per running task" in lines[0], run.stderr
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "0.60 GB per running task" in lines[0], run.stderr
     assert "lower tiling.tile" in lines[0]
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_tile_too_large_for_any_task_is_refused_before_the_clouds_are_scored(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A worker of 2.4 GB running 16 tasks at once has 0.15 GB per task: too little even for a task of one
+    date with one frame of this tile (0.13 GB). No reading of clouds can change that, so the run stops
+    before scoring them: the workers run no task."""
+    job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=16, memory_limit="2400MB", dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
+        tasks_run = sum(client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.13 GB"), run.stderr
+    assert "0.15 GB per running task" in lines[0] and "lower tiling.tile, or give the workers more memory" in lines[0]
+    assert tasks_run == 0, "the clouds were scored before the refusal"
     assert not (tmp_path / "out.zarr").exists()
 
 
