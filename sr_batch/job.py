@@ -579,39 +579,51 @@ class WriteTasks:
     """Days each time slab reads, in time order."""
 
 
+STRIP_TILES = 16
+"""Tile columns of a strip: a job goes through a slab strip by strip, row-major inside each strip."""
+
+
 def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None]) -> None:
-    """Run the write tasks on the cluster, at most `in_flight` at once, time slab by time slab and in
-    each tile by tile in row-major order; `on_done(unit, result)` as each returns, in completion order.
-    Progress comes from the tasks' own events (progress.py).
+    """Run the write tasks on the cluster, at most `in_flight` at once, time slab by time slab, in
+    each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
+    `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
+    events (progress.py).
 
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
     GPU worker gathers the input of every task assigned to it, so memory would grow with the region.
     A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` tiles
     (with their halo sources, the next row's blocks), so that a task's input is there when a slot is
-    free. A tile's read block is also its neighbours' halo: the job holds each block from the first
-    task that needs it until the last of those is done, so no tile is read twice in a slab, and what
-    stays read is about a row of tiles plus the read-ahead, whatever the region's height, each block
-    at most a slab's days, whatever the time range."""
-    units = sorted(tasks.per_unit)
+    free. A tile's read block is also its neighbours' halo: within a strip the job holds each block
+    from the first task that needs it until the last of those is done, so no tile is read twice in a
+    strip. What stays read is about a strip's row of tiles plus the read-ahead, each block at most a
+    slab's days: memory follows the tile, not the region's height, width or time range. The price of
+    strips is that the two tile columns along a strip's edge are read once for each strip (2 of 16
+    columns read twice, for regions wider than a strip); holding them instead would hold a column of
+    the region's height."""
+    strip = {unit: (unit[0], unit[2] // STRIP_TILES) for unit in tasks.per_unit}
+    units = sorted(tasks.per_unit, key=lambda unit: (*strip[unit], unit[1], unit[2]))
     flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]
     slabs = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
+    strips = len({column for _, column in strip.values()})
+    slabs += f" in {strips} strips of {STRIP_TILES} tile columns" if strips > 1 else ""
     echo(f"Computing {len(flat)} tile tasks{slabs}, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
     place = {unit: k for k, unit in enumerate(units)}
     first_task: dict[Unit, int] = {}
     for position, (unit, _) in enumerate(flat):
         first_task.setdefault(unit, position)
-    users = Counter(block for unit, _ in flat for block in tasks.reads_of[unit])
-    held: dict[Unit, Any] = {}
+    # A block is held per strip that reads it: (block, strip).
+    users = Counter((block, strip[unit]) for unit, _ in flat for block in tasks.reads_of[unit])
+    held: dict[tuple[Unit, tuple[int, int]], Any] = {}
     unit_of: dict[str, Unit] = {}
     pending = iter(enumerate(flat))
 
     def read_ahead(unit: Unit) -> None:
-        # Each block is asked for once, with the place of the first task that needs it as its priority.
+        # Each block is asked for once per strip, with the place of the first task that needs it as its priority.
         for upcoming in units[place[unit] : place[unit] + in_flight + 1]:
             for block in tasks.reads_of[upcoming]:
-                if block not in held:
-                    (held[block],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
+                if (block, strip[upcoming]) not in held:
+                    (held[block, strip[upcoming]],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
 
     def submit(count: int) -> list[Any]:
         # One submission per task, its place in the order as its priority: the cluster reads and
@@ -628,9 +640,9 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     for future, result in running:
         unit = unit_of.pop(future.key)
         for block in tasks.reads_of[unit]:
-            users[block] -= 1
-            if not users[block]:
-                held.pop(block).release()
+            users[block, strip[unit]] -= 1
+            if not users[block, strip[unit]]:
+                held.pop((block, strip[unit])).release()
         on_done(unit, result)
         for more in submit(1):
             running.add(more)

@@ -49,7 +49,7 @@ TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 READ_BLOCK_BYTES = 256e6
 """The read block (a tile with its halo and the days of a time slab, 4 bands + SCL) a job aims at. The
-job holds about a row of tiles' blocks, and a block of a whole multi-year history would grow with the
+job holds about a row of a strip of tiles' blocks (job.STRIP_TILES), and a block of a whole multi-year history would grow with the
 time range: past this size the days are read in time slabs (one group of a task's dates may need more)."""
 
 

@@ -1,12 +1,16 @@
-"""Seam-free tiling: with halo ≥ receptive field + cloud dilation, a tiled run equals a whole-image run."""
+"""Seam-free tiling: with halo ≥ receptive field + cloud dilation, a tiled run equals a whole-image run,
+and a region wider than a strip of tiles, read strip by strip, gives the same output."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from distributed import Client, get_task_stream
 
+from sr_batch import job as job_module
 from sr_batch.job import run_job
 from sr_batch.spec import parse_spec
 
@@ -38,3 +42,29 @@ def test_tiled_output_equals_whole_image_output(tmp_path: Path, stac_url: str, c
     # The same tiling with too small a halo shows seams: the comparison above can fail.
     seamy = run(stac_url, catalog, scheduler, tmp_path / "seamy.zarr", tile=24, halo=4)
     assert np.nanmax(np.abs(seamy - whole)) > 1e-3
+
+
+def test_a_region_read_strip_by_strip_writes_what_one_strip_writes(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
+    """A job goes through strips of job.STRIP_TILES tile columns, so what it holds read follows a strip's
+    width, not the region's. With strips of 2 columns over 5 × 5 tiles (and a window of 2 tasks, so that
+    the blocks along a strip's edge are released before the next strip), the output is the one-strip
+    output, bit for bit; only blocks next to a strip's edge are read again, and at most twice."""
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    outputs, one_strip = {}, job_module.STRIP_TILES
+    for strip in (one_strip, 2):
+        monkeypatch.setattr(job_module, "STRIP_TILES", strip)
+        job = make_job(stac_url, tmp_path / f"strip-{strip}.zarr", catalog, time=period, tiling={"tile": 20, "halo": "auto"})
+        lines: list[str] = []
+        with Client(scheduler) as client, get_task_stream(client=client) as stream:
+            result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lines.append, in_flight=2)
+        assert len(result.plan.rows) == len(result.plan.cols) == 5
+        assert any(line.startswith("Computing") and ("in 3 strips of 2 tile columns" in line) == (strip == 2) for line in lines), lines
+        with xr.open_zarr(result.output, consolidated=False) as ds:
+            outputs[strip] = ds.sr.values
+    computed = {(str(record["key"]), span["start"]) for record in stream.data for span in record["startstops"] if span["action"] == "compute"}
+    reads = Counter(key for key, _ in computed if "fetch_raster_window" in key)  # keys end with the block's (row, col)
+    again = [key for key, count in reads.items() if count > 1]
+    assert again and max(reads.values()) == 2, reads
+    assert {int(key.rstrip(")").rsplit(",", 1)[1]) for key in again} <= {1, 2, 3, 4}, again  # strips: columns 0-1, 2-3, 4
+    assert outputs[2].shape[0] > 0
+    np.testing.assert_array_equal(outputs[2], outputs[one_strip])
