@@ -23,6 +23,16 @@ def _job(tmp_path: Path, stac_url: str, catalog, **sections) -> Path:
     return job
 
 
+def _run_on_cluster(job: Path, workers: int, threads: int, memory_limit: str, timeout: float) -> tuple[subprocess.CompletedProcess, int]:
+    """`sr-batch run JOB --scheduler` on a fresh LocalCluster, and the number of tasks its workers ran."""
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=threads, memory_limit=memory_limit, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=timeout)
+        return run, sum(client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+
+
 def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path, stac_url: str, catalog) -> None:
     """A worker of 2.4 GB running 4 tasks at once has 0.6 GB per task: too little for this tiling's 0.5 GB
     estimate (with the worker's other needs), though the worker itself is large enough to score the clouds."""
@@ -41,12 +51,7 @@ def test_a_tile_too_large_for_any_task_is_refused_before_the_clouds_are_scored(t
     date with one frame of this tile (0.13 GB). No reading of clouds can change that, so the run stops
     before scoring them: the workers run no task."""
     job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=16, memory_limit="2400MB", dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):
-        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
-        tasks_run = sum(client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    run, tasks_run = _run_on_cluster(job, workers=1, threads=16, memory_limit="2400MB", timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.13 GB"), run.stderr
@@ -59,12 +64,7 @@ def test_workers_too_small_to_start_are_refused_before_any_task(tmp_path: Path, 
     """A 600 MB worker would pass Dask's 80 % pause line once it has imported what the tasks use, and the job
     would wait on it forever: it is refused on connecting, in one line, and the worker runs nothing."""
     job = _job(tmp_path, stac_url, catalog)
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MB", dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):
-        run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=120)
-        tasks_run = sum(client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    run, tasks_run = _run_on_cluster(job, workers=2, threads=1, memory_limit="600MB", timeout=120)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith("sr-batch: error: --scheduler: 2 of 2 Dask workers have a memory limit of 0.60 GB"), run.stderr
