@@ -270,6 +270,9 @@ def own_stream(runner: Runner) -> Iterator[None]:
     with _STREAMS_LOCK:
         free = _FREE_STREAMS.setdefault(key, [])
         stream = free.pop() if free else torch.cuda.Stream(runner.device)
+    # Work queued on the default stream comes first (the model's weights laid out channels_last at
+    # loading): the device orders it, the host does not wait.
+    stream.wait_stream(torch.cuda.default_stream(runner.device))
     try:
         with torch.cuda.stream(stream):
             yield
@@ -388,7 +391,7 @@ def gather_windows(frames: torch.Tensor, windows: list[tuple[int, ...]], size: i
         alphas[i, : len(window)] = 1.0
     on_device = to_device(torch.from_numpy(index).view(-1), frames.device)
     alphas_on_device = to_device(torch.from_numpy(alphas), frames.device)
-    x = frames.index_select(0, on_device).view(n, size, *frames.shape[1:])
+    x = frames.index_select(0, on_device).view(n, size, *frames.shape[1:]).to(torch.float32)
     return x.masked_fill_(alphas_on_device[:, :, None, None, None] == 0, float("nan")), alphas_on_device
 
 

@@ -167,7 +167,8 @@ def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False) -> 
 def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     """The host memory even the smallest task of the largest tile needs, whatever the clouds: one date
     whose window has one frame. Known before the clouds are scored, so a tile far too large for the
-    workers is refused before that reading."""
+    workers is refused before that reading (a run whose clouds leave nothing to compute is refused
+    too: the same job would be refused on the first run with a window to compute)."""
     return _task_bytes(plan, 1, 1, 1, on_gpu)
 
 
