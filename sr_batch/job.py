@@ -604,10 +604,10 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     strip = {unit: (unit[0], unit[2] // STRIP_TILES) for unit in tasks.per_unit}
     units = sorted(tasks.per_unit, key=lambda unit: (*strip[unit], unit[1], unit[2]))
     flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]
-    slabs = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
     strips = len({column for _, column in strip.values()})
-    slabs += f" in {strips} strips of {STRIP_TILES} tile columns" if strips > 1 else ""
-    echo(f"Computing {len(flat)} tile tasks{slabs}, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
+    split = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
+    split += f" in {strips} strips of {STRIP_TILES} tile columns" if strips > 1 else ""
+    echo(f"Computing {len(flat)} tile tasks{split}, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
     place = {unit: k for k, unit in enumerate(units)}
     first_task: dict[Unit, int] = {}
     for position, (unit, _) in enumerate(flat):

@@ -49,8 +49,9 @@ TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 READ_BLOCK_BYTES = 256e6
 """The read block (a tile with its halo and the days of a time slab, 4 bands + SCL) a job aims at. The
-job holds about a row of a strip of tiles' blocks (job.STRIP_TILES), and a block of a whole multi-year history would grow with the
-time range: past this size the days are read in time slabs (one group of a task's dates may need more)."""
+job holds about a row of blocks of a strip of tiles (job.STRIP_TILES), and a block of a whole
+multi-year history would grow with the time range: past this size the days are read in time slabs
+(one group of a task's dates may need more)."""
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,10 @@ def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
 
 
 def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool) -> int:
-    """The largest tile's block of `days` days (and its copies on the way to the device) and, on a CPU,
-    what the device holds on a GPU (the reflectance of the `used` days the task converts, a pass of
-    `dates` windows twice, the network's activations capped per pass and a pass's float32 output), then
-    the task's encoded output and its pinned copy."""
+    """The largest tile's block of `days` days (and its copies on the way to the device); on a CPU also
+    what a GPU would hold in its own memory (the reflectance of the `used` days the task converts, a
+    pass of `dates` windows twice, the network's activations capped per pass and a pass's float32
+    output); then the task's encoded output and its pinned copy."""
     height, width = _largest_read(plan)
     core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
     frames, bands = plan.spec.model.frames, len(BANDS)
