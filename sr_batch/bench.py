@@ -2,13 +2,17 @@
 
 1. Model only: the checkpoint on the current device, one tile-sized batch repeated, for each
    precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast where the device runs them natively, torch.compile on request).
-2. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
+2. The tile task alone: a job's task on a real tile with its halo, without Dask, one at a time and as
+   many at once as a GPU worker runs. Between 1 and 3 it says what the task adds to the network and
+   what the pipeline adds to the task.
+3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
    how much the pipeline costs. Tiling is a job's default: `--tile` and `halo: auto`, the model's seam-free halo.
    Each job also reports its worker threads' seconds by kind of task, and the best model-only variant
    is read again after the jobs: the ratios take the mean of both readings, as a machine's speed drifts.
-3. Memory: the peak memory of the largest worker process for 1x and 4x the area; it should not grow
+   On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase.
+4. Memory: the peak memory of the largest worker process for 1x and 4x the area; it should not grow
    with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
    dates per task it runs once more with the 4x job's, and the target compares those.
 
@@ -42,7 +46,7 @@ import zarr
 from dask.utils import key_split
 from distributed import get_task_stream
 
-from sr_batch.cluster import cpu_allocator_environment, cpu_worker_layout
+from sr_batch.cluster import GPU_SLOTS, cpu_allocator_environment, cpu_worker_layout
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
@@ -247,6 +251,50 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
     return rows
 
 
+def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, slots: int) -> list[dict[str, Any]]:
+    """The job's tile task alone, without Dask: a real block (the sample's clearest days mirrored to the
+    tile and its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, super-resolved
+    by `tiles.superresolve_tile` `repeats` times on one thread, then on `slots` threads at once as a GPU
+    worker runs its tasks. LR Mpx/s count the tile's pixels, not its halo, as the end-to-end rates do.
+
+    It splits the gap between model only and a job's super-resolution phase in two: what a task adds to
+    the network (the halo, the cloud mask, the windows and their gaps, the encoding, the copies), and
+    what the pipeline adds (Dask, reading, writing)."""
+    from sr_batch.model import receptive_radius
+    from sr_batch.spec import Cloud
+    from sr_batch.superres import load_runner
+    from sr_batch.tiles import superresolve_tile
+
+    runner = load_runner(model)
+    runner.loaded.network.to(memory_format=torch.channels_last)  # as loaded for a job: model only may have changed it
+    info = runner.loaded.info
+    dilate = Cloud().dilate_pixels
+    halo = receptive_radius(info.architecture, info.frames) + dilate  # a job's `halo: auto`
+    size = tile + 2 * halo
+    cube = open_sample_cube()
+    days = clearest_days(cube, info.frames + dates - 1)
+    reps = int(np.ceil(size / cube.sizes["x"]))
+    planes = [_mirror(cube[name].values[day], reps)[:size, :size] for day in days for name in ("B2", "B3", "B4", "B8", "SCL")]
+    block = np.stack(planes).reshape(len(days), 5, size, size).astype(np.uint16)
+    windows = [(k, tuple(range(k, k + info.frames))) for k in range(dates)]
+    crop = (halo, halo, halo, halo)
+
+    def task(index: int) -> None:
+        superresolve_tile(block, windows, dates, crop, dilate, model, ("bench", 0, index, 0))
+
+    task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
+    rows = []
+    for threads in sorted({1, slots}):
+        with ThreadPoolExecutor(threads) as pool:
+            _sync(runner.device)
+            started = time.perf_counter()
+            list(pool.map(task, range(threads * repeats)))
+            seconds = time.perf_counter() - started
+        mpx = threads * repeats * dates * tile * tile / 1e6 / seconds
+        rows.append({"threads": threads, "tasks": threads * repeats, "dates": dates, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx})
+    return rows
+
+
 def _write_rate(block: np.ndarray, store: str, threads: int, seconds: float = 2.0) -> float:
     """MB/s of `write_tile_dates` on `threads` threads at once, each writing its own dates, for about `seconds`."""
     from sr_batch.sink import write_tile_dates
@@ -330,6 +378,7 @@ def end_to_end(
             dask_client(workers=workers, echo=lambda _: None) as client,
             PeakWorkerMemory(client) as memory,
             TileEvents(client) as tiles,
+            GpuUtilisation() as gpus,
             get_task_stream(client=client) as stream,
         ):
             threads = sum(info["nthreads"] for info in client.scheduler_info(n_workers=-1)["workers"].values())
@@ -366,6 +415,7 @@ def end_to_end(
         "after_sr_seconds": wall_ended - last,
         "worker_thread_seconds": threads * seconds,
         "task_seconds_by_kind": task_seconds_by_kind(stream.data),
+        "sr_phase_gpu_utilisation": gpus.mean_between(first, last),
     }
 
 
@@ -410,6 +460,46 @@ class TileEvents:
 
     def __exit__(self, *exc: object) -> None:
         self.client.unsubscribe_topic(TILE_TOPIC)
+
+
+class GpuUtilisation:
+    """The GPUs' utilisation as NVML reports it (the share of time a kernel ran), sampled while the block
+    runs: near 100 % in the super-resolution phase, the GPU is the bottleneck and what is missing is
+    work it does besides the network; well under, it waits for the host. Nothing without NVML."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._handles: list[Any] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self._read = lambda handle: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except Exception:  # no NVML library, no driver or no GPU: nothing to sample
+            self._handles = []
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.time(), sum(self._read(handle) for handle in self._handles) / len(self._handles)))
+
+    def mean_between(self, start: float, end: float) -> float | None:
+        """The mean utilisation (0–1) of the samples taken between two wall-clock times, or None."""
+        within = [value for stamp, value in self.samples if start <= stamp <= end]
+        return sum(within) / len(within) / 100 if within else None
+
+    def __enter__(self) -> GpuUtilisation:
+        if self._handles:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._handles:
+            self._thread.join()
 
 
 class PeakWorkerMemory:
@@ -494,6 +584,19 @@ def main(argv: list[str] | None = None) -> int:
             f"the best model-only rate makes {stored_mb_per_s:.1f} MB/s of output: {row['cores_to_keep_up']:.2f} cores to write it"
         )
     _write(report, args.out)
+    alone = ModelRef(checkpoint=args.checkpoint, batch_size=args.batch, precision=args.precision, compile=args.compile)
+    slots = GPU_SLOTS if device.type == "cuda" else 1
+    # On a CPU one task takes tens of seconds and uses every core: once is enough.
+    with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
+        report["tile_tasks_alone"] = tile_tasks_alone(alone, args.tile, args.batch, args.repeats if device.type == "cuda" else 1, slots)
+    # A CPU task here runs in this one process on every core, like the first model-only rows, not like a job's workers.
+    cpu_note = "; one process on every core: compare it with the model-only rows of one process" if device.type == "cpu" else ""
+    for row in report["tile_tasks_alone"]:
+        print(
+            f"tile task   alone, {row['threads']} at a time ({row['dates']} dates, {args.tile} px + halo {row['halo']})  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  "
+            f"({row['lr_mpx_per_s'] / best['lr_mpx_per_s']:.2f} of the best model only{cpu_note})"
+        )
+    _write(report, args.out)
     if args.skip_end_to_end:
         return 0
     model = {"checkpoint": args.checkpoint, "batch_size": args.batch, "precision": args.precision, "compile": args.compile}
@@ -513,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
                 f"{row['dates_per_task']} dates per task, halo {row['halo']} px"
             )
+            if row["sr_phase_gpu_utilisation"] is not None:
+                print(f"            GPU utilisation in the super-resolution phase (NVML): {row['sr_phase_gpu_utilisation']:.0%}")
             print(f"            {_time_split(row)}")
             _write(report, args.out)
         # A small job splits its dates over more, smaller tasks to keep every slot busy, and a task's
@@ -549,6 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         f"4x {_ratio(report, 'end_to_end_4x')}   (target ≥ {target})"
     )
     print(f"super-resolution phase of the 4x job ÷ best model only: {_ratio(report, 'sr_phase_4x')}")
+    together = report["tile_tasks_alone"][-1]
+    report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
+    report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
+    print(
+        f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
+        f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}"
+    )
     print(
         f"peak worker memory 4x ÷ 1x area, tasks alike: {report['ratio_memory_4x_over_1x_same_tasks']:.2f}   (target ≤ 1.2); "
         f"as each job chose its tasks: {report['ratio_memory_4x_over_1x']:.2f}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sr_batch.bench import ModelOnlyDied, main, model_only_on_workers
+from sr_batch.bench import GpuUtilisation, ModelOnlyDied, main, model_only_on_workers
 from sr_batch.superres import CPU_ALLOCATOR_ENV
 
 
@@ -32,6 +32,11 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         kinds = row["task_seconds_by_kind"]
         assert "superresolve" in kinds and 0 < sum(kinds.values()) <= row["worker_thread_seconds"], kinds
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
+    # The tile task alone (no Dask) splits the gap: on a CPU one at a time, with the job's seam-free halo.
+    (alone,) = report["tile_tasks_alone"]
+    assert alone["threads"] == 1 and alone["dates"] == 2 and alone["halo"] == report["end_to_end_4x"]["halo"] and alone["lr_mpx_per_s"] > 0
+    assert report["ratio_tile_tasks_alone_over_model_only"] > 0 and report["ratio_sr_phase_4x_over_tile_tasks_alone"] > 0
+    assert report["end_to_end_4x"]["sr_phase_gpu_utilisation"] is None  # no GPU to sample
     # The best model-only variant is read again after the jobs; the ratios use both readings and show their spread.
     assert report["best_model_only_again"]["variant"] == report["best_model_only"] and report["best_model_only_again"]["lr_mpx_per_s"] > 0
     for key in ("end_to_end", "end_to_end_4x", "sr_phase_4x"):
@@ -41,7 +46,7 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     assert report["end_to_end_1x"]["dates_per_task"] < report["end_to_end_4x"]["dates_per_task"] == 2
     assert report["end_to_end_1x_same_tasks"]["dates_per_task"] == 2 and report["ratio_memory_4x_over_1x_same_tasks"] > 0
     printed = capsys.readouterr().out
-    assert "end to end ÷ best model only" in printed and "worker threads, " in printed
+    assert "end to end ÷ best model only" in printed and "worker threads, " in printed and "tile task   alone, 1 at a time" in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
 
@@ -51,3 +56,11 @@ def test_a_model_only_process_that_dies_stops_the_benchmark_in_one_line() -> Non
     others would wait for it at their barrier for ever, and the benchmark with them."""
     with pytest.raises(ModelOnlyDied, match=r"batch 1: a process ended with exit code (1|-9 \(killed: out of memory)"):
         model_only_on_workers("default", tile=200_000, batch=1, repeats=1, workers=2, threads=1)
+
+
+def test_gpu_utilisation_averages_the_samples_of_the_phase_only() -> None:
+    """The mean of the samples taken within the phase, as a fraction; None where nothing was sampled."""
+    utilisation = GpuUtilisation()
+    utilisation.samples = [(9.9, 0.0), (10.0, 100.0), (10.5, 50.0), (11.0, 90.0), (11.1, 0.0)]
+    assert utilisation.mean_between(10.0, 11.0) == 0.8
+    assert utilisation.mean_between(20.0, 30.0) is None
