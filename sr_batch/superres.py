@@ -16,7 +16,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -251,35 +251,24 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-_FREE_STREAMS: dict[str, list[torch.cuda.Stream]] = {}
-_STREAMS_LOCK = threading.Lock()
+_RESULT_STREAMS: dict[str, torch.cuda.Stream] = {}
+_RESULT_STREAMS_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def own_stream(runner: Runner) -> Iterator[None]:
-    """Run the block on a CUDA stream of its own, taken from this process's pool and given back after.
+def results_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream of this process on which results are copied back from `device` to the host.
 
-    Tasks that share a GPU (a worker with GPU=2 runs two) then queue their work side by side: one task's
-    copies overlap the other's passes, and a task that waits for its result waits for its own work only,
-    where on the one default stream it would wait for the other task's passes too. Nothing changes on a
-    CPU, nor for a compiled model, whose passes run on its one thread's stream (its CUDA graphs live there)."""
-    if runner.device.type != "cuda" or runner.compiled:
-        yield
-        return
-    key = str(runner.device)
-    with _STREAMS_LOCK:
-        free = _FREE_STREAMS.setdefault(key, [])
-        stream = free.pop() if free else torch.cuda.Stream(runner.device)
-    # Work queued on the default stream comes first (the model's weights laid out channels_last at
-    # loading): the device orders it, the host does not wait.
-    stream.wait_stream(torch.cuda.default_stream(runner.device))
-    try:
-        with torch.cuda.stream(stream):
-            yield
-    finally:
-        # Work still queued on it (a task that failed) stays ahead of the next task's on the same stream.
-        with _STREAMS_LOCK:
-            _FREE_STREAMS[key].append(stream)
+    The tasks sharing a GPU (a worker with GPU=2 runs two) queue their passes on the one default
+    stream, so the GPU runs them in turn: one task's passes finish while the other's are still queued,
+    and its host work (the result's last copy, the next tile's upload) overlaps them. Each task on a
+    stream of its own would share the GPU between the two instead: both would finish together and do
+    their host work together while the GPU waits. The copies back run on this stream, beside the
+    passes, so the copy engine works while the next passes compute."""
+    key = str(device)
+    with _RESULT_STREAMS_LOCK:
+        if key not in _RESULT_STREAMS:
+            _RESULT_STREAMS[key] = torch.cuda.Stream(device)
+        return _RESULT_STREAMS[key]
 
 
 @dataclass
@@ -326,10 +315,16 @@ def _submit(
         result = encode(result)
     if runner.device.type != "cuda":
         return _Submitted(result, None, start)
-    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-    host.copy_(result, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
+    copies = results_stream(runner.device)
+    copies.wait_stream(torch.cuda.current_stream(runner.device))  # on the device: the copy starts once the result is computed
+    with torch.cuda.stream(copies):
+        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+        host.copy_(result, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    # The result's memory goes back to the allocator when this function returns: not to be reused
+    # by the passes queued next before the copy has read it.
+    result.record_stream(copies)
     return _Submitted(host, done, start)
 
 

@@ -38,7 +38,7 @@ from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
 from sr_batch.sink import encode_reflectance_tensor
-from sr_batch.superres import CPU_PASS_BYTES, ModelRef, give_back_freed_memory, load_runner, own_stream, superresolve_frames, to_device
+from sr_batch.superres import CPU_PASS_BYTES, ModelRef, give_back_freed_memory, load_runner, superresolve_frames, to_device
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -212,7 +212,7 @@ def superresolve_tile(
     The tile goes to the network's device as it was read (uint16, the smallest form) and everything
     after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
     CPU only moves bytes, and the result that travels on to the writer is half the size of float32. On a
-    GPU the task queues its work on a stream of its own, so the tasks sharing the GPU overlap."""
+    GPU the tasks sharing it queue their passes in turn (superres.results_stream says why)."""
     started, started_on_cpu = time.perf_counter(), time.thread_time()
     top, bottom, left, right = crop
     height = block.shape[2] - top - bottom
@@ -222,7 +222,7 @@ def superresolve_tile(
     runner = load_runner(model)
     needed = sorted({f for _, frames in windows for f in frames})
     at = {day: k for k, day in enumerate(needed)}
-    with torch.inference_mode(), own_stream(runner):
+    with torch.inference_mode():
         raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), runner.device)
         frames = usable_reflectance_tensor(raw, dilate)
         del raw

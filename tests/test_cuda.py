@@ -15,7 +15,7 @@ import xarray as xr
 from sr_batch.job import run_job
 from sr_batch.model import load_checkpoint, resolve_checkpoint
 from sr_batch.spec import parse_spec
-from sr_batch.superres import ModelRef, eager_runner, load_runner, own_stream, superresolve_windows
+from sr_batch.superres import ModelRef, eager_runner, load_runner, results_stream, superresolve_windows
 from sr_batch.tiles import superresolve_tile
 
 from conftest import make_job
@@ -95,9 +95,10 @@ def test_a_tile_task_makes_the_host_wait_for_the_gpu_only_for_its_results(source
     np.testing.assert_array_equal(again, expected)
 
 
-def test_tasks_sharing_the_gpu_run_on_their_own_streams_and_give_what_they_give_alone(source_cube: xr.Dataset) -> None:
-    """Four tile tasks on four threads at once (a GPU worker runs its tasks side by side, each on a
-    stream of its own) write exactly what each writes alone: no task reads another's memory too early."""
+def test_tasks_sharing_the_gpu_give_what_they_give_alone_with_their_results_copied_beside_the_passes(source_cube: xr.Dataset) -> None:
+    """Four tile tasks on four threads at once (a GPU worker runs its tasks side by side; their passes
+    queue in turn on the default stream, their results come back on a stream of their own) write exactly
+    what each writes alone: no result is read before it is computed, nor its memory reused before it is copied."""
     model = ModelRef(checkpoint="default", device="cuda", batch_size=2)
     tasks = [_tile_task(source_cube, start) for start in (0, 10, 20, 30)]
     alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0)) for k, (block, windows, crop) in enumerate(tasks)]
@@ -106,10 +107,8 @@ def test_tasks_sharing_the_gpu_run_on_their_own_streams_and_give_what_they_give_
             together = list(pool.map(lambda k: superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0)), range(4)))
         for one, other in zip(together, alone):
             np.testing.assert_array_equal(one, other)
-    # Two tasks at once (nested here) queue on two streams of their own, neither the default one.
-    runner = load_runner(model)
-    with own_stream(runner):
-        first = torch.cuda.current_stream()
-        with own_stream(runner):
-            second = torch.cuda.current_stream()
-    assert len({first, second, torch.cuda.default_stream()}) == 3
+    # One results stream per device and process, whichever thread asks, and not the default stream.
+    device = torch.device("cuda")
+    with ThreadPoolExecutor(2) as pool:
+        streams = list(pool.map(lambda _: results_stream(device), range(2)))
+    assert streams[0] is streams[1] is results_stream(device) and streams[0] != torch.cuda.default_stream()
