@@ -251,8 +251,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-_RESULT_STREAMS: dict[str, torch.cuda.Stream] = {}
+_RESULT_STREAMS: dict[int, torch.cuda.Stream] = {}
 _RESULT_STREAMS_LOCK = threading.Lock()
+_RESULT_COPY_LOCK = threading.Lock()
+"""Held while a task queues its result's copy: the wait and the copy of one task stay together on the
+stream, so no task's copy waits behind another task's passes."""
 
 
 def results_stream(device: torch.device) -> torch.cuda.Stream:
@@ -264,11 +267,11 @@ def results_stream(device: torch.device) -> torch.cuda.Stream:
     stream of its own would share the GPU between the two instead: both would finish together and do
     their host work together while the GPU waits. The copies back run on this stream, beside the
     passes, so the copy engine works while the next passes compute."""
-    key = str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
     with _RESULT_STREAMS_LOCK:
-        if key not in _RESULT_STREAMS:
-            _RESULT_STREAMS[key] = torch.cuda.Stream(device)
-        return _RESULT_STREAMS[key]
+        if index not in _RESULT_STREAMS:
+            _RESULT_STREAMS[index] = torch.cuda.Stream(index)
+        return _RESULT_STREAMS[index]
 
 
 @dataclass
@@ -315,10 +318,12 @@ def _submit(
         result = encode(result)
     if runner.device.type != "cuda":
         return _Submitted(result, None, start)
-    copies = results_stream(runner.device)
-    copies.wait_stream(torch.cuda.current_stream(runner.device))  # on the device: the copy starts once the result is computed
-    with torch.cuda.stream(copies):
-        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+    # The passes leave it channels_last: laid out as the host wants it here, the copy back is a plain copy.
+    result = result.contiguous()
+    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+    passes, copies = torch.cuda.current_stream(runner.device), results_stream(runner.device)
+    with _RESULT_COPY_LOCK, torch.cuda.stream(copies):
+        copies.wait_stream(passes)  # on the device: the copy starts once the result is computed
         host.copy_(result, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

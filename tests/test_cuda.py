@@ -12,6 +12,7 @@ import pytest
 import torch
 import xarray as xr
 
+from sr_batch import superres, tiles
 from sr_batch.job import run_job
 from sr_batch.model import load_checkpoint, resolve_checkpoint
 from sr_batch.spec import parse_spec
@@ -97,8 +98,8 @@ def test_a_tile_task_makes_the_host_wait_for_the_gpu_only_for_its_results(source
 
 def test_tasks_sharing_the_gpu_give_what_they_give_alone_with_their_results_copied_beside_the_passes(source_cube: xr.Dataset) -> None:
     """Four tile tasks on four threads at once (a GPU worker runs its tasks side by side; their passes
-    queue in turn on the default stream, their results come back on a stream of their own) write exactly
-    what each writes alone: no result is read before it is computed, nor its memory reused before it is copied."""
+    queue in turn on the default stream, their results come back on the process's one results stream)
+    write exactly what each writes alone."""
     model = ModelRef(checkpoint="default", device="cuda", batch_size=2)
     tasks = [_tile_task(source_cube, start) for start in (0, 10, 20, 30)]
     alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0)) for k, (block, windows, crop) in enumerate(tasks)]
@@ -112,3 +113,37 @@ def test_tasks_sharing_the_gpu_give_what_they_give_alone_with_their_results_copi
     with ThreadPoolExecutor(2) as pool:
         streams = list(pool.map(lambda _: results_stream(device), range(2)))
     assert streams[0] is streams[1] is results_stream(device) and streams[0] != torch.cuda.default_stream()
+
+
+SPIN_CYCLES = 100_000_000
+"""About 50 ms of a GPU's clock: longer than any pass of these small tiles."""
+
+
+def test_a_result_is_copied_back_once_computed_and_its_memory_is_kept_until_copied(source_cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every encoding held back on the passes' stream and every copy held back on the results
+    stream (a spinning kernel queued before each), a task still writes what it writes without them: the
+    copy waits on the device for its result, and the passes queued next do not reuse the result's memory
+    before the copy has read it. Two tasks alternate, so memory read too early would hold the other's result."""
+    model = ModelRef(checkpoint="default", device="cuda", batch_size=2)  # 4 windows: 2 batches, the second queued while the first is copied
+    tasks = [_tile_task(source_cube, start) for start in (0, 10)]
+
+    def run(k: int) -> np.ndarray:
+        return superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0))
+
+    expected = [run(0), run(1)]
+    encode, results_stream_of = tiles.encode_reflectance_tensor, superres.results_stream
+
+    def late_encoding(values: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(SPIN_CYCLES)
+        return encode(values)
+
+    def late_copies(device: torch.device) -> torch.cuda.Stream:
+        stream = results_stream_of(device)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(SPIN_CYCLES)
+        return stream
+
+    monkeypatch.setattr(tiles, "encode_reflectance_tensor", late_encoding)
+    monkeypatch.setattr(superres, "results_stream", late_copies)
+    for k in (0, 1, 0, 1):
+        np.testing.assert_array_equal(run(k), expected[k])
