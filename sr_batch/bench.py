@@ -2,9 +2,9 @@
 
 1. Model only: the checkpoint on the current device, one tile-sized batch repeated, for each
    precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast where the device runs them natively, torch.compile on request).
-2. The tile task alone: a job's task on a real tile with its halo, without Dask, one at a time and as
-   many at once as a GPU worker runs. Between 1 and 3 it says what the task adds to the network and
-   what the pipeline adds to the task.
+2. On a GPU, the tile task alone: a job's task on a real tile with its halo, without Dask, 1 to 4 at
+   a time. Between 1 and 3 it says what the task adds to the network and what the pipeline adds to
+   the task, and whether more tasks side by side would keep the GPU busier.
 3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -251,12 +251,12 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
     return rows
 
 
-def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, slots: int) -> list[dict[str, Any]]:
+def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_once: Sequence[int]) -> list[dict[str, Any]]:
     """The job's tile task alone, without Dask: a real block (the sample's clearest days mirrored to the
     tile and its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, super-resolved
-    by `tiles.superresolve_tile` `repeats` times per thread on 1, 2, … `slots` threads at once, as a GPU
-    worker runs its tasks side by side. LR Mpx/s count the tile's pixels, not its halo, as the
-    end-to-end rates do. Where more threads give more, one task's host work leaves the GPU idle.
+    by `tiles.superresolve_tile` `repeats` times per thread on each count of threads in `at_once`, as a
+    GPU worker runs its tasks side by side: where more threads give more, one task's host work leaves
+    the GPU idle. LR Mpx/s count the tile's pixels, not its halo, as the end-to-end rates do.
 
     It splits the gap between model only and a job's super-resolution phase in two: what a task adds to
     the network (the halo, the cloud mask, the windows and their gaps, the encoding, the copies), and
@@ -285,7 +285,7 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, slots
 
     task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
     rows = []
-    for threads in range(1, slots + 1):
+    for threads in at_once:
         with ThreadPoolExecutor(threads) as pool:
             _sync(runner.device)
             started = time.perf_counter()
@@ -585,20 +585,19 @@ def main(argv: list[str] | None = None) -> int:
             f"the best model-only rate makes {stored_mb_per_s:.1f} MB/s of output: {row['cores_to_keep_up']:.2f} cores to write it"
         )
     _write(report, args.out)
-    alone = ModelRef(checkpoint=args.checkpoint, batch_size=args.batch, precision=args.precision, compile=args.compile)
-    on_gpu = device.type == "cuda"
-    worker_slots = GPU_SLOTS if on_gpu else 1  # tasks a job's worker runs at once on this device
-    # On a GPU, up to twice a GPU worker's slots: would more tasks side by side keep the GPU busier?
-    # On a CPU one task takes tens of seconds and uses every core: once is enough.
-    with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
-        report["tile_tasks_alone"] = tile_tasks_alone(alone, args.tile, args.batch, args.repeats if on_gpu else 1, 2 * worker_slots if on_gpu else 1)
-    # A CPU task here runs in this one process on every core, like the first model-only rows, not like a job's workers.
-    cpu_note = "; one process on every core: compare it with the model-only rows of one process" if device.type == "cpu" else ""
-    for row in report["tile_tasks_alone"]:
-        print(
-            f"tile task   alone, {row['threads']} at a time ({row['dates']} dates, {args.tile} px + halo {row['halo']})  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  "
-            f"({row['lr_mpx_per_s'] / best['lr_mpx_per_s']:.2f} of the best model only{cpu_note})"
-        )
+    if device.type == "cuda":
+        # 1 to twice a GPU worker's slots at once: would more tasks side by side keep the GPU busier?
+        alone = ModelRef(checkpoint=args.checkpoint, batch_size=args.batch, precision=args.precision, compile=args.compile)
+        report["tile_tasks_alone"] = tile_tasks_alone(alone, args.tile, args.batch, args.repeats, range(1, 2 * GPU_SLOTS + 1))
+        for row in report["tile_tasks_alone"]:
+            print(
+                f"tile task   alone, {row['threads']} at a time ({row['dates']} dates, {args.tile} px + halo {row['halo']})  "
+                f"{row['lr_mpx_per_s']:9.4f} LR Mpx/s  ({row['lr_mpx_per_s'] / best['lr_mpx_per_s']:.2f} of the best model only)"
+            )
+    else:
+        # A CPU job's tasks run in worker processes started with their own allocator settings, which
+        # tasks on this process's threads would not have: here the rate would say more about the heap.
+        print("tile task   alone: measured on a GPU only (a CPU job's tasks compare with model only on its workers)")
     _write(report, args.out)
     if args.skip_end_to_end:
         return 0
@@ -657,13 +656,14 @@ def main(argv: list[str] | None = None) -> int:
         f"4x {_ratio(report, 'end_to_end_4x')}   (target ≥ {target})"
     )
     print(f"super-resolution phase of the 4x job ÷ best model only: {_ratio(report, 'sr_phase_4x')}")
-    together = next(row for row in report["tile_tasks_alone"] if row["threads"] == worker_slots)  # as a job's worker runs them
-    report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
-    report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
-    print(
-        f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
-        f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}"
-    )
+    if "tile_tasks_alone" in report:
+        together = next(row for row in report["tile_tasks_alone"] if row["threads"] == GPU_SLOTS)  # as a GPU worker runs them
+        report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
+        report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
+        print(
+            f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
+            f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}"
+        )
     print(
         f"peak worker memory 4x ÷ 1x area, tasks alike: {report['ratio_memory_4x_over_1x_same_tasks']:.2f}   (target ≤ 1.2); "
         f"as each job chose its tasks: {report['ratio_memory_4x_over_1x']:.2f}"
