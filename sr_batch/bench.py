@@ -293,6 +293,8 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
             seconds = time.perf_counter() - started
         mpx = threads * repeats * dates * tile * tile / 1e6 / seconds
         rows.append({"threads": threads, "tasks": threads * repeats, "dates": dates, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx})
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()  # the jobs' GPU workers run on this GPU next: leave them the memory these tasks held
     return rows
 
 
