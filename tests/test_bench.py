@@ -43,8 +43,11 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     # One 1x tile on a two-worker cluster: its dates are split over both; the memory comparison reruns it with the 4x job's tasks.
     assert report["end_to_end_1x"]["dates_per_task"] < report["end_to_end_4x"]["dates_per_task"] == 2
     assert report["end_to_end_1x_same_tasks"]["dates_per_task"] == 2 and report["ratio_memory_4x_over_1x_same_tasks"] > 0
+    assert report["end_to_end_1x_same_tasks"]["tasks"] == 1 and report["end_to_end_4x"]["tasks"] == 4  # 1 and 4 tiles of 2 dates
     printed = capsys.readouterr().out
     assert "end to end ÷ best model only" in printed and "worker threads, " in printed and "tile task   alone: measured on a GPU only" in printed
+    # Its 1x job with the 4x job's tasks is one task: the memory ratio says it compares one task with a steady state.
+    assert "(the 1x job ran 1 tile task(s) on 1 worker(s): its peak is one task's" in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
     assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
 
