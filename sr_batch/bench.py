@@ -231,10 +231,7 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
     from sr_batch.superres import eager_runner, superresolve_windows
 
     cube = open_sample_cube()
-    chosen = clearest_days(cube, loaded.info.frames)
-    reps = int(np.ceil(tile / cube.sizes["x"]))
-    frames = np.stack([_mirror(cube[band].values[i], reps)[:tile, :tile] for i in chosen for band in ("B2", "B3", "B4", "B8")])
-    frames = frames.reshape(len(chosen), 4, tile, tile).astype(np.float32) / 10000
+    frames = _mirrored_days(cube, clearest_days(cube, loaded.info.frames), ("B2", "B3", "B4", "B8"), tile).astype(np.float32) / 10000
     output = superresolve_windows(eager_runner(loaded, str(device)), [frames], batch_size=1)
     block = encode_reflectance_tensor(torch.from_numpy(output)).numpy().view(np.uint16)  # (1, 4, 4·tile, 4·tile)
     rows = []
@@ -273,10 +270,7 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
     halo = receptive_radius(info.architecture, info.frames) + dilate  # a job's `halo: auto`
     size = tile + 2 * halo
     cube = open_sample_cube()
-    days = clearest_days(cube, info.frames + dates - 1)
-    reps = int(np.ceil(size / cube.sizes["x"]))
-    planes = [_mirror(cube[name].values[day], reps)[:size, :size] for day in days for name in ("B2", "B3", "B4", "B8", "SCL")]
-    block = np.stack(planes).reshape(len(days), 5, size, size).astype(np.uint16)
+    block = _mirrored_days(cube, clearest_days(cube, info.frames + dates - 1), ("B2", "B3", "B4", "B8", "SCL"), size).astype(np.uint16)
     windows = [(k, tuple(range(k, k + info.frames))) for k in range(dates)]
     crop = (halo, halo, halo, halo)
 
@@ -346,6 +340,12 @@ def clearest_days(cube: Any, count: int) -> np.ndarray:
     """Indices of the sample's `count` days with the most clear pixels (SCL 4, 5, 6, 7, 11: vegetation, bare soil, water, unclassified, snow), in time order."""
     clear = np.isin(cube.SCL.values, (4, 5, 6, 7, 11)).mean(axis=(1, 2))
     return np.sort(np.argsort(-clear)[:count])
+
+
+def _mirrored_days(cube: Any, days: np.ndarray, names: tuple[str, ...], size: int) -> np.ndarray:
+    """(days, variable, size, size): the sample's `names` on each of `days`, mirrored to size x size pixels."""
+    reps = int(np.ceil(size / cube.sizes["x"]))
+    return np.stack([np.stack([_mirror(cube[name].values[day], reps)[:size, :size] for name in names]) for day in days])
 
 
 def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
