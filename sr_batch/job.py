@@ -44,7 +44,7 @@ from sr_batch.cube import READ_ERROR_TOPIC
 from sr_batch.errors import OutputError, SpecError, SrBatchError
 from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
-from sr_batch.manifest import KnownDay, Manifest, check_compatible, grid_record, output_settings, with_precision
+from sr_batch.manifest import KnownDay, Manifest, ManifestWriter, check_compatible, grid_record, output_settings, with_precision
 from sr_batch.model import Architecture, LoadedModel, receptive_radius
 from sr_batch.plan import SCALE, Plan, Window, resolved_halo
 from sr_batch.progress import tile_progress
@@ -467,17 +467,25 @@ def write_pending(
     date_at = {k: date for date, k in time_index.items()}
     by_date = {(plan.days[w.target].date.isoformat(), tile): w for tile, windows in pending.items() for w in windows}
 
+    records = ManifestWriter(manifest, store, before_write=lock.check_held)
+
+    def recorded(windows: int) -> None:
+        for _ in range(windows):
+            kill_points.reached("recorded")
+
     def record(unit: Unit, result: list[tuple[int, list[tuple[int, int]]]]) -> None:
         tile = unit[1:]
         for index, empty_chunks in result:
-            manifest.record_done(date_at[index], *tile, empty_chunks)
-        lock.check_held()
-        manifest.write(store)
-        for index, _ in result:
+            records.add(date_at[index], *tile, empty_chunks)
             written[tile].append(by_date[(date_at[index], tile)])
-            kill_points.reached("recorded")
+        recorded(records.write_if_due())
 
-    _compute(client, tasks, in_flight, echo, record)
+    try:
+        _compute(client, tasks, in_flight, echo, record)
+    finally:
+        # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
+        if not lock.lost:
+            recorded(records.write())
     return written
 
 
