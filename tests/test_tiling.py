@@ -4,6 +4,7 @@ and a region wider than a strip of tiles, read strip by strip, gives the same ou
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ import xarray as xr
 from distributed import Client, get_task_stream
 
 from sr_batch import job as job_module
-from sr_batch.job import run_job
+from sr_batch.job import model_ref, plan_job, run_job
+from sr_batch.plan import Plan
 from sr_batch.spec import parse_spec
+from sr_batch.superres import ModelRef
+from sr_batch.tiles import superresolve_plan
 
 from conftest import SMALL_HALO, make_job
 
@@ -68,3 +72,27 @@ def test_a_region_read_strip_by_strip_writes_what_one_strip_writes(tmp_path: Pat
     assert {int(key.rstrip(")").rsplit(",", 1)[1]) for key in again} <= {1, 2, 3, 4}, again  # strips: columns 0-1, 2-3, 4
     assert outputs[2].shape[0] > 0
     np.testing.assert_array_equal(outputs[2], outputs[one_strip])
+
+
+def test_the_tasks_name_follows_everything_they_compute(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """Two jobs on one cluster share task keys only when their tasks are the same: the model, the output,
+    the windows and the tiling all change the name; building the same graph again does not."""
+    spec = parse_spec(make_job(stac_url, tmp_path / "a.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31"}, tiling={"tile": 48}))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    ref = model_ref(spec)
+
+    def name(work: Plan = plan, model: ModelRef = ref, dates: int = 2) -> str:
+        return superresolve_plan(work, model, dates_per_task=dates).output.name
+
+    assert name() == name()
+    first_tile = next(tile for tile, windows in plan.windows.items() if len(windows) > 1)
+    fewer = {**plan.windows, first_tile: plan.windows[first_tile][:-1]}
+    other_output = replace(plan, spec=spec.model_copy(update={"output": spec.output.model_copy(update={"uri": str(tmp_path / "b.zarr")})}))
+    others = [
+        name(model=replace(ref, precision="fp32" if ref.precision != "fp32" else "bf16")),
+        name(model=replace(ref, seed=ref.seed + 1)),
+        name(work=replace(plan, windows=fewer)),
+        name(work=other_output),
+        name(dates=1),
+    ]
+    assert len({name(), *others}) == 1 + len(others)
