@@ -26,14 +26,15 @@ import datetime as dt
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dask
+from dask._task_spec import GraphNode, convert_legacy_graph  # as distributed's scheduler converts graphs
 from dask.base import tokenize
-from dask.core import flatten, get_dependencies
+from dask.core import flatten
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, KilledWorker, as_completed
@@ -502,9 +503,11 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
-        # The blocks a tile's tasks take (its own and its halo's) are the read keys in their graphs.
+        # The blocks a tile's tasks take (its own and its halo's) are the read keys their graphs refer to.
         block_of = {key: (s, *tile) for tile, (key, _) in slab_blocks.items()}
-        reads_of |= {(s, *tile): sorted({block_of[key] for task in per_tile for key in task.dask if key in block_of}) for tile, per_tile in tasks.items()}
+        reads_of |= {
+            (s, *tile): sorted({block_of[key] for task in per_tile for key in referenced_outside(task) if key in block_of}) for tile, per_tile in tasks.items()
+        }
     return WriteTasks(per_unit, blocks, reads_of, [len(slab.frame_days) for slab in slabs])
 
 
@@ -532,12 +535,14 @@ def _slab_write_tasks(
             graph[(name, g, row, col)] = (write_tile_dates, (sr.name, g, 0, row, col), str(store), slots, ys, xs)
             tiles[(name, g, row, col)] = (row, col)
     whole = Subgraphs(HighLevelGraph.from_collections(name, graph, dependencies=[sr]))
+    reads = graph_of_tiles.reads
+    keys = [] if reads is None else [key for key in flatten(reads.__dask_keys__()) if key in whole.tasks]  # (name, day, band, row, col)
+    # `_compute` submits a tile's read blocks before its tasks: a task refers to its blocks by key.
+    submitted_first = set(keys)
     tasks: dict[tuple[int, int], list[Delayed]] = {}
     for key, tile in tiles.items():
-        tasks.setdefault(tile, []).append(whole.delayed(key))
-    reads = graph_of_tiles.reads
-    keys = [] if reads is None else list(flatten(reads.__dask_keys__()))  # (name, day, band, row, col)
-    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys if key in whole.tasks}, len(sr.chunks[0])
+        tasks.setdefault(tile, []).append(whole.delayed(key, held=submitted_first))
+    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, len(sr.chunks[0])
 
 
 class Subgraphs:
@@ -546,24 +551,31 @@ class Subgraphs:
     A job submits its tasks one at a time (`_compute`); a task submitted with the whole job's graph
     makes Dask cull that graph again at every submission, a cost in proportion to the region, so the
     job's client time would grow with the square of its tasks (minutes for a whole Sentinel-2 tile).
-    Each task's own graph keeps its layers' annotations: the GPU resource of super-resolution."""
+    Each task's own graph keeps its layers' annotations: the GPU resource of super-resolution.
+
+    A task's graph may also stop at keys the job has already submitted (`held`): it then refers to them
+    without carrying their tasks. The read blocks are such keys: their graphs hold stackstac's table of
+    every asset of the slab, and pickling that table made 12 of a task's 15 ms of submission at a whole
+    Sentinel-2 tile. Tasks are kept in Dask's task spec, whose references to keys outside a graph stay
+    references (a tuple key outside a legacy graph would be read as a literal tuple)."""
 
     def __init__(self, graph: HighLevelGraph) -> None:
         self.graph = graph
-        self.tasks: dict[Any, Any] = {}
+        legacy: dict[Any, Any] = {}
         self.layer_of: dict[Any, str] = {}
         for name, layer in graph.layers.items():
             for key, task in layer.items():
-                self.tasks[key] = task
+                legacy[key] = task
                 self.layer_of[key] = name
-        self.dependencies = {key: get_dependencies(self.tasks, task=task) for key, task in self.tasks.items()}
+        self.tasks: dict[Any, GraphNode] = convert_legacy_graph(legacy)
 
-    def delayed(self, key: Any) -> Delayed:
-        """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers."""
+    def delayed(self, key: Any, held: Set[Any] = frozenset()) -> Delayed:
+        """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers,
+        but for the `held` keys and what they need."""
         needed, todo = {key}, [key]
         while todo:
-            for dependency in self.dependencies[todo.pop()]:
-                if dependency not in needed:
+            for dependency in self.tasks[todo.pop()].dependencies:
+                if dependency not in needed and dependency not in held:
                     needed.add(dependency)
                     todo.append(dependency)
         by_layer: dict[str, dict[Any, Any]] = {}
@@ -572,6 +584,12 @@ class Subgraphs:
         layers = {name: MaterializedLayer(tasks, annotations=self.graph.layers[name].annotations) for name, tasks in by_layer.items()}
         dependencies = {name: self.graph.dependencies[name] & by_layer.keys() for name in by_layer}
         return Delayed(key, HighLevelGraph(layers, dependencies), layer=self.layer_of[key])
+
+
+def referenced_outside(task: Delayed) -> set[Any]:
+    """The keys a task's graph refers to without holding them (the `held` keys of Subgraphs.delayed)."""
+    graph = dict(task.dask)
+    return {dependency for node in graph.values() for dependency in node.dependencies} - graph.keys()
 
 
 @dataclass(frozen=True)

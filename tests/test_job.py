@@ -11,7 +11,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 import zarr
 
-from sr_batch.job import JobResult, model_ref, plan_job, run_job, write_tasks
+from sr_batch.job import JobResult, model_ref, plan_job, referenced_outside, run_job, write_tasks
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
@@ -144,5 +144,14 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             gpu = [layer.annotations for name, layer in task.dask.layers.items() if name.startswith("superresolve")]
             assert gpu == [{"resources": {"GPU": 1}}]
     assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_unit.values())
-    for (_, row, col), block in tasks.blocks.items():
-        assert {tuple(key[-2:]) for key in dict(block.dask) if isinstance(key, tuple) and len(key) >= 4} == {(row, col)}
+    block_keys = {block.key for block in tasks.blocks.values()}
+    for unit, block in tasks.blocks.items():
+        assert {tuple(key[-2:]) for key in dict(block.dask) if isinstance(key, tuple) and len(key) >= 4} == {unit[1:]}
+    # The read blocks are submitted on their own, before the tasks that take them: a task refers to its
+    # blocks (its tile's and its neighbours') without carrying their graphs.
+    for unit, per_tile in tasks.per_unit.items():
+        for task in per_tile:
+            assert not block_keys & dict(task.dask).keys()
+            referred = referenced_outside(task)
+            assert referred <= block_keys and {tasks.blocks[unit].key} <= referred
+            assert {tasks.blocks[read].key for read in tasks.reads_of[unit]} >= referred
