@@ -34,7 +34,7 @@ from typing import Any
 import dask
 from dask._task_spec import GraphNode, convert_legacy_graph  # as distributed's scheduler converts graphs
 from dask.base import tokenize
-from dask.core import flatten
+from dask.core import flatten, get_dependencies
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, KilledWorker, as_completed
@@ -499,22 +499,20 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     reads_of: dict[Unit, list[Unit]] = {}
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_blocks, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
+        tasks, slab_blocks, reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
-        # The blocks a tile's tasks take (its own and its halo's) are the read keys their graphs refer to.
         block_of = {key: (s, *tile) for tile, (key, _) in slab_blocks.items()}
-        reads_of |= {
-            (s, *tile): sorted({block_of[key] for task in per_tile for key in referenced_outside(task) if key in block_of}) for tile, per_tile in tasks.items()
-        }
+        reads_of |= {(s, *tile): sorted(block_of[key] for key in keys) for tile, keys in reads.items()}
     return WriteTasks(per_unit, blocks, reads_of, [len(slab.frame_days) for slab in slabs])
 
 
 def _slab_write_tasks(
     store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int
-) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]], int]:
-    """One slab's write tasks per tile, its read blocks per tile (their key and each as a Delayed), and its number of groups of dates."""
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]], dict[tuple[int, int], set[Any]], int]:
+    """One slab's write tasks per tile, its read blocks per tile (their key and each as a Delayed), the keys
+    of the blocks each tile's tasks take (its own and its halo's), and its number of groups of dates."""
     graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only, first_group=first_group)
     sr = graph_of_tiles.output
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -540,9 +538,11 @@ def _slab_write_tasks(
     # `_compute` submits a tile's read blocks before its tasks: a task refers to its blocks by key.
     submitted_first = set(keys)
     tasks: dict[tuple[int, int], list[Delayed]] = {}
+    blocks_taken: dict[tuple[int, int], set[Any]] = {}
     for key, tile in tiles.items():
         tasks.setdefault(tile, []).append(whole.delayed(key, held=submitted_first))
-    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, len(sr.chunks[0])
+        blocks_taken.setdefault(tile, set()).update(whole.refers_to[key])
+    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, blocks_taken, len(sr.chunks[0])
 
 
 class Subgraphs:
@@ -556,40 +556,48 @@ class Subgraphs:
     A task's graph may also stop at keys the job has already submitted (`held`): it then refers to them
     without carrying their tasks. The read blocks are such keys: their graphs hold stackstac's table of
     every asset of the slab, and pickling that table made 12 of a task's 15 ms of submission at a whole
-    Sentinel-2 tile. Tasks are kept in Dask's task spec, whose references to keys outside a graph stay
-    references (a tuple key outside a legacy graph would be read as a literal tuple)."""
+    Sentinel-2 tile. A task that refers to a held key is sent in Dask's task spec, whose references to
+    keys outside a graph stay references (in a legacy tuple they would be read as literal tuples); the
+    others stay as they are, as converting the whole graph would take seconds at that scale."""
 
     def __init__(self, graph: HighLevelGraph) -> None:
         self.graph = graph
-        legacy: dict[Any, Any] = {}
+        self.tasks: dict[Any, Any] = {}
         self.layer_of: dict[Any, str] = {}
         for name, layer in graph.layers.items():
             for key, task in layer.items():
-                legacy[key] = task
+                self.tasks[key] = task
                 self.layer_of[key] = name
-        self.tasks: dict[Any, GraphNode] = convert_legacy_graph(legacy)
+        self.dependencies = {key: get_dependencies(self.tasks, task=task) for key, task in self.tasks.items()}
+        self._specs: dict[Any, GraphNode] = {}
+        self.refers_to: dict[Any, set[Any]] = {}
+        """Per key made a Delayed, the held keys its graph refers to."""
 
     def delayed(self, key: Any, held: Set[Any] = frozenset()) -> Delayed:
         """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers,
         but for the `held` keys and what they need."""
-        needed, todo = {key}, [key]
+        needed, todo, outside = {key}, [key], set()
         while todo:
-            for dependency in self.tasks[todo.pop()].dependencies:
-                if dependency not in needed and dependency not in held:
+            for dependency in self.dependencies[todo.pop()]:
+                if dependency in held:
+                    outside.add(dependency)
+                elif dependency not in needed:
                     needed.add(dependency)
                     todo.append(dependency)
+        self.refers_to[key] = outside
         by_layer: dict[str, dict[Any, Any]] = {}
         for needed_key in needed:
-            by_layer.setdefault(self.layer_of[needed_key], {})[needed_key] = self.tasks[needed_key]
+            task = self._spec(needed_key) if held and not held.isdisjoint(self.dependencies[needed_key]) else self.tasks[needed_key]
+            by_layer.setdefault(self.layer_of[needed_key], {})[needed_key] = task
         layers = {name: MaterializedLayer(tasks, annotations=self.graph.layers[name].annotations) for name, tasks in by_layer.items()}
         dependencies = {name: self.graph.dependencies[name] & by_layer.keys() for name in by_layer}
         return Delayed(key, HighLevelGraph(layers, dependencies), layer=self.layer_of[key])
 
-
-def referenced_outside(task: Delayed) -> set[Any]:
-    """The keys a task's graph refers to without holding them (the `held` keys of Subgraphs.delayed)."""
-    graph = dict(task.dask)
-    return {dependency for node in graph.values() for dependency in node.dependencies} - graph.keys()
+    def _spec(self, key: Any) -> GraphNode:
+        """The task of `key` in Dask's task spec, each key of the graph it names a reference."""
+        if key not in self._specs:
+            self._specs[key] = convert_legacy_graph({key: self.tasks[key]}, all_keys=self.tasks.keys())[key]
+        return self._specs[key]
 
 
 @dataclass(frozen=True)
