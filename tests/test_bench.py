@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,17 @@ def test_the_tile_task_alone_runs_the_jobs_task_on_a_real_tile_with_its_halo() -
     rows = tile_tasks_alone(ModelRef(checkpoint="default", batch_size=2), 32, 2, 1, [1, 2])
     assert [(row["threads"], row["tasks"], row["dates"]) for row in rows] == [(1, 1, 2), (2, 2, 2)]
     assert all(row["halo"] == 22 and row["seconds"] > 0 and row["lr_mpx_per_s"] > 0 for row in rows)
+
+
+def test_whole_tile_client_benchmark_writes_its_numbers(tmp_path: Path) -> None:
+    """`bench/whole_tile_client.py` at a small size: the plan's tasks and windows, and every cost measured."""
+    script = Path(__file__).parent.parent / "bench" / "whole_tile_client.py"
+    out = tmp_path / "whole-tile.json"
+    command = [sys.executable, str(script), "--size", "1200", "--tile", "256", "--days", "10", "--out", str(out)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert (row["tiles"], row["days"], row["dates_per_task"]) == (25, 10, 8)
+    assert row["tasks"] == 25 * 2 and row["windows"] == 25 * 10, "every day is cloudless in every tile"
+    assert all(row[key] > 0 for key in ("search_s", "plan_s", "graph_s", "submission_ms_per_task", "manifest_mb", "manifest_write_s"))
+    assert "tasks of 8 dates" in done.stdout
