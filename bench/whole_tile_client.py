@@ -2,9 +2,10 @@
 
     python bench/whole_tile_client.py [--size 10980] [--tile 256] [--days 70]
 
-A job's client plans, builds the task graph, submits the tasks one at a time and records each
-finished window in the manifest; at a whole tile (10,980² px: 1,849 tiles of 256 px) those costs
-grow with the tiles and the days, and while the client builds the graph the cluster has no task.
+A job's client plans, lays out the output store and appends its dates, builds the task graph,
+submits the tasks one at a time and records each finished window in the manifest. At a whole tile
+(10,980² px: 1,849 tiles of 256 px) those costs grow with the tiles and the days, and until the
+first task is submitted the cluster has nothing to do.
 This measures them on a catalogue of that size served from the local STAC API: sparse GeoTIFFs (a
 header, no pixel block) that the search's asset checks open like any other. Clouds are not scored
 (sparse files read as nodata); every day counts as cloudless in every tile, the most windows the
@@ -33,6 +34,7 @@ from sr_batch.manifest import MANIFEST_KEY, WRITE_SPACING, KnownDay, Manifest, g
 from sr_batch.model import receptive_radius
 from sr_batch.sample import ASSETS, COLLECTION_ID, build_sample_catalog
 from sr_batch.search import search
+from sr_batch.sink import append_dates, create_store
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
 from sr_batch.storage import location
@@ -154,13 +156,18 @@ def main() -> None:
         store = Path(tmp) / "record.zarr"
         store.mkdir()
         record = manifest_costs(plan, store)
+        output = location(f"{tmp}/layout.zarr")
+        output.mkdir()
+        _, layout_s = timed(create_store, output, plan, loaded)
+        _, append_s = timed(append_dates, output, plan, plan.output_days, loaded)
     row = {"size": args.size, "tile": args.tile, "days": len(plan.days), "tiles": len(plan.rows) * len(plan.cols), "tasks": count, "dates_per_task": per_task}
     row |= {"search_s": search_s, "plan_s": plan_s, "graph_s": graph_s, "submission_ms_per_task": per_task_ms, "submission_cpu_ms_per_task": per_task_cpu_ms}
-    row |= record
+    row |= record | {"store_layout_s": layout_s, "append_dates_s": append_s}
     row["submission_s_all_tasks"] = per_task_ms * count / 1e3
     print(f"{args.size}² px in {row['tiles']} tiles of {args.tile} px, {row['days']} days, {count} tasks of {per_task} dates (every day cloudless)")
     print(f"  search (with the asset checks)   {search_s:8.1f} s")
     print(f"  plan, without cloud scores       {plan_s:8.1f} s")
+    print(f"  store layout, then its dates     {layout_s:8.1f} s + {append_s:.1f} s")
     print(f"  task graph                       {graph_s:8.1f} s   (before the first task can start)")
     print(
         f"  submission                       {per_task_ms:8.1f} ms a task ({per_task_cpu_ms:.1f} ms of the process's CPU), "
