@@ -304,7 +304,7 @@ def _submit(
         x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
         alphas = torch.cat([alphas, alphas[-1:].expand(batch_size - count, -1)])
     if runner.compiled:
-        result = runner.compiled_thread.submit(_forward, runner, x, alphas).result()[:count]
+        result = runner.compiled_thread.submit(_forward_kept, runner, x, alphas).result()[:count]
     else:
         result = _forward(runner, x, alphas)[:count]
     result = result.float() * std + mean
@@ -338,6 +338,14 @@ def _forward(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
     autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         return runner.forward(x, alphas)
+
+
+def _forward_kept(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """A compiled pass, its output copied (as float32) before the compiled thread takes the next pass.
+    With CUDA graphs (max-autotune) every replay writes into the same output memory, and the next pass
+    may be another task's, queued while this task has yet to read its result (torch then raises that
+    the output "has been overwritten by a subsequent run", or the result holds the other task's pixels)."""
+    return _forward(runner, x, alphas).to(torch.float32, copy=True)
 
 
 def _collect(batch: _Submitted, out: np.ndarray) -> None:

@@ -13,6 +13,7 @@ import json
 import pickle
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from sr_batch.model import (
     untrained_model,
 )
 from sr_batch.model.highresnet import median_reference
-from sr_batch.superres import eager_runner, superresolve, superresolve_windows
+from sr_batch.superres import Runner, eager_runner, superresolve, superresolve_windows
 
 SMALL = Architecture(hidden_channels=16, encoder_blocks=2)
 TINY = Architecture(hidden_channels=8, encoder_blocks=1)
@@ -553,3 +554,48 @@ def test_window_preparation_equals_the_plain_numpy_definition(device: str) -> No
     normalise_and_fill(x, alphas, torch.from_numpy(mean).to(device)[:, None, None], torch.from_numpy(std).to(device)[:, None, None])
     np.testing.assert_array_equal(x.cpu().numpy(), expected)
     np.testing.assert_array_equal(alphas.cpu().numpy(), expected_alphas)
+
+
+class OneOutputMemory:
+    """A forward pass that returns the same memory every time, as a CUDA graph's replay does."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        result = self.network(x, alphas)
+        if self.output is None or self.output.shape != result.shape:
+            self.output = torch.empty_like(result)
+        return self.output.copy_(result)
+
+
+class OverwrittenOnceFree(ThreadPoolExecutor):
+    """A compiled thread on which the next pass (another task's) overwrites the last output as soon as the
+    thread is free: the moment that is most unfavourable to a task still to read its result."""
+
+    def __init__(self, forward: OneOutputMemory) -> None:
+        super().__init__(1)
+        self.forward = forward
+
+    def submit(self, fn: Callable, /, *args: object, **kwargs: object) -> Future:
+        def then_overwritten() -> object:
+            result = fn(*args, **kwargs)
+            assert self.forward.output is not None
+            with torch.inference_mode():
+                self.forward.output.fill_(float("nan"))
+            return result
+
+        return super().submit(then_overwritten)
+
+
+def test_a_compiled_pass_is_read_before_the_next_pass_can_overwrite_it() -> None:
+    """compile: max-autotune replays CUDA graphs, which write every output into the same memory, and a
+    GPU worker's tasks share one compiled thread: each pass's result must be taken on that thread."""
+    loaded = untrained_model(TINY, frames=8, seed=3)
+    rng = np.random.default_rng(5)
+    windows = [reflectance(rng, t, 4, 10, 12) for t in (8, 5, 8)]
+    expected = superresolve_windows(eager_runner(loaded), windows, batch_size=2)
+    forward = OneOutputMemory(loaded.network)
+    compiled = Runner(loaded, torch.device("cpu"), None, forward, compiled=True, compiled_thread=OverwrittenOnceFree(forward))
+    np.testing.assert_allclose(superresolve_windows(compiled, windows, batch_size=2), expected, rtol=1e-5, atol=1e-6)
