@@ -66,7 +66,7 @@ from sr_batch.sink import (
     time_length,
     write_tile_dates,
 )
-from sr_batch.spec import JobSpec
+from sr_batch.spec import JobSpec, ModelSettings
 from sr_batch.storage import Location
 from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, load_model, pick_device, runs_without_cpu_allocator, warm_up
 from sr_batch.tiles import GPU_RESOURCE, slab_days, smallest_task_memory_bytes, superresolve_plan, task_memory_bytes, time_slabs
@@ -208,8 +208,7 @@ def run_job(
             # The windows this run computes (the manifest's record of what is written does not change
             # before the run writes them), and their tasks' size, checked before anything is written.
             work = replace(increment.plan, windows=increment.pending(manifest))
-            slots = 1 if spec.model.compile != "off" else super_resolution_slots(client, on_gpus)  # a compiled pass is padded to a full batch
-            per_task = task_dates or dates_per_task(work, spec.model.batch_size, slots)
+            per_task, in_flight = task_layout(work, spec.model, super_resolution_slots(client, on_gpus), task_dates, in_flight)
             echo(check_task_memory(client, work, on_gpus, per_task))
             precision = resolved_precision(client, spec, on_gpus)
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
@@ -232,7 +231,6 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    in_flight = in_flight or tasks_in_flight(slots)
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, in_flight, echo)
                 except KilledWorker as died:
                     memory = task_memory_note(work, per_task, bool(on_gpus))
@@ -435,6 +433,14 @@ def super_resolution_slots(client: Client, on_gpus: list[str]) -> int:
     if on_gpus:
         return sum(int(workers[address].get("resources", {}).get(GPU_RESOURCE, 1)) for address in on_gpus if address in workers) or 1
     return sum(int(info.get("nthreads", 1)) for info in workers.values()) or 1
+
+
+def task_layout(work: Plan, model: ModelSettings, slots: int, task_dates: int | None = None, in_flight: int | None = None) -> tuple[int, int]:
+    """(output dates per task, tasks kept in flight) for a cluster that runs `slots` super-resolution tasks
+    at once; `task_dates` and `in_flight` pin them. A compiled pass is padded to a full batch, so a
+    compiled model's tasks keep whole batches even where splitting them would fill more slots."""
+    per_task = task_dates or dates_per_task(work, model.batch_size, 1 if model.compile != "off" else slots)
+    return per_task, in_flight or tasks_in_flight(slots)
 
 
 def dates_per_task(plan: Plan, batch_size: int, slots: int) -> int:

@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
 
-from sr_batch.job import JobResult, model_ref, plan_job, run_job, write_tasks
+from sr_batch.job import JobResult, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
@@ -157,3 +157,16 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             referred = {key for node in graph.values() if isinstance(node, GraphNode) for key in node.dependencies} - graph.keys()
             assert referred <= block_keys and {tasks.blocks[unit].key} <= referred
             assert {tasks.blocks[read].key for read in tasks.reads_of[unit]} >= referred
+
+
+def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResult) -> None:
+    """A small region's eager tasks split their dates so that every slot has a task; a compiled pass is
+    padded to a full batch, so a compiled model's tasks keep whole batches. Either way the job keeps
+    enough tasks in flight for all the cluster's slots (here 16: eight GPUs of two)."""
+    plan, slots = summer.plan, 16
+    eager = plan.spec.model.model_copy(update={"batch_size": 4})
+    compiled = eager.model_copy(update={"compile": "max-autotune"})
+    assert len(plan.windows) < slots and len(plan.output_days) >= 4
+    assert task_layout(plan, eager, slots)[0] < 4
+    assert task_layout(plan, compiled, slots) == (4, tasks_in_flight(slots)) == (4, task_layout(plan, eager, slots)[1])
+    assert task_layout(plan, compiled, slots, task_dates=2, in_flight=3) == (2, 3)
