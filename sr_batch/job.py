@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import torch
 from dask._task_spec import GraphNode, convert_legacy_graph  # as distributed's scheduler converts graphs
 from dask.base import tokenize
 from dask.core import flatten, get_dependencies
@@ -42,7 +43,7 @@ from distributed import Client, Future, KilledWorker, as_completed
 from sr_batch import kill_points
 from sr_batch.cluster import dask_client, gpu_workers
 from sr_batch.cube import READ_ERROR_TOPIC
-from sr_batch.errors import OutputError, SpecError, SrBatchError
+from sr_batch.errors import CheckpointError, OutputError, SpecError, SrBatchError
 from sr_batch.increment import Increment, check_frames_available, plan_increment
 from sr_batch.lock import OutputLock, output_lock
 from sr_batch.manifest import KnownDay, Manifest, ManifestWriter, check_compatible, grid_record, output_settings, with_precision
@@ -129,10 +130,13 @@ def model_ref(spec: JobSpec) -> ModelRef:
     )
 
 
-def checked_model(spec: JobSpec) -> LoadedModel:
+def checked_model(spec: JobSpec, scheduler: str | None = None) -> LoadedModel:
     """Load the job's model here, before any cluster work, and check that the job can use it.
-    The check runs on the CPU: the client must not hold GPU memory that the workers need."""
-    pick_device(spec.model.device)  # device: cuda with no GPU visible fails here, in one line
+    The check runs on the CPU: the client must not hold GPU memory that the workers need. The device
+    is checked here only for a LocalCluster of this machine: an existing cluster's GPUs are on its
+    workers, asked once connected (`check_device`), and a laptop may well submit to them."""
+    if scheduler is None:
+        pick_device(spec.model.device)  # device: cuda with no GPU visible fails here, in one line
     loaded = load_model(replace(model_ref(spec), device="cpu", compile="off"))
     if loaded.info.frames != spec.model.frames:
         raise SpecError(
@@ -145,13 +149,14 @@ def checked_model(spec: JobSpec) -> LoadedModel:
 def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = None, echo: Echo = print) -> Plan:
     """The dry run: search, cloud scores and windows, without super-resolving anything; on an existing
     output, what a run would add. The search runs before any cluster starts, so a bad one fails fast."""
-    loaded = checked_model(spec)
+    loaded = checked_model(spec, scheduler)
     target = check_location(spec.output.uri)
     manifest = existing_manifest(target, loaded, output_settings(spec))
     radius = receptive_radius(loaded.info.architecture, spec.model.frames)
     resolved_halo(spec, radius)
     found = search(spec)
-    with dask_client(scheduler, workers, echo):
+    with dask_client(scheduler, workers, echo) as client:
+        check_device(client, spec, gpu_workers(client) if spec.model.device != "cpu" else [])
         increment = plan_increment(spec, found, manifest, radius)
     echo(increment.plan.summary())
     _warn_late(increment, echo)
@@ -178,7 +183,7 @@ def run_job(
     by default `dates_per_task` and `tasks_in_flight` choose."""
     started = time.monotonic()
     target = check_location(spec.output.uri, overwrite)
-    loaded = checked_model(spec)
+    loaded = checked_model(spec, scheduler)
     settings = output_settings(spec)
     if not overwrite:
         existing_manifest(target, loaded, settings)  # refuse a mismatch before searching
@@ -199,6 +204,7 @@ def run_job(
             return result
         with dask_client(scheduler, workers, echo) as client, read_errors_of(client, job_hrefs(found)) as read_errors:
             on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+            check_device(client, spec, on_gpus)
             check_smallest_task(client, quick.plan, on_gpus)
             increment = plan_increment(spec, found, manifest, radius)
             echo(increment.plan.summary())
@@ -260,6 +266,20 @@ def run_job(
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
+
+
+def check_device(client: Client, spec: JobSpec, on_gpus: list[str]) -> None:
+    """`model.device: cuda` asks the workers that will run the network (the GPU workers, or else all of
+    them) whether they see a CUDA device, before anything is written."""
+    if spec.model.device != "cuda":
+        return
+    answers = client.run(torch.cuda.is_available, workers=on_gpus or None)
+    blind = sorted(address for address, visible in answers.items() if not visible)
+    if blind:
+        raise CheckpointError(
+            f"model.device: cuda was asked for but {len(blind)} of the {len(answers)} workers that would run the network see no CUDA device "
+            f"(first: {blind[0]}); use auto or cpu, or give the network to GPU workers (dask worker --resources GPU=N)"
+        )
 
 
 def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str:

@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rioxarray  # noqa: F401
+import torch
 import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
 
+from sr_batch.errors import CheckpointError
 from sr_batch.job import JobResult, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
 
-from conftest import make_job
+from conftest import SMALL_MODEL, make_job
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,20 @@ def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResu
     assert task_layout(plan, eager, slots)[0] < 4
     assert task_layout(plan, compiled, slots) == (4, tasks_in_flight(slots)) == (4, task_layout(plan, eager, slots)[1])
     assert task_layout(plan, compiled, slots, task_dates=2, in_flight=3) == (2, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where no CUDA device is visible")
+def test_device_cuda_is_asked_of_the_workers_that_would_run_the_network(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """A laptop submits to a GPU cluster: with --scheduler, `model.device: cuda` is checked on the workers,
+    not on the client. None of these sees a GPU, so the run and the dry run are refused in one line that
+    says so, before the store is made; without --scheduler the check is this machine's, before any cluster."""
+    out = tmp_path / "cuda.zarr"
+    spec = parse_spec(make_job(stac_url, out, catalog, model={**SMALL_MODEL, "device": "cuda"}))
+    on_workers = r"model.device: cuda was asked for but \d+ of the \d+ workers that would run the network see no CUDA device \(first: tcp://"
+    with pytest.raises(CheckpointError, match=on_workers):
+        run_job(spec, scheduler=scheduler, show_progress=False, echo=lambda _: None)
+    with pytest.raises(CheckpointError, match=on_workers):
+        plan_job(spec, scheduler=scheduler, echo=lambda _: None)
+    assert not (out / "zarr.json").exists()
+    with pytest.raises(CheckpointError, match="model.device: cuda was asked for but no CUDA device is visible"):
+        run_job(spec, show_progress=False, echo=lambda _: None)
