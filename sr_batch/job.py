@@ -202,7 +202,11 @@ def run_job(
             result = JobResult(plan=quick.plan, output=target.native, seconds=time.monotonic() - started, model=loaded, late=[d.date for d in quick.late])
             echo(result.report())
             return result
-        with dask_client(scheduler, workers, echo) as client, read_errors_of(client, job_hrefs(found)) as read_errors:
+        with (
+            dask_client(scheduler, workers, echo) as client,
+            performance_report_to(performance_report),
+            read_errors_of(client, job_hrefs(found)) as read_errors,
+        ):
             on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
             check_device(client, spec, on_gpus)
             check_smallest_task(client, quick.plan, on_gpus)
@@ -232,7 +236,6 @@ def run_job(
             if not increment.plan.output_days:
                 echo("No cloudless date in any tile for this period: the output's time axis stays empty.")
             with (
-                performance_report_to(performance_report),
                 tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
                 keep_annotations(bool(on_gpus)),
             ):
@@ -245,9 +248,9 @@ def run_job(
                         "lower tiling.tile or model.batch_size, or give workers more memory, and run again: written windows are kept"
                     ) from None
             del warming  # held until the tiles are done: a released warm-up not yet started would be cancelled
-            if performance_report:
-                echo(f"Dask performance report: {performance_report}")
             record_read_errors(store, read_errors.found())
+        if performance_report:
+            echo(f"Dask performance report: {performance_report}")
         if store != target:
             move_into_place(store, target)
     plan = increment.plan
@@ -723,7 +726,8 @@ def keep_annotations(needed: bool) -> Any:
 
 
 def performance_report_to(path: Path | None) -> Any:
-    """Dask's HTML performance report of the super-resolution and write, when asked for."""
+    """Dask's HTML performance report of the job's time on the cluster (cloud scores, reading,
+    super-resolution, writing), when asked for."""
     if path is None:
         return contextlib.nullcontext()
     from distributed import performance_report

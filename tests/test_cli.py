@@ -31,7 +31,8 @@ def test_plan_then_run_from_the_command_line(tmp_path: Path, stac_url: str, cata
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert f"Dask: connected to {scheduler} (2 workers)" in run.stdout
-    assert report.stat().st_size > 10_000 and "superresolve" in report.read_text()
+    html = report.read_text()
+    assert report.stat().st_size > 10_000 and "superresolve" in html and "_score_block" in html, "the report covers the cloud scores too"
     assert "UNTRAINED" in run.stdout and f"Output: {out}" in run.stdout  # relative output paths are taken from the job file's folder
     with xr.open_zarr(out, consolidated=False) as ds:
         assert ds.sizes["time"] >= 1
