@@ -12,8 +12,9 @@
    Each job also reports its worker threads' seconds by kind of task, and the best model-only variant
    is read again after the jobs: the ratios take the mean of both readings, as a machine's speed drifts.
    On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase.
-4. Memory: the peak memory of the largest worker process for 1x and 4x the area; it should not grow
-   with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
+4. Memory: the peak resident memory of the largest worker process for 1x and 4x the area (the
+   kernel's record, read when the job ends: no peak is missed between samples), and on a GPU the
+   peak its CUDA allocator reserved; it should not grow with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
    dates per task it runs once more with the 4x job's, and the target compares those.
 
 Throughput is in 10 m input megapixels per second per output date, and km² of one output date per
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import queue
+import resource
 import signal
 import tempfile
 import threading
@@ -358,8 +360,10 @@ def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
 def end_to_end(
     catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, task_dates: int | None = None, in_flight: int | None = None
 ) -> dict[str, Any]:
-    """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included);
-    throughput, and the peak memory of the largest worker process."""
+    """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included),
+    started for it; throughput, and the peak memory of the largest worker process (and GPU allocator).
+    The job's clock starts once the cluster is up, as a job on an existing cluster's would: the
+    LocalCluster's start is reported beside it."""
     from sr_batch.cluster import dask_client
     from sr_batch.job import run_job
     from sr_batch.spec import parse_spec
@@ -377,9 +381,9 @@ def end_to_end(
             "output": {"uri": str(out)},
         }
         spec = parse_spec(job)
+        opened = time.perf_counter()
         with (
             dask_client(workers=workers, echo=lambda _: None) as client,
-            PeakWorkerMemory(client) as memory,
             TileEvents(client) as tiles,
             GpuUtilisation() as gpus,
             get_task_stream(client=client) as stream,
@@ -390,6 +394,7 @@ def end_to_end(
             seconds, wall_ended = time.perf_counter() - started, time.time()
             tasks = sum(-(-len(windows) // result.task_dates) for windows in result.plan.windows.values() if windows)
             events = tiles.wait_for(tasks)
+            peak_memory, peak_gpu_memory = (max(column) for column in zip(*client.run(_peak_memory).values()))
         devices = sorted({event["device"] for _, event in events})
     plan = result.plan
     lr_pixels = sum(len(ws) * (plan.rows[r][1] - plan.rows[r][0]) * (plan.cols[c][1] - plan.cols[c][0]) for (r, c), ws in plan.windows.items())
@@ -410,7 +415,9 @@ def end_to_end(
         "seconds": seconds,
         "lr_mpx_per_s": mpx,
         "km2_date_per_s": mpx * KM2_PER_MPX,
-        "peak_worker_memory_mb": memory.peak / 1e6,
+        "peak_worker_memory_mb": peak_memory / 1e6,
+        "peak_gpu_memory_mb": peak_gpu_memory / 1e6,
+        "cluster_start_seconds": started - opened,
         "devices": devices,
         "sr_phase_seconds": phase,
         "sr_phase_lr_mpx_per_s": lr_pixels / 1e6 / phase,
@@ -507,28 +514,12 @@ class GpuUtilisation:
             self._thread.join()
 
 
-class PeakWorkerMemory:
-    """The largest process memory any single worker reported while the block ran (scheduler heartbeats)."""
-
-    def __init__(self, client: Any, interval: float = 0.2) -> None:
-        self.client = client
-        self.interval = interval
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-            self.peak = max([self.peak, *(float(w["metrics"]["memory"]) for w in workers)])
-
-    def __enter__(self) -> PeakWorkerMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _peak_memory() -> tuple[int, int]:
+    """This process's peak resident memory since it started (the kernel's own record, which no sampling
+    can miss: a worker of a cluster started for one job has run nothing else), and the peak its CUDA
+    allocator reserved (0 where it never ran). Run on each worker at the end of a job."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return peak_kb * 1024, torch.cuda.max_memory_reserved() if torch.cuda.is_initialized() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,8 +605,11 @@ def main(argv: list[str] | None = None) -> int:
             report[f"end_to_end_{factor}"] = row
             print(
                 f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
-                f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB  ({row['seconds']:.1f} s on {', '.join(row['devices'])})"
+                f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB  ({row['seconds']:.1f} s on {', '.join(row['devices'])}; "
+                f"the LocalCluster started in {row['cluster_start_seconds']:.1f} s before)"
             )
+            if row["peak_gpu_memory_mb"]:
+                print(f"            peak GPU memory reserved by a worker: {row['peak_gpu_memory_mb']:.0f} MB")
             print(
                 f"            super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s "
                 f"(tasks busy {row['sr_task_seconds']:.1f} s, their own threads on a core {row['sr_task_thread_cpu_seconds']:.1f} s); "

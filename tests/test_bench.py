@@ -28,6 +28,7 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     for factor in ("1x", "4x"):
         row = report[f"end_to_end_{factor}"]
         assert row["lr_mpx_per_s"] > 0 and row["peak_worker_memory_mb"] > 0 and row["tile_dates"] > 0
+        assert row["peak_gpu_memory_mb"] == 0 and row["cluster_start_seconds"] > 0  # no CUDA here; the cluster is started per job
         assert 0 < row["sr_phase_seconds"] <= row["seconds"] and row["sr_task_seconds"] > 0 and row["before_sr_seconds"] > 0
         assert 0 < row["sr_task_thread_cpu_seconds"] <= row["sr_task_seconds"] + 0.1  # a thread runs on one core at most
         # Where the workers' threads spent the job: the tile tasks among the kinds, all within the threads' time.
