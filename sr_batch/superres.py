@@ -92,7 +92,8 @@ def _runner_cached(ref: ModelRef) -> Runner:
     if ref.compile != "off":
         from torch._dynamo import config as dynamo_config
 
-        # Edge tiles have their own shapes: allow a compiled graph for each instead of falling back to eager.
+        # A job's windows share one shape (tiles.read_windows), but jobs differ: a graph for each shape
+        # this process meets, instead of falling back to eager.
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
         forward = torch.compile(network, mode=ref.compile, dynamic=False)
     return Runner(loaded, device, pick_autocast(ref.precision, device), forward, ref.compile != "off")

@@ -1,8 +1,9 @@
 """Stage 5, super-resolution per tile: the Dask graph that turns the lazy cube into the lazy output.
 
 Strategy: the cube holds only the days some window reads, chunked by tile with every day in one
-chunk. Each tile's chunk is extended by a halo from its neighbours (no padding at the region's edge,
-exactly as a whole-image run sees it). A job over years would make that chunk as long as its
+chunk. Each tile is read with a halo cut from its neighbours' chunks (`read_windows`, `window_blocks`;
+no padding at the region's edge, exactly as a whole-image run sees it; for a compiled model the
+windows at the edge reach further inward, so that every window has one shape). A job over years would make that chunk as long as its
 history, so the job splits its windows by output date into time slabs (`time_slabs`) whose days fit
 READ_BLOCK_BYTES per tile, a cube each: a slab re-reads only the few earlier frames its first windows
 need. One task super-resolves one tile for a group of output dates
@@ -23,6 +24,7 @@ layer itself, which graph optimisation keeps (the job tests check where the task
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -78,18 +80,17 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
     cube = load_cube([plan.days[d] for d in frame_days], plan.grid, assets, [*BANDS, SCL], plan.chunks()).data
-    halo = plan.halo
-    depth = {0: 0, 1: 0, 2: halo if len(plan.rows) > 1 else 0, 3: halo if len(plan.cols) > 1 else 0}
-    padded = da.overlap.overlap(cube, depth=depth, boundary="none") if halo else cube
+    reads = read_windows(plan, same_shape=model.compile != "off")
+    blocks = window_blocks(cube, plan, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
     tasks = {}
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
         for (row, col), windows in plan.windows.items():
             selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
-            crop = _crop(row, col, len(plan.rows), len(plan.cols), depth)
+            crop = _crop(plan, reads[(row, col)], row, col)
             tasks[(g, row, col)] = (
-                (padded.name, 0, 0, row, col),
+                (blocks.name, 0, 0, row, col),
                 selected,
                 len(group),
                 crop,
@@ -104,7 +105,7 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
     with dask.annotate(**annotations):
-        layers = HighLevelGraph.from_collections(name, graph, dependencies=[padded])
+        layers = HighLevelGraph.from_collections(name, graph, dependencies=[blocks])
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube)
 
@@ -195,14 +196,65 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool) -> i
     return block + reflectance + windows + int(activations) + output + encoded
 
 
-def _crop(row: int, col: int, rows: int, cols: int, depth: dict[int, int]) -> tuple[int, int, int, int]:
-    """Halo pixels (top, bottom, left, right) this tile's block carries: none beyond the region's edge."""
-    return (
-        depth[2] if row > 0 else 0,
-        depth[2] if row < rows - 1 else 0,
-        depth[3] if col > 0 else 0,
-        depth[3] if col < cols - 1 else 0,
-    )
+Span = tuple[int, int]
+"""[start, end) in 10 m pixels of the region."""
+
+
+def read_windows(plan: Plan, same_shape: bool = False) -> dict[tuple[int, int], tuple[Span, Span]]:
+    """Per tile, the (y, x) pixels its task reads: the tile and `plan.halo` pixels on each side that has
+    a neighbour. A window stops at the region's edge, which the network then sees as a whole-image run
+    does, so the tiles join exactly. With `same_shape`, a window at the region's edge reaches further
+    inward instead (more halo on its inner side) to the shape of an inner tile's window: a compiled
+    network compiles once per input shape, and an edge tile's window would otherwise make up to nine."""
+    rows = [_span(top, bottom, plan.halo, plan.grid.height, max(plan.chunks()[0]), same_shape) for top, bottom in plan.rows]
+    cols = [_span(left, right, plan.halo, plan.grid.width, max(plan.chunks()[1]), same_shape) for left, right in plan.cols]
+    return {(row, col): (rows[row], cols[col]) for row in range(len(rows)) for col in range(len(cols))}
+
+
+def _span(start: int, end: int, halo: int, size: int, longest: int, same_shape: bool) -> Span:
+    if not same_shape:
+        return max(0, start - halo), min(size, end + halo)
+    length = min(size, longest + 2 * halo)
+    first = min(max(0, start - halo), size - length)
+    return first, first + length
+
+
+def window_blocks(cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tuple[Span, Span]]) -> da.Array:
+    """The tiles' read windows cut from the cube's tile chunks, a block per tile. Each piece is cut
+    where its chunk is held and only the piece travels to the tile's task (the halo strip of a
+    neighbour, not its whole block), then the pieces are joined."""
+    name = f"tile-windows-{tokenize(cube.name, windows)}"
+    graph: dict[Any, Any] = {}
+    for (row, col), (ys, xs) in windows.items():
+        pieces = []
+        for r, (top, bottom) in enumerate(plan.rows):
+            if bottom <= ys[0] or top >= ys[1]:
+                continue
+            line = []
+            for c, (left, right) in enumerate(plan.cols):
+                if right <= xs[0] or left >= xs[1]:
+                    continue
+                cut = (
+                    slice(None),
+                    slice(None),
+                    slice(max(ys[0], top) - top, min(ys[1], bottom) - top),
+                    slice(max(xs[0], left) - left, min(xs[1], right) - left),
+                )
+                line.append((f"{name}-piece", row, col, r, c))
+                graph[line[-1]] = (operator.getitem, (cube.name, 0, 0, r, c), cut)
+            pieces.append(line)
+        graph[(name, 0, 0, row, col)] = (np.block, pieces)
+    heights = tuple(windows[(row, 0)][0][1] - windows[(row, 0)][0][0] for row in range(len(plan.rows)))
+    widths = tuple(windows[(0, col)][1][1] - windows[(0, col)][1][0] for col in range(len(plan.cols)))
+    layers = HighLevelGraph.from_collections(name, graph, dependencies=[cube])
+    return da.Array(layers, name, (cube.chunks[0], cube.chunks[1], heights, widths), dtype=cube.dtype)
+
+
+def _crop(plan: Plan, window: tuple[Span, Span], row: int, col: int) -> tuple[int, int, int, int]:
+    """The halo pixels (top, bottom, left, right) around the tile in its window."""
+    (y0, y1), (x0, x1) = window
+    (top, bottom), (left, right) = plan.rows[row], plan.cols[col]
+    return top - y0, y1 - bottom, left - x0, x1 - right
 
 
 def superresolve_tile(

@@ -16,15 +16,15 @@ from sr_batch.job import model_ref, plan_job, run_job
 from sr_batch.plan import Plan
 from sr_batch.spec import parse_spec
 from sr_batch.superres import ModelRef
-from sr_batch.tiles import superresolve_plan
+from sr_batch.tiles import read_windows, superresolve_plan
 
-from conftest import SMALL_HALO, make_job
+from conftest import SMALL_HALO, SMALL_MODEL, make_job
 
 
-def run(stac_url: str, catalog, scheduler: str, out: Path, tile: int, halo: int | str) -> np.ndarray:
+def run(stac_url: str, catalog, scheduler: str, out: Path, tile: int, halo: int | str, **model: object) -> np.ndarray:
     # Every date counts as cloudless in every tile, so all tilings get the same windows.
     period = {"start": "2019-07-01", "end": "2019-07-31"}
-    job = make_job(stac_url, out, catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": tile, "halo": halo})
+    job = make_job(stac_url, out, catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": tile, "halo": halo}, model={**SMALL_MODEL, **model})
     result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False)
     if tile < 100:
         assert len(result.plan.rows) >= 4 and len(result.plan.cols) >= 4
@@ -46,6 +46,40 @@ def test_tiled_output_equals_whole_image_output(tmp_path: Path, stac_url: str, c
     # The same tiling with too small a halo shows seams: the comparison above can fail.
     seamy = run(stac_url, catalog, scheduler, tmp_path / "seamy.zarr", tile=24, halo=4)
     assert np.nanmax(np.abs(seamy - whole)) > 1e-3
+
+
+def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """torch.compile compiles once per input shape (minutes each with max-autotune), and the windows of
+    a region's edge tiles, clipped at the edge, would make up to nine. For a compiled model the edge
+    windows reach further inward instead, to an inner window's shape: one shape, and the output still
+    equals a whole-image run's."""
+    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, tiling={"tile": 24}))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    shape = {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in read_windows(plan, same_shape=False).values()}
+    assert len(shape) == 9, "the region's edges make eight more shapes"
+    same = read_windows(plan, same_shape=True)
+    assert {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in same.values()} == {(max(plan.chunks()[0]) + 2 * plan.halo, max(plan.chunks()[1]) + 2 * plan.halo)}
+    for (row, col), (ys, xs) in same.items():  # each tile inside its window, a halo deep where the window is not at the region's edge
+        (top, bottom), (left, right) = plan.rows[row], plan.cols[col]
+        assert (top - ys[0] >= plan.halo or ys[0] == 0) and (ys[1] - bottom >= plan.halo or ys[1] == plan.grid.height)
+        assert (left - xs[0] >= plan.halo or xs[0] == 0) and (xs[1] - right >= plan.halo or xs[1] == plan.grid.width)
+
+    whole = run(stac_url, catalog, scheduler, tmp_path / "whole.zarr", tile=128, halo=SMALL_HALO)
+    with Client(scheduler) as client:
+        before = client.run(_compiled_graphs)
+        compiled = run(stac_url, catalog, scheduler, tmp_path / "compiled.zarr", tile=24, halo="auto", compile="default")
+        graphs = {worker: count - before.get(worker, 0) for worker, count in client.run(_compiled_graphs).items()}
+    assert sorted(graphs.values()) == [1] * len(graphs), f"graphs compiled per worker: {graphs}"
+    assert np.array_equal(np.isnan(whole), np.isnan(compiled))
+    np.testing.assert_allclose(compiled, whole, atol=1.01e-4, equal_nan=True)
+    assert np.nanmean(np.abs(compiled - whole)) < 1e-5
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process (run on a worker)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def test_a_region_read_strip_by_strip_writes_what_one_strip_writes(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
