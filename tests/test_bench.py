@@ -19,7 +19,8 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     environment = dict(os.environ)
     assert main(["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last"}
+    assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last", "fp32 channels_last + torch.compile(default)"}
+    assert {row["compile"] for row in report["model_only"]} == {"off", "default"}  # every compile mode a CPU has, beside eager
     assert all(row["lr_mpx_per_s"] > 0 for row in report["model_only"])
     # On CPU the network also runs in the job's worker processes at once, the reference a job is held to.
     assert any(row.get("processes") == 2 for row in report["model_only"])
