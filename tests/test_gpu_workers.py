@@ -44,6 +44,14 @@ def _forget(dask_scheduler) -> None:
     dask_scheduler.plugins[RecordRestrictions.name].restrictions.clear()
 
 
+def _model_loads() -> tuple[int, int]:
+    """(models loaded, loads answered from the process's cache) in this process (run on a worker)."""
+    from sr_batch.superres import _runner_cached
+
+    info = _runner_cached.cache_info()
+    return info.misses, info.hits
+
+
 def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str, catalog) -> None:
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
@@ -59,6 +67,7 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
                 result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
             restricted = client.run_on_scheduler(_restrictions)
             events = [event for _, event in client.get_events(TILE_TOPIC) if event["output"] == str(result.output)]
+            loads = client.run(_model_loads)
 
             # model.device: cpu spreads super-resolution over every worker: no restriction is attached.
             client.run_on_scheduler(_forget)
@@ -79,7 +88,10 @@ def test_superresolution_runs_on_gpu_workers_only(tmp_path: Path, stac_url: str,
     assert any("100%" in line for line in lines), lines  # the per-tile progress reached its end
     assert len(unrestricted) >= tasks and all(r == {} for r in unrestricted.values()), unrestricted
     assert sharing == {address: GPU_SLOTS if address in gpu else 1 for address in sharing} and GPU_SLOTS > 1
-    # The model was loaded and run once on the GPU worker, and only there, before its first tile began.
+    # The model was loaded once on the GPU worker, and only there, and every tile task there reused it.
+    assert {address: misses for address, (misses, _) in loads.items()} == {address: int(address in gpu) for address in loads}, loads
+    assert loads[gpu[0]][1] >= tasks
+    # It was run there once before the first tile began (the warm-up).
     started = {str(record["key"]): (record["worker"], min(span["start"] for span in record["startstops"])) for record in stream.data}
     warm_ups = [at for key, at in started.items() if key.startswith("sr-batch-warm-up")]
     first_tile = min(start for key, (_, start) in started.items() if "superresolve" in key)
