@@ -34,6 +34,7 @@ import platform
 import queue
 import resource
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -531,8 +532,16 @@ class GpuUtilisation:
 def _peak_memory() -> tuple[int, int]:
     """This process's peak resident memory since it started (the kernel's own record, which no sampling
     can miss: a worker of a cluster started for one job has run nothing else), and the peak its CUDA
-    allocator reserved (0 where it never ran). Run on each worker at the end of a job."""
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    allocator reserved (0 where it never ran). Run on each worker at the end of a job.
+
+    The record is Linux's VmHWM, which starts again at exec. getrusage's ru_maxrss does not: a worker
+    is started by fork and exec from a process that may hold gigabytes (this benchmark's own passes),
+    and it would report its parent's size at the fork."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    peak_kb = next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), None)
+    if peak_kb is None:  # not Linux: the best there is
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
     return peak_kb * 1024, torch.cuda.max_memory_reserved() if torch.cuda.is_initialized() else 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sr_batch.bench import GpuUtilisation, ModelOnlyDied, main, model_only_on_workers, tile_tasks_alone
+from sr_batch.bench import GpuUtilisation, ModelOnlyDied, _peak_memory, main, model_only_on_workers, tile_tasks_alone
 from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef
 
 
@@ -92,3 +92,16 @@ def test_whole_tile_client_benchmark_writes_its_numbers(tmp_path: Path) -> None:
     measured = ("search_s", "plan_s", "graph_s", "submission_ms_per_task", "manifest_mb", "manifest_write_s", "store_layout_s", "append_dates_s")
     assert all(row[key] > 0 for key in measured)
     assert "tasks of 8 dates" in done.stdout
+
+
+def test_a_workers_peak_memory_is_its_own_not_its_parents() -> None:
+    """A worker process is started by fork and exec from a process that may hold gigabytes (the
+    benchmark's own model-only passes): its peak is its own. getrusage's would keep the parent's."""
+    import multiprocessing
+
+    import numpy as np
+
+    held = np.ones(3_000_000_000 // 8)  # 3 GB resident in this process
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        peak, gpu_peak = pool.apply(_peak_memory)
+    assert 50e6 < peak < 2e9 and gpu_peak == 0 and held[-1] == 1
