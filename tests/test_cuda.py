@@ -100,14 +100,7 @@ def test_tasks_sharing_the_gpu_give_what_they_give_alone_with_their_results_copi
     """Four tile tasks on four threads at once (a GPU worker runs its tasks side by side; their passes
     queue in turn on the default stream, their results come back on the process's one results stream)
     write exactly what each writes alone."""
-    model = ModelRef(checkpoint="default", device="cuda", batch_size=2)
-    tasks = [_tile_task(source_cube, start) for start in (0, 10, 20, 30)]
-    alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0)) for k, (block, windows, crop) in enumerate(tasks)]
-    for _ in range(3):
-        with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(lambda k: superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0)), range(4)))
-        for one, other in zip(together, alone):
-            np.testing.assert_array_equal(one, other)
+    _tasks_at_once_write_what_each_writes_alone(source_cube, ModelRef(checkpoint="default", device="cuda", batch_size=2), (0, 10, 20, 30))
     # One results stream per device and process, whichever thread asks, and not the default stream.
     device = torch.device("cuda")
     with ThreadPoolExecutor(2) as pool:
@@ -119,12 +112,16 @@ def test_tasks_sharing_a_gpu_with_cuda_graphs_give_what_they_give_alone(source_c
     """compile: max-autotune replays CUDA graphs, which write every output into the same memory, and the
     tasks sharing a GPU worker pass through its one compiled thread: two tasks at once still write what
     each writes alone (each takes its pass's output before the next pass can overwrite it)."""
-    model = ModelRef(checkpoint="default", device="cuda", batch_size=2, compile="max-autotune")
-    tasks = [_tile_task(source_cube, start) for start in (0, 10)]
+    _tasks_at_once_write_what_each_writes_alone(source_cube, ModelRef(checkpoint="default", device="cuda", batch_size=2, compile="max-autotune"), (0, 10))
+
+
+def _tasks_at_once_write_what_each_writes_alone(source_cube: xr.Dataset, model: ModelRef, starts: tuple[int, ...]) -> None:
+    """The tile tasks of `starts`, each run alone, then all at once on as many threads, three times."""
+    tasks = [_tile_task(source_cube, start) for start in starts]
     alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0)) for k, (block, windows, crop) in enumerate(tasks)]
     for _ in range(3):
-        with ThreadPoolExecutor(2) as pool:
-            together = list(pool.map(lambda k: superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0)), range(2)))
+        with ThreadPoolExecutor(len(tasks)) as pool:
+            together = list(pool.map(lambda k: superresolve_tile(*tasks[k][:2], 4, tasks[k][2], 2, model, ("bench", 0, k, 0)), range(len(tasks))))
         for one, other in zip(together, alone):
             np.testing.assert_array_equal(one, other)
 
