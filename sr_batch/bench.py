@@ -15,8 +15,9 @@
    On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase.
 4. Memory: the peak resident memory of the largest worker process for 1x and 4x the area (the
    kernel's record, read when the job ends: no peak is missed between samples), and on a GPU the
-   peak its CUDA allocator reserved; it should not grow with the region. A small job splits its dates over smaller tasks, so where the 1x job chose fewer
-   dates per task it runs once more with the 4x job's, and the target compares those.
+   peak its CUDA allocator reserved; it should not grow with the region. A small job splits its
+   dates over smaller tasks, so where the 1x job chose fewer dates per task it runs once more with
+   the 4x job's, and the target compares those.
 
 Throughput is in 10 m input megapixels per second per output date, and km² of one output date per
 second (1 Mpx = 100 km²). The numbers go to stdout and to a JSON file.
