@@ -1,9 +1,10 @@
 """Stage 5, super-resolution per tile: the Dask graph that turns the lazy cube into the lazy output.
 
 Strategy: the cube holds only the days some window reads, chunked by tile with every day in one
-chunk. Each tile is read with a halo cut from its neighbours' chunks (`read_windows`, `window_blocks`;
-no padding at the region's edge, exactly as a whole-image run sees it; for a compiled model the
-windows at the edge reach further inward, so that every window has one shape). A job over years would make that chunk as long as its
+chunk. Each tile is read with a halo cut from its neighbours' chunks (`read_windows`,
+`window_blocks`; no padding at the region's edge, exactly as a whole-image run sees it; for a
+compiled model the windows at the edge reach further inward, so that every window has one shape).
+A job over years would make that chunk as long as its
 history, so the job splits its windows by output date into time slabs (`time_slabs`) whose days fit
 READ_BLOCK_BYTES per tile, a cube each: a slab re-reads only the few earlier frames its first windows
 need. One task super-resolves one tile for a group of output dates
@@ -205,7 +206,7 @@ def read_windows(plan: Plan, same_shape: bool = False) -> dict[tuple[int, int], 
     a neighbour. A window stops at the region's edge, which the network then sees as a whole-image run
     does, so the tiles join exactly. With `same_shape`, a window at the region's edge reaches further
     inward instead (more halo on its inner side) to the shape of an inner tile's window: a compiled
-    network compiles once per input shape, and an edge tile's window would otherwise make up to nine."""
+    network compiles once per input shape, and the edge windows would otherwise add up to eight."""
     rows = [_span(top, bottom, plan.halo, plan.grid.height, max(plan.chunks()[0]), same_shape) for top, bottom in plan.rows]
     cols = [_span(left, right, plan.halo, plan.grid.width, max(plan.chunks()[1]), same_shape) for left, right in plan.cols]
     return {(row, col): (rows[row], cols[col]) for row in range(len(rows)) for col in range(len(cols))}
