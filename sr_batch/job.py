@@ -156,7 +156,7 @@ def plan_job(spec: JobSpec, scheduler: str | None = None, workers: int | None = 
     resolved_halo(spec, radius)
     found = search(spec)
     with dask_client(scheduler, workers, echo) as client:
-        check_device(client, spec, gpu_workers(client) if spec.model.device != "cpu" else [])
+        check_device(client, spec, network_gpu_workers(client, spec))
         increment = plan_increment(spec, found, manifest, radius)
     echo(increment.plan.summary())
     _warn_late(increment, echo)
@@ -207,7 +207,7 @@ def run_job(
             performance_report_to(performance_report),
             read_errors_of(client, job_hrefs(found)) as read_errors,
         ):
-            on_gpus = gpu_workers(client) if spec.model.device != "cpu" else []
+            on_gpus = network_gpu_workers(client, spec)
             check_device(client, spec, on_gpus)
             check_smallest_task(client, quick.plan, on_gpus)
             increment = plan_increment(spec, found, manifest, radius)
@@ -269,6 +269,11 @@ def run_job(
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
+
+
+def network_gpu_workers(client: Client, spec: JobSpec) -> list[str]:
+    """The GPU workers the job's network is restricted to: none for `model.device: cpu` (every worker)."""
+    return gpu_workers(client) if spec.model.device != "cpu" else []
 
 
 def check_device(client: Client, spec: JobSpec, on_gpus: list[str]) -> None:
