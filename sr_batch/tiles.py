@@ -84,6 +84,10 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     reads = read_windows(plan, same_shape=model.compile != "off")
     blocks = window_blocks(cube, plan, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
+    # Windows per forward pass: a group's dates, up to the model's batch. A compiled network pads every
+    # pass to this one size (one graph per job), so a job of fewer dates than a batch (a nightly run of
+    # one new date) must not pad its passes to `model.batch_size`: that would compute up to 8x its windows.
+    pass_windows = min(model.batch_size, dates_per_task)
     tasks = {}
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
@@ -98,11 +102,12 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
                 spec.cloud.dilate_pixels,
                 model,
                 (spec.output.uri, row, col, first_group + g),
+                pass_windows,
             )
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident. The
     # model is hashed once, and the rest (numbers and strings) by their text: dask's tokenize walks
     # every nested tuple of every task, 6 s of client time for a whole Sentinel-2 tile's 16,641 tasks.
-    name = f"superresolve-{tokenize(model, repr({key: args[:-2] + args[-1:] for key, args in tasks.items()}))}"
+    name = f"superresolve-{tokenize(model, repr({key: args[:5] + args[6:] for key, args in tasks.items()}))}"  # args[5] is the model
     graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
     with dask.annotate(**annotations):
@@ -259,10 +264,19 @@ def _crop(plan: Plan, window: tuple[Span, Span], row: int, col: int) -> tuple[in
 
 
 def superresolve_tile(
-    block: np.ndarray, windows: TileWindows, n_dates: int, crop: tuple[int, int, int, int], dilate: int, model: ModelRef, tile: tuple[str, int, int, int]
+    block: np.ndarray,
+    windows: TileWindows,
+    n_dates: int,
+    crop: tuple[int, int, int, int],
+    dilate: int,
+    model: ModelRef,
+    tile: tuple[str, int, int, int],
+    pass_windows: int | None = None,
 ) -> np.ndarray:
     """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) uint16 as stored, halo cropped.
     `tile` is (output uri, row, col, group of dates): which job and task, for the progress events.
+    `pass_windows` is the job's windows per forward pass (`model.batch_size` by default), to which a
+    compiled network pads every pass.
 
     The tile goes to the network's device as it was read (uint16, the smallest form) and everything
     after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
@@ -285,7 +299,7 @@ def superresolve_tile(
             runner,
             frames,
             [tuple(at[f] for f in positions) for _, positions in windows],
-            model.batch_size,
+            pass_windows or model.batch_size,
             crop,
             encode_reflectance_tensor,
             sharing=tasks_sharing_the_device(),

@@ -8,14 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 import xarray as xr
 from distributed import Client, get_task_stream
 
 from sr_batch import job as job_module
+from sr_batch import superres
 from sr_batch.job import model_ref, plan_job, run_job
 from sr_batch.plan import Plan
 from sr_batch.spec import parse_spec
-from sr_batch.superres import ModelRef
+from sr_batch.superres import ModelRef, Runner
 from sr_batch.tiles import read_windows, superresolve_plan
 
 from conftest import SMALL_HALO, SMALL_MODEL, make_job
@@ -73,6 +75,36 @@ def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_pat
     assert np.array_equal(np.isnan(whole), np.isnan(compiled))
     np.testing.assert_allclose(compiled, whole, atol=1.01e-4, equal_nan=True)
     assert np.nanmean(np.abs(compiled - whole)) < 1e-5
+
+
+def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
+    """A compiled network pads every pass to one size, so that it compiles one graph. A nightly run has
+    one new date: its tasks hold one window each, and padding their passes to `model.batch_size` (4
+    here, 8 by default) would compute that many windows for one. The pass is as wide as the job's task."""
+    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31"}, tiling={"tile": 48}))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    latest = max(plan.output_days)
+    one_date = replace(plan, windows={tile: [w for w in windows if w.target == latest] for tile, windows in plan.windows.items()})
+    compiled = replace(model_ref(spec), compile="default")
+    assert compiled.batch_size == 4 and len(one_date.output_days) == 1
+
+    passes: list[int] = []
+
+    def eager_pass_counted(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        passes.append(x.shape[0])
+        return superres._forward(replace(runner, forward=runner.loaded.network), x, alphas).float()
+
+    monkeypatch.setattr(superres, "_forward_kept", eager_pass_counted)  # the pass as compiled, without the minutes of compiling
+    output = superresolve_plan(one_date, compiled, dates_per_task=1).output
+    tiles = sum(1 for windows in one_date.windows.values() if windows)
+    assert output.compute(scheduler="sync").any() and tiles > 1
+    assert passes == [1] * tiles, passes
+
+    # With the job's tasks of 2 dates, the passes are 2 wide, the last group padded to them.
+    passes.clear()
+    two_dates = replace(plan, windows={tile: windows[-3:] for tile, windows in plan.windows.items()})
+    superresolve_plan(two_dates, compiled, dates_per_task=2).output.compute(scheduler="sync")
+    assert passes and set(passes) == {2}, passes
 
 
 def _compiled_graphs() -> int:
