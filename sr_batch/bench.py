@@ -5,7 +5,8 @@
    torch.compile mode (`--model-only-compile`; on a GPU max-autotune is the fastest, the figure a GPU job is held to).
 2. On a GPU, the tile task alone: a job's task on a real tile with its halo, without Dask, 1 to 4 at
    a time. Between 1 and 3 it says what the task adds to the network and what the pipeline adds to
-   the task, and whether more tasks side by side would keep the GPU busier.
+   the task, and whether more tasks side by side would keep the GPU busier. A one-date task (a
+   nightly run's: a task holds one tile, so its passes hold one window) says what small passes cost.
 3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
@@ -293,7 +294,8 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
     crop = (halo, halo, halo, halo)
 
     def task(index: int) -> None:
-        superresolve_tile(block, windows, dates, crop, dilate, model, ("bench", 0, index, 0))
+        # Passes as wide as a job's task of `dates` dates (tiles.superresolve_plan).
+        superresolve_tile(block, windows, dates, crop, dilate, model, ("bench", 0, index, 0), min(model.batch_size, dates))
 
     task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
     rows = []
@@ -614,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         # 1 to twice a GPU worker's slots at once: would more tasks side by side keep the GPU busier?
         alone = ModelRef(checkpoint=args.checkpoint, batch_size=args.batch, precision=args.precision, compile=args.compile)
         report["tile_tasks_alone"] = tile_tasks_alone(alone, args.tile, args.batch, args.repeats, range(1, 2 * GPU_SLOTS + 1))
+        # A nightly run's task: one new date, so each pass holds one window (a task holds one tile).
+        report["tile_tasks_alone"] += tile_tasks_alone(alone, args.tile, 1, args.repeats * args.batch, (1, GPU_SLOTS))
         for row in report["tile_tasks_alone"]:
             print(
                 f"tile task   alone, {row['threads']} at a time ({row['dates']} dates, {args.tile} px + halo {row['halo']})  "
@@ -694,12 +698,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['ratio_end_to_end_4x_over_model_only_as_the_jobs_ran']:.2f}"
         )
     if "tile_tasks_alone" in report:
-        together = next(row for row in report["tile_tasks_alone"] if row["threads"] == GPU_SLOTS)  # as a GPU worker runs them
+        as_run = [row for row in report["tile_tasks_alone"] if row["threads"] == GPU_SLOTS]  # as a GPU worker runs them
+        together, nightly = as_run[0], as_run[-1]
         report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
         report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
+        report["ratio_one_date_tile_tasks_over_tile_tasks"] = nightly["lr_mpx_per_s"] / together["lr_mpx_per_s"]
         print(
             f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
-            f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}"
+            f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}; "
+            f"a one-date task (a nightly run's) ÷ a task of {together['dates']} dates: {report['ratio_one_date_tile_tasks_over_tile_tasks']:.2f}"
         )
     print(
         f"peak worker memory 4x ÷ 1x area, tasks alike: {report['ratio_memory_4x_over_1x_same_tasks']:.2f}   (target ≤ 1.2); "
