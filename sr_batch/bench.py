@@ -410,8 +410,7 @@ def end_to_end(
             started, wall_started = time.perf_counter(), time.time()
             result = run_job(spec, scheduler=client.scheduler.address, show_progress=False, echo=lambda _: None, task_dates=task_dates, in_flight=in_flight)
             seconds, wall_ended = time.perf_counter() - started, time.time()
-            tasks = sum(-(-len(windows) // result.task_dates) for windows in result.plan.windows.values() if windows)
-            events = tiles.wait_for(tasks)
+            events = tiles.wait_for(result.written_windows)
             peak_memory, peak_gpu_memory = (max(column) for column in zip(*client.run(_peak_memory).values()))
         devices = sorted({event["device"] for _, event in events})
     plan = result.plan
@@ -428,7 +427,8 @@ def end_to_end(
         "tile_dates": plan.tile_dates,
         "halo": plan.halo,
         "dates_per_task": result.task_dates,
-        "tasks": tasks,
+        "tiles_per_task": result.task_tiles,
+        "tasks": len(events),
         "sr_workers": len({event["worker"] for _, event in events}),
         "seconds": seconds,
         "lr_mpx_per_s": mpx,
@@ -479,12 +479,12 @@ class TileEvents:
         self.client.subscribe_topic(TILE_TOPIC, lambda event: self.events.append(event))
         return self
 
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[tuple[float, dict[str, Any]]]:
-        """The events, once `count` have arrived (they travel scheduler → client after the task's result)."""
+    def wait_for(self, tile_dates: int, timeout: float = 30.0) -> list[tuple[float, dict[str, Any]]]:
+        """The events, once the tasks of `tile_dates` have reported (events travel scheduler → client after the task's result)."""
         deadline = time.monotonic() + timeout
-        while len(self.events) < count:
+        while (arrived := sum(event["dates"] for _, event in list(self.events))) < tile_dates:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(self.events)} tile events arrived of the {count} tasks run")
+                raise RuntimeError(f"tile events of {arrived} tile-dates arrived of the {tile_dates} computed")
             time.sleep(0.05)
         return list(self.events)
 
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"            super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s "
                 f"(tasks busy {row['sr_task_seconds']:.1f} s, their own threads on a core {row['sr_task_thread_cpu_seconds']:.1f} s); "
                 f"{row['before_sr_seconds']:.1f} s before it, {row['after_sr_seconds']:.1f} s after it; "
-                f"{row['dates_per_task']} dates per task, halo {row['halo']} px"
+                f"{row['dates_per_task']} dates and {row['tiles_per_task']} tile(s) per task, halo {row['halo']} px"
             )
             if row["sr_phase_gpu_utilisation"] is not None:
                 print(f"            GPU utilisation in the super-resolution phase (NVML): {row['sr_phase_gpu_utilisation']:.0%}")

@@ -65,7 +65,7 @@ from sr_batch.sink import (
     staging_path,
     stored_codec,
     time_length,
-    write_tile_dates,
+    write_tiles_dates,
 )
 from sr_batch.spec import JobSpec, ModelSettings
 from sr_batch.storage import Location
@@ -97,6 +97,8 @@ class JobResult:
     """Reads of checked assets that failed (corrupt blocks) and were taken as no data."""
     task_dates: int = 0
     """Output dates per super-resolution task (the task's memory grows with it)."""
+    task_tiles: int = 1
+    """Tiles per super-resolution task (more than one on GPU workers for a job of few dates)."""
 
     def report(self) -> str:
         if not self.written_windows and not self.added_dates:
@@ -218,8 +220,8 @@ def run_job(
             # The windows this run computes (the manifest's record of what is written does not change
             # before the run writes them), and their tasks' size, checked before anything is written.
             work = replace(increment.plan, windows=increment.pending(manifest))
-            per_task, in_flight = task_layout(work, spec.model, super_resolution_slots(client, on_gpus), task_dates, in_flight)
-            echo(check_task_memory(client, work, on_gpus, per_task))
+            layout = task_layout(work, spec.model, super_resolution_slots(client, on_gpus), task_dates, in_flight, on_gpu=bool(on_gpus))
+            echo(check_task_memory(client, work, on_gpus, layout))
             precision = resolved_precision(client, spec, on_gpus)
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
             settings = with_precision(settings, precision)
@@ -240,9 +242,9 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), per_task, in_flight, echo)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo)
                 except KilledWorker as died:
-                    memory = task_memory_note(work, per_task, bool(on_gpus))
+                    memory = task_memory_note(work, layout, bool(on_gpus))
                     raise SrBatchError(
                         f"tiling.tile: Dask workers died running {died.task} (out of memory is the usual cause; {memory}); "
                         "lower tiling.tile or model.batch_size, or give workers more memory, and run again: written windows are kept"
@@ -265,7 +267,8 @@ def run_job(
         written_km2=sum(_tile_km2(plan, tile) * len(windows) for tile, windows in written.items()),
         late=[d.date for d in increment.late],
         read_errors=read_errors.found(),
-        task_dates=per_task,
+        task_dates=layout.dates,
+        task_tiles=layout.tiles,
     )
     echo(describe_output(target) + f"\n  time taken: {result.seconds:.1f} s\n" + result.report())
     return result
@@ -370,11 +373,12 @@ MEMORY_SHARE = 0.6
 worker at 80 % and the worker also holds its neighbours' blocks and the write's encoded chunks."""
 
 
-def check_task_memory(client: Client, plan: Plan, on_gpus: list[str], per_task: int) -> str:
-    """Refuse, before anything is written, a tiling whose tasks (`per_task` dates each) cannot fit the workers that run them."""
+def check_task_memory(client: Client, plan: Plan, on_gpus: list[str], layout: TaskLayout) -> str:
+    """Refuse, before anything is written, a tiling whose tasks (`layout`: dates and tiles each) cannot fit the workers that run them."""
     limit = memory_per_running_task(client, on_gpus)
-    _refuse_over(task_memory_bytes(plan, per_task, on_gpu=bool(on_gpus)), limit, "a super-resolution task needs", "lower tiling.tile or model.batch_size")
-    return task_memory_note(plan, per_task, bool(on_gpus)) + (f"; workers have {limit / 1e9:.2f} GB per running task" if limit else "")
+    needed = task_memory_bytes(plan, layout.dates, on_gpu=bool(on_gpus), tiles=layout.tiles)
+    _refuse_over(needed, limit, "a super-resolution task needs", "lower tiling.tile or model.batch_size")
+    return task_memory_note(plan, layout, bool(on_gpus)) + (f"; workers have {limit / 1e9:.2f} GB per running task" if limit else "")
 
 
 def check_smallest_task(client: Client, plan: Plan, on_gpus: list[str]) -> None:
@@ -404,8 +408,10 @@ def _refuse_over(needed: int, limit: float, what: str, fix: str) -> None:
         )
 
 
-def task_memory_note(plan: Plan, per_task: int, on_gpu: bool = False) -> str:
-    return f"Memory: about {task_memory_bytes(plan, per_task, on_gpu) / 1e9:.2f} GB per super-resolution task"
+def task_memory_note(plan: Plan, layout: TaskLayout, on_gpu: bool = False) -> str:
+    tiles = f", {layout.tiles} tiles" if layout.tiles > 1 else ""
+    needed = task_memory_bytes(plan, layout.dates, on_gpu, tiles=layout.tiles)
+    return f"Memory: about {needed / 1e9:.2f} GB per super-resolution task ({layout.dates} dates{tiles})"
 
 
 def existing_manifest(target: Location, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:
@@ -463,12 +469,42 @@ def super_resolution_slots(client: Client, on_gpus: list[str]) -> int:
     return sum(int(info.get("nthreads", 1)) for info in workers.values()) or 1
 
 
-def task_layout(work: Plan, model: ModelSettings, slots: int, task_dates: int | None = None, in_flight: int | None = None) -> tuple[int, int]:
-    """(output dates per task, tasks kept in flight) for a cluster that runs `slots` super-resolution tasks
-    at once; `task_dates` and `in_flight` pin them. A compiled pass is padded to a full batch, so a
-    compiled model's tasks keep whole batches even where splitting them would fill more slots."""
+@dataclass(frozen=True)
+class TaskLayout:
+    """How a job's super-resolution is cut into tasks, and how many it keeps submitted."""
+
+    dates: int
+    """Output dates per task."""
+    tiles: int
+    """Tiles per task: a run of a tile row (tiles.superresolve_plan)."""
+    in_flight: int
+    """Tasks kept submitted at once (`_compute`)."""
+
+
+def task_layout(work: Plan, model: ModelSettings, slots: int, task_dates: int | None = None, in_flight: int | None = None, on_gpu: bool = False) -> TaskLayout:
+    """The tasks of a cluster that runs `slots` super-resolution tasks at once; `task_dates` and
+    `in_flight` pin theirs. A compiled pass is padded to a whole pass, so a compiled model's tasks keep
+    whole batches even where splitting them would fill more slots. On GPU workers a task of fewer dates
+    than a batch takes several tiles (`tiles_per_task`)."""
     per_task = task_dates or dates_per_task(work, model.batch_size, 1 if model.compile != "off" else slots)
-    return per_task, in_flight or tasks_in_flight(slots)
+    tiles = tiles_per_task(work, model.batch_size, per_task, slots) if on_gpu else 1
+    return TaskLayout(per_task, tiles, in_flight or tasks_in_flight(slots))
+
+
+def tiles_per_task(plan: Plan, batch_size: int, per_task: int, slots: int) -> int:
+    """Tiles of a row per GPU task, so that a task of fewer dates than a batch still fills its passes: a
+    nightly run of one new date would otherwise pass one tile's window at a time, a small fraction of
+    what a GPU computes at once. A power of two that divides STRIP_TILES (a run never crosses a strip),
+    at most `batch_size` windows per task, and as long as every slot still gets a task. On a CPU a
+    pass's speed does not grow with its windows, and a task of several tiles would only hold more."""
+    groups = -(-len(plan.output_days) // per_task)
+    tiles = 1
+    while 2 * tiles * per_task <= batch_size and STRIP_TILES % (2 * tiles) == 0 and 2 * tiles <= len(plan.cols):
+        runs = {(row, col // (2 * tiles)) for (row, col), windows in plan.windows.items() if windows}
+        if groups * len(runs) < slots:
+            break
+        tiles *= 2
+    return tiles
 
 
 def dates_per_task(plan: Plan, batch_size: int, slots: int) -> int:
@@ -489,15 +525,14 @@ def write_pending(
     lock: OutputLock,
     ref: ModelRef,
     gpu_workers_only: bool,
-    per_task: int,
-    in_flight: int,
+    layout: TaskLayout,
     echo: Echo,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
     written: Pending = {tile: [] for tile in pending}
     if not _count(pending):
         return written
-    tasks = write_tasks(store, replace(plan, windows=pending), manifest, ref, gpu_workers_only, per_task)
+    tasks = write_tasks(store, replace(plan, windows=pending), manifest, ref, gpu_workers_only, layout.dates, layout.tiles)
     time_index = {date: k for k, date in enumerate(manifest.times)}
     date_at = {k: date for date, k in time_index.items()}
     by_date = {(plan.days[w.target].date.isoformat(), tile): w for tile, windows in pending.items() for w in windows}
@@ -508,15 +543,15 @@ def write_pending(
         for _ in range(windows):
             kill_points.reached("recorded")
 
-    def record(unit: Unit, result: list[tuple[int, list[tuple[int, int]]]]) -> None:
-        tile = unit[1:]
-        for index, empty_chunks in result:
-            records.add(date_at[index], *tile, empty_chunks)
-            written[tile].append(by_date[(date_at[index], tile)])
+    def record(unit: Unit, result: list[tuple[tuple[int, int], list[tuple[int, list[tuple[int, int]]]]]]) -> None:
+        for tile, dates in result:
+            for index, empty_chunks in dates:
+                records.add(date_at[index], *tile, empty_chunks)
+                written[tile].append(by_date[(date_at[index], tile)])
         recorded(records.write_if_due())
 
     try:
-        _compute(client, tasks, in_flight, echo, record)
+        _compute(client, tasks, layout.in_flight, echo, record)
     finally:
         # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
         if not lock.lost:
@@ -524,16 +559,17 @@ def write_pending(
     return written
 
 
-def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int) -> WriteTasks:
-    """Per time slab and tile, one task per group of `per_task` dates: super-resolve (tiles.py), then
-    write the tile's pending dates. Each slab reads its own days (tiles.time_slabs)."""
+def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, tiles: int = 1) -> WriteTasks:
+    """Per time slab and run of `tiles` tiles of a row, one task per group of `per_task` dates:
+    super-resolve (tiles.py), then write the tiles' pending dates. Each slab reads its own days
+    (tiles.time_slabs). A unit is the run, named by its first tile."""
     slabs = time_slabs(work, slab_days(work), per_task)
     per_unit: dict[Unit, list[Delayed]] = {}
     blocks: dict[Unit, Delayed] = {}
     reads_of: dict[Unit, list[Unit]] = {}
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_blocks, reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group)
+        tasks, slab_blocks, reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
@@ -543,40 +579,48 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
 
 
 def _slab_write_tasks(
-    store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int
+    store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int, tiles: int
 ) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]], dict[tuple[int, int], set[Any]], int]:
-    """One slab's write tasks per tile, its read blocks per tile (their key and each as a Delayed), the keys
-    of the blocks each tile's tasks take (its own and its halo's), and its number of groups of dates."""
-    graph_of_tiles = superresolve_plan(work, ref, dates_per_task=per_task, gpu_workers_only=gpu_workers_only, first_group=first_group)
-    sr = graph_of_tiles.output
+    """One slab's write tasks per run of tiles (by its first tile), its read blocks per tile (their key
+    and each as a Delayed), the keys of the blocks each run's tasks take (its own and its halo's), and
+    its number of groups of dates."""
+    graph_of_tiles = superresolve_plan(work, ref, per_task, gpu_workers_only=gpu_workers_only, first_group=first_group, tiles_per_task=tiles)
+    sizes = graph_of_tiles.output.chunks[0]
     time_index = {date: k for k, date in enumerate(manifest.times)}
     outputs = work.output_days
-    name = f"write-sr-{tokenize(sr.name, str(store))}"
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    name = f"write-sr-{tokenize(graph_of_tiles.output.name, str(store))}"
     graph: dict[Any, Any] = {}
-    tiles: dict[Any, tuple[int, int]] = {}
-    start = 0
-    for g, size in enumerate(sr.chunks[0]):
-        group, start = outputs[start : start + size], start + size
-        for (row, col), windows in work.windows.items():
-            targets = {w.target for w in windows}
-            slots = [(k, time_index[work.days[day].date.isoformat()]) for k, day in enumerate(group) if day in targets]
-            if not slots:
-                continue
-            ys = (SCALE * work.rows[row][0], SCALE * work.rows[row][1])
-            xs = (SCALE * work.cols[col][0], SCALE * work.cols[col][1])
-            graph[(name, g, row, col)] = (write_tile_dates, (sr.name, g, 0, row, col), str(store), slots, ys, xs)
-            tiles[(name, g, row, col)] = (row, col)
-    whole = Subgraphs(HighLevelGraph.from_collections(name, graph, dependencies=[sr]))
+    runs: dict[Any, tuple[int, int]] = {}
+    for (g, row, first), (key, run) in graph_of_tiles.tasks.items():
+        group = outputs[starts[g] : starts[g] + sizes[g]]
+        writes = []
+        for k, tile in enumerate(run):
+            targets = {w.target for w in work.windows[tile]}
+            slots = [(i, time_index[work.days[day].date.isoformat()]) for i, day in enumerate(group) if day in targets]
+            if slots:
+                ys = (SCALE * work.rows[tile[0]][0], SCALE * work.rows[tile[0]][1])
+                xs = (SCALE * work.cols[tile[1]][0], SCALE * work.cols[tile[1]][1])
+                writes.append((k, tile, slots, ys, xs))
+        if writes:
+            graph[(name, g, row, first)] = (write_tiles_dates, key, str(store), writes)
+            runs[(name, g, row, first)] = (row, first)
+    # The writes take the runs' results, not the output's per-tile blocks cut from them: that layer is left out.
+    sr_layers, per_tile = graph_of_tiles.output.dask, graph_of_tiles.output.name
+    layers = {layer: tasks for layer, tasks in sr_layers.layers.items() if layer != per_tile} | {name: MaterializedLayer(graph)}
+    dependencies = {layer: needs for layer, needs in sr_layers.dependencies.items() if layer != per_tile}
+    dependencies[name] = {key[0] for key, _ in graph_of_tiles.tasks.values()}
+    whole = Subgraphs(HighLevelGraph(layers, dependencies))
     reads = graph_of_tiles.reads
     keys = [] if reads is None else [key for key in flatten(reads.__dask_keys__()) if key in whole.tasks]  # (name, day, band, row, col)
     # `_compute` submits a tile's read blocks before its tasks: a task refers to its blocks by key.
     submitted_first = set(keys)
     tasks: dict[tuple[int, int], list[Delayed]] = {}
     blocks_taken: dict[tuple[int, int], set[Any]] = {}
-    for key, tile in tiles.items():
-        tasks.setdefault(tile, []).append(whole.delayed(key, held=submitted_first))
-        blocks_taken.setdefault(tile, set()).update(whole.refers_to[key])
-    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, blocks_taken, len(sr.chunks[0])
+    for key, run_start in runs.items():
+        tasks.setdefault(run_start, []).append(whole.delayed(key, held=submitted_first))
+        blocks_taken.setdefault(run_start, set()).update(whole.refers_to[key])
+    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, blocks_taken, len(sizes)
 
 
 class Subgraphs:

@@ -295,6 +295,21 @@ def write_tile_dates(
     return written
 
 
+def write_tiles_dates(
+    results: list[np.ndarray | None], store: str, writes: list[tuple[int, tuple[int, int], list[tuple[int, int]], tuple[int, int], tuple[int, int]]]
+) -> list[tuple[tuple[int, int], list[tuple[int, list[tuple[int, int]]]]]]:
+    """A task: write a run of tiles' results (tiles.superresolve_tiles), each entry of `writes` being (its
+    place in `results`, tile, slots, ys, xs) as `write_tile_dates` takes them. Returns per tile what
+    `write_tile_dates` returns."""
+    written = []
+    for k, tile, slots, ys, xs in writes:
+        block = results[k]
+        if block is None:
+            raise ValueError(f"tile {tile} has dates to write but its task computed none")
+        written.append((tile, write_tile_dates(block, store, slots, ys, xs)))
+    return written
+
+
 # --- replacing an output (--overwrite) ----------------------------------------------------------------
 
 

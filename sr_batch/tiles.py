@@ -7,7 +7,8 @@ compiled model the windows at the edge reach further inward, so that every windo
 A job over years would make that chunk as long as its
 history, so the job splits its windows by output date into time slabs (`time_slabs`) whose days fit
 READ_BLOCK_BYTES per tile, a cube each: a slab re-reads only the few earlier frames its first windows
-need. One task super-resolves one tile for a group of output dates
+need. One task super-resolves one tile for a group of output dates (on GPU workers, a job of fewer
+dates than a batch gives a task a run of tiles of a row, whose windows share the network's passes)
 and crops the halo (4 x halo at 2.5 m), so with halo >= the receptive field the tiles join without
 seams. Output chunks are (dates of the group, band, 4·tile, 4·tile), already encoded as the sink
 stores them (uint16): the Zarr sink writes each one whole, never sharing a Zarr chunk between tasks.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import operator
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask
@@ -35,7 +36,7 @@ import dask.array as da
 import numpy as np
 import torch
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
@@ -59,18 +60,24 @@ multi-year history would grow with the time range: past this size the days are r
 
 @dataclass(frozen=True)
 class TileGraph:
-    """The lazy output and the lazy read it comes from."""
+    """The lazy output, the tasks that compute it and the lazy read it comes from."""
 
     output: da.Array
     """(output date, band, y, x) at 2.5 m, uint16 as the sink stores it (reflectance x 10000; 0 where nothing was computed)."""
     reads: da.Array | None
     """(day, band+scl, y, x) as read: one block per tile with every day, the source of its own and its
     neighbours' halos (None when there is no output date)."""
+    tasks: dict[tuple[int, int, int], tuple[Any, list[tuple[int, int]]]] = field(default_factory=dict)
+    """Per (group of dates, row, first column) of a run of tiles: its super-resolution task's key and
+    the run's tiles, in the order of the task's results (`output` cuts each tile's block from them)."""
 
 
-def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False, first_group: int = 0) -> TileGraph:
-    """The plan's super-resolution as a Dask graph: one task per tile and group of `dates_per_task` output dates.
-    The groups are numbered from `first_group` in the tasks' events (a time slab's groups follow the slab before)."""
+def superresolve_plan(
+    plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False, first_group: int = 0, tiles_per_task: int = 1
+) -> TileGraph:
+    """The plan's super-resolution as a Dask graph: one task per run of `tiles_per_task` tiles of a row
+    (runs start at multiples of it) and group of `dates_per_task` output dates. The groups are numbered
+    from `first_group` in the tasks' events (a time slab's groups follow the slab before)."""
     spec = plan.spec
     ychunks, xchunks = plan.chunks()
     hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
@@ -84,36 +91,53 @@ def superresolve_plan(plan: Plan, model: ModelRef, dates_per_task: int, gpu_work
     reads = read_windows(plan, same_shape=model.compile != "off")
     blocks = window_blocks(cube, plan, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
-    # Windows per forward pass: a group's dates, up to the model's batch. A compiled network pads every
+    # Windows per forward pass: a task's windows, up to the model's batch. A compiled network pads every
     # pass to this one size (one graph per job), so a job of fewer dates than a batch (a nightly run of
     # one new date) must not pad its passes to `model.batch_size`: that would compute up to 8x its windows.
-    pass_windows = min(model.batch_size, dates_per_task)
+    pass_windows = min(model.batch_size, dates_per_task * tiles_per_task)
+    runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for row, col in sorted(plan.windows):
+        runs.setdefault((row, col - col % tiles_per_task), []).append((row, col))
     tasks = {}
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
-        for (row, col), windows in plan.windows.items():
-            selected: TileWindows = [(slot[w.target], tuple(position[f] for f in w.frames)) for w in windows if w.target in slot]
-            crop = _crop(plan, reads[(row, col)], row, col)
-            tasks[(g, row, col)] = (
-                (blocks.name, 0, 0, row, col),
-                selected,
+        for (row, first), run in runs.items():
+            tasks[(g, row, first)] = (
+                [(blocks.name, 0, 0, *tile) for tile in run],
+                [[(slot[w.target], tuple(position[f] for f in w.frames)) for w in plan.windows[tile] if w.target in slot] for tile in run],
                 len(group),
-                crop,
+                [_crop(plan, reads[tile], *tile) for tile in run],
                 spec.cloud.dilate_pixels,
                 model,
-                (spec.output.uri, row, col, first_group + g),
+                (spec.output.uri, run, first_group + g),
                 pass_windows,
             )
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident. The
     # model is hashed once, and the rest (numbers and strings) by their text: dask's tokenize walks
     # every nested tuple of every task, 6 s of client time for a whole Sentinel-2 tile's 16,641 tasks.
     name = f"superresolve-{tokenize(model, repr({key: args[:5] + args[6:] for key, args in tasks.items()}))}"  # args[5] is the model
-    graph = {(name, g, 0, row, col): (superresolve_tile, *args) for (g, row, col), args in tasks.items()}
+    graph = {(name, g, row, first): (superresolve_tiles, *args) for (g, row, first), args in tasks.items()}
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
     with dask.annotate(**annotations):
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[blocks])
+    # The output, a block per tile cut from its run's results (only the Dask array needs these tasks:
+    # a job writes each run's results from its task).
+    tiled = f"{name}-tile"
+    per_tile = {}
+    for (g, row, first), args in tasks.items():
+        for k, (_, _, _, tile_row, tile_col) in enumerate(args[0]):
+            height, width = (SCALE * (end - start) for start, end in (plan.rows[tile_row], plan.cols[tile_col]))
+            per_tile[(tiled, g, 0, tile_row, tile_col)] = (tile_result, (name, g, row, first), k, (len(groups[g]), len(BANDS), height, width))
+    output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    return TileGraph(da.Array(layers, name, chunks, dtype=np.uint16), cube)
+    keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
+    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, keys)
+
+
+def tile_result(results: list[np.ndarray | None], k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The `k`-th tile's block of a run's results (zeros for a tile with no window in the task's dates)."""
+    found = results[k]
+    return np.zeros(shape, np.uint16) if found is None else found
 
 
 def slab_days(plan: Plan) -> int:
@@ -166,12 +190,12 @@ def _largest_read(plan: Plan) -> tuple[int, int]:
     return core_y + 2 * plan.halo, core_x + 2 * plan.halo
 
 
-def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False) -> int:
+def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False, tiles: int = 1) -> int:
     """A rough upper bound of one super-resolution task's host memory, from the largest tile with its
-    halo, for the plan's windows split into tasks of `dates_per_task` dates (see `_task_bytes`)."""
+    halo, for the plan's windows split into tasks of `dates_per_task` dates and `tiles` tiles (see `_task_bytes`)."""
     days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan), dates_per_task)), default=0)
     used = frames_per_task(plan, dates_per_task)  # a task converts only its own windows' frames
-    return _task_bytes(plan, days, used, plan.spec.model.batch_size, on_gpu)
+    return tiles * _task_bytes(plan, days, used, plan.spec.model.batch_size, on_gpu)
 
 
 def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
@@ -263,6 +287,85 @@ def _crop(plan: Plan, window: tuple[Span, Span], row: int, col: int) -> tuple[in
     return top - y0, y1 - bottom, left - x0, x1 - right
 
 
+def superresolve_tiles(
+    blocks: list[np.ndarray],
+    windows: list[TileWindows],
+    n_dates: int,
+    crops: list[tuple[int, int, int, int]],
+    dilate: int,
+    model: ModelRef,
+    task: tuple[str, list[tuple[int, int]], int],
+    pass_windows: int | None = None,
+) -> list[np.ndarray | None]:
+    """One task: a run of tiles, each a (days, band+scl, y, x) uint16 block with its halo and its
+    windows → per tile (n_dates, band, 4y, 4x) uint16 as stored, halo cropped (None for a tile with no
+    window). `task` is (output uri, the tiles, group of dates): which job and task, for the progress
+    events. `pass_windows` is the job's windows per forward pass (`model.batch_size` by default), to
+    which a compiled network pads every pass.
+
+    Each tile goes to the network's device as it was read (uint16, the smallest form) and everything
+    after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
+    CPU only moves bytes, and the result that travels on to the writer is half the size of float32. On a
+    GPU the tasks sharing it queue their passes in turn (superres.results_stream says why).
+
+    The tiles whose windows have one shape and one halo (all but a region's edge tiles) go through the
+    network together, their windows in shared passes: a task of a nightly run's one date and several
+    tiles fills a pass that one tile's single window would leave mostly empty."""
+    started, started_on_cpu = time.perf_counter(), time.thread_time()
+    results: list[np.ndarray | None] = [None] * len(blocks)
+    alike: dict[tuple[tuple[int, ...], tuple[int, int, int, int]], list[int]] = {}
+    for k, (block, crop) in enumerate(zip(blocks, crops)):
+        if windows[k]:
+            alike.setdefault((block.shape[2:], crop), []).append(k)
+    if not alike:
+        return results
+    runner = load_runner(model)
+    with torch.inference_mode():
+        for (_, crop), members in alike.items():
+            frames, positions = [], []
+            for k in members:
+                needed = sorted({f for _, days in windows[k] for f in days})
+                offset = sum(len(f) for f in frames)
+                at = {day: offset + i for i, day in enumerate(needed)}
+                raw = to_device(torch.from_numpy(np.ascontiguousarray(blocks[k][needed]).view(np.int16)), runner.device)
+                frames.append(usable_reflectance_tensor(raw, dilate))
+                del raw
+                positions += [tuple(at[f] for f in days) for _, days in windows[k]]
+            stacked = frames[0] if len(frames) == 1 else torch.cat(frames)
+            del frames
+            encoded = superresolve_frames(
+                runner, stacked, positions, pass_windows or model.batch_size, crop, encode_reflectance_tensor, sharing=tasks_sharing_the_device()
+            )
+            del stacked
+            first = 0
+            for k in members:
+                count = len(windows[k])
+                results[k] = _in_slots(encoded[first : first + count], [slot for slot, _ in windows[k]], n_dates)
+                first += count
+    pixels = sum(_core_pixels(blocks[k], crops[k]) for k in range(len(blocks)) if windows[k])
+    computed = sum(len(w) for w in windows)
+    output, run, group = task
+    done = (output, [tile for k, tile in enumerate(run) if windows[k]], group)
+    _report_tiles(done, computed, pixels, str(runner.device), time.perf_counter() - started, time.thread_time() - started_on_cpu)
+    if runner.device.type == "cpu":
+        give_back_memory_if_tight()
+    return results
+
+
+def _in_slots(encoded: np.ndarray, slots: list[int], n_dates: int) -> np.ndarray:
+    """A tile's results in the rows of its output dates (zeros where it has no window)."""
+    if slots == list(range(n_dates)):
+        return encoded
+    out = np.zeros((n_dates, *encoded.shape[1:]), np.uint16)
+    out[slots] = encoded
+    return out
+
+
+def _core_pixels(block: np.ndarray, crop: tuple[int, int, int, int]) -> int:
+    top, bottom, left, right = crop
+    return (block.shape[2] - top - bottom) * (block.shape[3] - left - right)
+
+
 def superresolve_tile(
     block: np.ndarray,
     windows: TileWindows,
@@ -273,47 +376,14 @@ def superresolve_tile(
     tile: tuple[str, int, int, int],
     pass_windows: int | None = None,
 ) -> np.ndarray:
-    """One task: (days, band+scl, y, x) uint16 tile with halo → (n_dates, band, 4y, 4x) uint16 as stored, halo cropped.
-    `tile` is (output uri, row, col, group of dates): which job and task, for the progress events.
-    `pass_windows` is the job's windows per forward pass (`model.batch_size` by default), to which a
-    compiled network pads every pass.
-
-    The tile goes to the network's device as it was read (uint16, the smallest form) and everything
-    after that happens there: the cloud mask, the windows, the network and the encoding. A GPU worker's
-    CPU only moves bytes, and the result that travels on to the writer is half the size of float32. On a
-    GPU the tasks sharing it queue their passes in turn (superres.results_stream says why)."""
-    started, started_on_cpu = time.perf_counter(), time.thread_time()
-    top, bottom, left, right = crop
-    height = block.shape[2] - top - bottom
-    width = block.shape[3] - left - right
-    if not windows:
-        return np.zeros((n_dates, len(BANDS), SCALE * height, SCALE * width), np.uint16)
-    runner = load_runner(model)
-    needed = sorted({f for _, frames in windows for f in frames})
-    at = {day: k for k, day in enumerate(needed)}
-    with torch.inference_mode():
-        raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), runner.device)
-        frames = usable_reflectance_tensor(raw, dilate)
-        del raw
-        encoded = superresolve_frames(
-            runner,
-            frames,
-            [tuple(at[f] for f in positions) for _, positions in windows],
-            pass_windows or model.batch_size,
-            crop,
-            encode_reflectance_tensor,
-            sharing=tasks_sharing_the_device(),
-        )
-    slots = [slot for slot, _ in windows]
-    if slots == list(range(n_dates)):
-        out = encoded
-    else:
-        out = np.zeros((n_dates, *encoded.shape[1:]), np.uint16)
-        out[slots] = encoded
-    _report_tile(tile, len(windows), height * width, str(runner.device), time.perf_counter() - started, time.thread_time() - started_on_cpu)
-    if runner.device.type == "cpu":
-        give_back_memory_if_tight()
-    return out
+    """One tile's task (`superresolve_tiles` with one tile): (days, band+scl, y, x) uint16 tile with halo
+    → (n_dates, band, 4y, 4x) uint16 as stored, halo cropped. `tile` is (output uri, row, col, group of dates)."""
+    output, row, col, group = tile
+    (result,) = superresolve_tiles([block], [windows], n_dates, [crop], dilate, model, (output, [(row, col)], group), pass_windows)
+    if result is None:
+        top, bottom, left, right = crop
+        return np.zeros((n_dates, len(BANDS), SCALE * (block.shape[2] - top - bottom), SCALE * (block.shape[3] - left - right)), np.uint16)
+    return result
 
 
 TIGHT_MEMORY_FRACTION = 0.5
@@ -343,14 +413,16 @@ def tasks_sharing_the_device() -> int:
     return max(1, int(worker.state.total_resources.get(GPU_RESOURCE, 1)))
 
 
-def _report_tile(tile: tuple[str, int, int, int], dates: int, pixels: int, device: str, seconds: float, thread_cpu_seconds: float) -> None:
-    """Tell the client a tile is done (progress, where it ran, and how long its thread ran on a core:
-    on a CPU worker whose PyTorch runs in the task's thread, the rest of `seconds` it waited for one)."""
+def _report_tiles(task: tuple[str, list[tuple[int, int]], int], dates: int, pixels: int, device: str, seconds: float, thread_cpu_seconds: float) -> None:
+    """Tell the client a task is done (progress, where it ran, and how long its thread ran on a core: on
+    a CPU worker whose PyTorch runs in the task's thread, the rest of `seconds` it waited for one).
+    `dates` counts the task's tile-dates, `pixels` its tiles' 10 m pixels, "tiles" the tiles it computed;
+    "tile" (the first of them) and "group" name the task."""
     worker = _current_worker()
     if worker is None:
         return
-    output, row, col, group = tile
-    event = {"output": output, "tile": [row, col], "group": group, "dates": dates, "pixels": pixels}
+    output, tiles, group = task
+    event = {"output": output, "tile": list(tiles[0]), "tiles": [list(tile) for tile in tiles], "group": group, "dates": dates, "pixels": pixels}
     event |= {"device": device, "seconds": seconds, "thread_cpu_seconds": thread_cpu_seconds, "worker": worker.address}
     worker.log_event(TILE_TOPIC, event)
 

@@ -6,8 +6,10 @@ The CUDA path itself is in test_cuda.py (skipped without a CUDA device)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -17,7 +19,7 @@ from sr_batch.job import run_job, tasks_in_flight
 from sr_batch.spec import parse_spec
 from sr_batch.tiles import TILE_TOPIC, tasks_sharing_the_device
 
-from conftest import make_job
+from conftest import SMALL_MODEL, make_job
 
 
 class RecordRestrictions(SchedulerPlugin):
@@ -126,3 +128,41 @@ def test_a_gpu_job_reads_tiles_as_the_gpu_takes_them_and_each_only_once(tmp_path
     assert len(read_keys) == len(set(read_keys)), "a tile's block was read more than once"
     first_write_done = min(stop for _, stop in writes)
     assert max(start for _, start in reads) > first_write_done, "every tile was read before the first was written"
+
+
+def test_a_nightly_date_goes_to_the_gpu_in_tasks_of_several_tiles_that_share_passes(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A nightly run adds one date: a task of one tile would pass one window at a time, a small share of
+    what a GPU computes at once. On GPU workers such a job's tasks take a run of tiles of a row, as many
+    as fill a batch (4 here), and their windows go through the network together. The output is the one
+    an all-at-once run on CPU workers writes (one tile per task), and every tile's date is recorded."""
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        _add_gpu_workers(cluster, 1, 2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            address = cluster.scheduler_address
+            tiling, cloud = {"tile": 20, "halo": 18}, {"max_cloud_fraction": 1.0}  # every tile has every date
+            on_cpus = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling=tiling, cloud=cloud, model={**SMALL_MODEL, "device": "cpu"})
+            whole = run_job(parse_spec(on_cpus), scheduler=address, show_progress=False, echo=lambda _: None)
+            last = whole.plan.days[max(whole.plan.output_days)].date
+            before = {**period, "end": (last - dt.timedelta(days=1)).isoformat()}
+            nightly = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=before, tiling=tiling, cloud=cloud)
+            run_job(parse_spec(nightly), scheduler=address, show_progress=False, echo=lambda _: None)
+            lines: list[str] = []
+            earlier = len(client.get_events(TILE_TOPIC))
+            added = run_job(parse_spec({**nightly, "time": period}), scheduler=address, show_progress=False, echo=lines.append)
+            events = [event for _, event in client.get_events(TILE_TOPIC)[earlier:]]
+            again = run_job(parse_spec({**nightly, "time": period}), scheduler=address, show_progress=False, echo=lambda _: None)
+
+    tiles = [tile for tile, windows in added.plan.windows.items() if any(added.plan.days[w.target].date == last for w in windows)]
+    assert added.added_dates == [last] and added.task_dates == 1 and added.task_tiles == 4
+    assert added.written_windows == len(tiles) >= 16
+    (tasks,) = [int(line.split()[1]) for line in lines if line.startswith("Computing")]
+    shared = [event for event in events if len(event["tiles"]) > 1]
+    assert tasks < len(tiles) and shared and max(len(event["tiles"]) for event in events) == 4, [event["tiles"] for event in events]
+    assert len(events) == tasks and sum(event["dates"] for event in events) == len(tiles)
+    assert sorted(tuple(tile) for event in events for tile in event["tiles"]) == sorted(tiles)
+    assert again.written_windows == 0  # every tile's date was recorded: nothing is computed again
+    with xr.open_zarr(whole.output, consolidated=False) as expected, xr.open_zarr(added.output, consolidated=False) as got:
+        assert list(got.time.values) == list(expected.time.values)
+        np.testing.assert_allclose(got.sr.values, expected.sr.values, atol=1.01e-4, equal_nan=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
 
+from sr_batch import job as job_module
 from sr_batch.errors import CheckpointError
-from sr_batch.job import JobResult, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
+from sr_batch.job import JobResult, TaskLayout, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
@@ -169,9 +171,28 @@ def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResu
     eager = plan.spec.model.model_copy(update={"batch_size": 4})
     compiled = eager.model_copy(update={"compile": "max-autotune"})
     assert len(plan.windows) < slots and len(plan.output_days) >= 4
-    assert task_layout(plan, eager, slots)[0] < 4
-    assert task_layout(plan, compiled, slots) == (4, tasks_in_flight(slots)) == (4, task_layout(plan, eager, slots)[1])
-    assert task_layout(plan, compiled, slots, task_dates=2, in_flight=3) == (2, 3)
+    assert task_layout(plan, eager, slots).dates < 4
+    assert task_layout(plan, compiled, slots) == TaskLayout(4, 1, tasks_in_flight(slots))
+    assert task_layout(plan, eager, slots).in_flight == tasks_in_flight(slots)
+    assert task_layout(plan, compiled, slots, task_dates=2, in_flight=3) == TaskLayout(2, 1, 3)
+
+
+def test_gpu_tasks_of_few_dates_take_runs_of_tiles_within_a_strip_while_every_slot_has_one(summer: JobResult, monkeypatch) -> None:
+    """A task of fewer dates than a batch takes several tiles of a row on GPU workers (a power of two,
+    up to a batch of windows), never on CPU workers, never across a strip, and never so many that a
+    slot is left without a task."""
+    plan = summer.plan
+    model = plan.spec.model.model_copy(update={"batch_size": 8})
+    one_date = replace(plan, windows={tile: windows[-1:] for tile, windows in plan.windows.items()})
+    tiles = sum(1 for windows in one_date.windows.values() if windows)
+    assert len(one_date.output_days) == 1 and len(plan.cols) >= 2 and tiles >= 4
+    widest = min(8, 1 << (len(plan.cols).bit_length() - 1))  # the widest power of two within a row
+    assert task_layout(one_date, model, 1, on_gpu=True).tiles == widest
+    assert task_layout(one_date, model, 1, on_gpu=False).tiles == 1
+    assert task_layout(one_date, model, 1, task_dates=3, on_gpu=True).tiles == 2  # 3 dates x 2 tiles fill 6 of 8
+    assert task_layout(one_date, model, tiles, on_gpu=True).tiles == 1  # as many slots as tiles: one tile each
+    monkeypatch.setattr(job_module, "STRIP_TILES", 1)
+    assert task_layout(one_date, model, 1, on_gpu=True).tiles == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where no CUDA device is visible")
