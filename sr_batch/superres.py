@@ -205,7 +205,7 @@ def superresolve_frames(
     frames: torch.Tensor,
     windows: Sequence[Sequence[int]],
     batch_size: int = 8,
-    crop: tuple[int, int, int, int] = (0, 0, 0, 0),
+    crop: tuple[int, int, int, int] | Sequence[tuple[int, int, int, int]] = (0, 0, 0, 0),
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sharing: int = 1,
 ) -> np.ndarray:
@@ -214,7 +214,8 @@ def superresolve_frames(
     `frames` is (days, 4, H, W) float32 reflectance, NaN = no data, already on the runner's device;
     each window lists the positions of its frames, oldest first. Everything from gathering a window to
     the finished output happens on that device: normalisation, gap filling, the network, the NaN of
-    pixels the latest frame did not see, the crop of the halo `crop` (top, bottom, left, right, at 10 m)
+    pixels the latest frame did not see, the crop of the halo `crop` (top, bottom, left, right, at 10 m;
+    or one per window, all leaving one shape: tiles at a region's edge have their halo on other sides)
     and, with `encode`, the conversion to the stored integers. Only the result crosses back to the host.
 
     Windows go through the network `batch_size` at a time, fewer where a pass would not fit the device's
@@ -227,16 +228,20 @@ def superresolve_frames(
     info = runner.loaded.info
     scale = info.architecture.scale
     height, width = frames.shape[-2:]
-    top, bottom, left, right = crop
+    crops = [crop] * len(windows) if isinstance(crop[0], int) else [tuple(c) for c in crop]
+    cores = {(height - top - bottom, width - left - right) for top, bottom, left, right in crops}
+    if len(crops) != len(windows) or len(cores) != 1:
+        raise ValueError(f"the crops must be one per window and leave one shape; they leave {sorted(cores)}")
+    ((core_height, core_width),) = cores
     batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width, sharing))
     out_dtype = np.float32 if encode is None else np.int16
-    out = np.empty((len(windows), 4, scale * (height - top - bottom), scale * (width - left - right)), out_dtype)
+    out = np.empty((len(windows), 4, scale * core_height, scale * core_width), out_dtype)
     std, mean = _statistics(runner)
     in_flight: _Submitted | None = None
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
             chunk = [tuple(windows[k])[-info.frames :] for k in range(start, min(start + batch_size, len(windows)))]
-            submitted = _submit(runner, frames, chunk, batch_size, std, mean, scale, crop, encode, start)
+            submitted = _submit(runner, frames, chunk, batch_size, std, mean, scale, crops[start : start + len(chunk)], encode, start)
             if in_flight is not None:
                 _collect(in_flight, out)
             in_flight = submitted
@@ -292,7 +297,7 @@ def _submit(
     std: torch.Tensor,
     mean: torch.Tensor,
     scale: int,
-    crop: tuple[int, int, int, int],
+    crops: list[tuple[int, int, int, int]],
     encode: Callable[[torch.Tensor], torch.Tensor] | None,
     start: int,
 ) -> _Submitted:
@@ -313,8 +318,7 @@ def _submit(
     latest = torch.stack([frames[w[-1]] for w in chunk])
     unseen = torch.isnan(latest).any(dim=1, keepdim=True)
     result = result.masked_fill_(unseen.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3), float("nan"))
-    top, bottom, left, right = crop
-    result = result[:, :, scale * top : result.shape[2] - scale * bottom, scale * left : result.shape[3] - scale * right]
+    result = _cropped(result, crops, scale)
     if encode is not None:
         result = encode(result)
     if runner.device.type != "cuda":
@@ -332,6 +336,18 @@ def _submit(
     # by the passes queued next before the copy has read it.
     result.record_stream(copies)
     return _Submitted(host, done, start)
+
+
+def _cropped(result: torch.Tensor, crops: list[tuple[int, int, int, int]], scale: int) -> torch.Tensor:
+    """The batch's outputs without their halos (10 m crops, scaled): a view where the windows share one
+    crop, else each window's own cut, stacked (their cores have one shape)."""
+    height, width = result.shape[2:]
+    if len(set(crops)) == 1:
+        top, bottom, left, right = crops[0]
+        return result[:, :, scale * top : height - scale * bottom, scale * left : width - scale * right]
+    return torch.stack(
+        [result[i, :, scale * top : height - scale * bottom, scale * left : width - scale * right] for i, (top, bottom, left, right) in enumerate(crops)]
+    )
 
 
 def _forward(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

@@ -308,21 +308,25 @@ def superresolve_tiles(
     CPU only moves bytes, and the result that travels on to the writer is half the size of float32. On a
     GPU the tasks sharing it queue their passes in turn (superres.results_stream says why).
 
-    The tiles whose windows have one shape and one halo (all but a region's edge tiles) go through the
+    The tiles whose windows have one shape, before and after their halo is cropped, go through the
     network together, their windows in shared passes: a task of a nightly run's one date and several
-    tiles fills a pass that one tile's single window would leave mostly empty."""
+    tiles fills a pass that one tile's single window would leave mostly empty. Eager, a region's edge
+    tiles have smaller windows and pass on their own; compiled, every window has one shape
+    (`read_windows`) and only a smaller last row or column of tiles passes on its own."""
     started, started_on_cpu = time.perf_counter(), time.thread_time()
     results: list[np.ndarray | None] = [None] * len(blocks)
-    alike: dict[tuple[tuple[int, ...], tuple[int, int, int, int]], list[int]] = {}
+    alike: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
     for k, (block, crop) in enumerate(zip(blocks, crops)):
         if windows[k]:
-            alike.setdefault((block.shape[2:], crop), []).append(k)
+            height, width = block.shape[2:]
+            top, bottom, left, right = crop
+            alike.setdefault(((height, width), (height - top - bottom, width - left - right)), []).append(k)
     if not alike:
         return results
     runner = load_runner(model)
     with torch.inference_mode():
-        for (_, crop), members in alike.items():
-            frames, positions = [], []
+        for members in alike.values():
+            frames, positions, window_crops = [], [], []
             for k in members:
                 needed = sorted({f for _, days in windows[k] for f in days})
                 offset = sum(len(f) for f in frames)
@@ -331,10 +335,11 @@ def superresolve_tiles(
                 frames.append(usable_reflectance_tensor(raw, dilate))
                 del raw
                 positions += [tuple(at[f] for f in days) for _, days in windows[k]]
+                window_crops += [crops[k]] * len(windows[k])
             stacked = frames[0] if len(frames) == 1 else torch.cat(frames)
             del frames
             encoded = superresolve_frames(
-                runner, stacked, positions, pass_windows or model.batch_size, crop, encode_reflectance_tensor, sharing=tasks_sharing_the_device()
+                runner, stacked, positions, pass_windows or model.batch_size, window_crops, encode_reflectance_tensor, sharing=tasks_sharing_the_device()
             )
             del stacked
             first = 0

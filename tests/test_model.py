@@ -36,7 +36,7 @@ from sr_batch.model import (
     untrained_model,
 )
 from sr_batch.model.highresnet import median_reference
-from sr_batch.superres import Runner, eager_runner, superresolve, superresolve_windows
+from sr_batch.superres import Runner, eager_runner, stack_windows, superresolve, superresolve_frames, superresolve_windows
 
 SMALL = Architecture(hidden_channels=16, encoder_blocks=2)
 TINY = Architecture(hidden_channels=8, encoder_blocks=1)
@@ -599,3 +599,20 @@ def test_a_compiled_pass_is_read_before_the_next_pass_can_overwrite_it() -> None
     forward = OneOutputMemory(loaded.network)
     compiled = Runner(loaded, torch.device("cpu"), None, forward, compiled=True, compiled_thread=OverwrittenOnceFree(forward))
     np.testing.assert_allclose(superresolve_windows(compiled, windows, batch_size=2), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_windows_with_their_own_halo_crops_share_a_pass_and_give_what_each_gives_alone() -> None:
+    """Tiles at a region's edge have their halo on other sides than inner tiles, with one window shape
+    when compiled. A pass may hold windows of several crops as long as their outputs have one shape:
+    each window comes out cut by its own crop, as it does alone; crops of other shapes are refused."""
+    loaded = untrained_model(TINY, frames=8, seed=3)
+    runner = eager_runner(loaded)
+    rng = np.random.default_rng(7)
+    stack, positions = stack_windows([reflectance(rng, t, 4, 14, 16) for t in (8, 6, 8)], 8)
+    crops = [(2, 2, 2, 2), (0, 4, 4, 0), (4, 0, 1, 3)]  # inner, top-right corner, bottom edge: 10 x 12 px each
+    together = superresolve_frames(runner, stack, positions, batch_size=3, crop=crops)
+    alone = [superresolve_frames(runner, stack, [window], batch_size=1, crop=crop)[0] for window, crop in zip(positions, crops)]
+    assert together.shape == (3, 4, 40, 48)
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="leave one shape"):
+        superresolve_frames(runner, stack, positions, crop=[(2, 2, 2, 2), (0, 0, 0, 0), (2, 2, 2, 2)])

@@ -81,7 +81,8 @@ def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_pat
     """A compiled network pads every pass to one size, so that it compiles one graph. A nightly run has
     one new date: its tasks hold one window each, and padding their passes to `model.batch_size` (4
     here, 8 by default) would compute that many windows for one. The pass is as wide as the job's task."""
-    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31"}, tiling={"tile": 48}))
+    period, every_tile_every_date = {"start": "2019-07-01", "end": "2019-08-31"}, {"max_cloud_fraction": 1.0}
+    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time=period, tiling={"tile": 24}, cloud=every_tile_every_date))
     plan = plan_job(spec, scheduler, echo=lambda _: None)
     latest = max(plan.output_days)
     one_date = replace(plan, windows={tile: [w for w in windows if w.target == latest] for tile, windows in plan.windows.items()})
@@ -105,6 +106,21 @@ def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_pat
     two_dates = replace(plan, windows={tile: windows[-3:] for tile, windows in plan.windows.items()})
     superresolve_plan(two_dates, compiled, dates_per_task=2).output.compute(scheduler="sync")
     assert passes and set(passes) == {2}, passes
+
+    # Tasks of 2 tiles (on GPU workers): a compiled window has one shape, so the two tiles' windows share
+    # a pass even at the region's edge, where their halos lie on different sides. Only tiles whose
+    # cropped output differs (a narrower last row or column) pass on their own.
+    passes.clear()
+    runs = superresolve_plan(one_date, compiled, dates_per_task=1, tiles_per_task=2)
+    shared = runs.output.compute(scheduler="sync")
+
+    def core(row: int, col: int) -> tuple[int, int]:
+        return plan.rows[row][1] - plan.rows[row][0], plan.cols[col][1] - plan.cols[col][0]
+
+    cores = [{core(*tile) for tile in run if one_date.windows[tile]} for _, run in runs.tasks.values()]
+    assert set(passes) == {2} and len(passes) == sum(len(shapes) for shapes in cores) < tiles, (passes, cores)
+    assert any(0 in {col for _, col in run} and len(run) == 2 for _, run in runs.tasks.values())  # an edge tile beside an inner one
+    np.testing.assert_allclose(shared, output.compute(scheduler="sync"), atol=1.01e-4)
 
 
 def _compiled_graphs() -> int:
