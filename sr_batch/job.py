@@ -409,9 +409,9 @@ def _refuse_over(needed: int, limit: float, what: str, fix: str) -> None:
 
 
 def task_memory_note(plan: Plan, layout: TaskLayout, on_gpu: bool = False) -> str:
-    tiles = f", {layout.tiles} tiles" if layout.tiles > 1 else ""
     needed = task_memory_bytes(plan, layout.dates, on_gpu, tiles=layout.tiles)
-    return f"Memory: about {needed / 1e9:.2f} GB per super-resolution task ({layout.dates} dates{tiles})"
+    each = f"{layout.dates} date{'s' * (layout.dates != 1)}" + (f" of {layout.tiles} tiles" if layout.tiles > 1 else "")
+    return f"Memory: about {needed / 1e9:.2f} GB per super-resolution task ({each})"
 
 
 def existing_manifest(target: Location, model: LoadedModel, settings: dict[str, Any]) -> Manifest | None:

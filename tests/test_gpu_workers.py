@@ -156,6 +156,7 @@ def test_a_nightly_date_goes_to_the_gpu_in_tasks_of_several_tiles_that_share_pas
 
     tiles = [tile for tile, windows in added.plan.windows.items() if any(added.plan.days[w.target].date == last for w in windows)]
     assert added.added_dates == [last] and added.task_dates == 1 and added.task_tiles == 4
+    assert any(line.startswith("Memory:") and "task (1 date of 4 tiles)" in line for line in lines), lines
     assert added.written_windows == len(tiles) >= 16
     (tasks,) = [int(line.split()[1]) for line in lines if line.startswith("Computing")]
     shared = [event for event in events if len(event["tiles"]) > 1]
