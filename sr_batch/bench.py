@@ -13,7 +13,9 @@
    how much the pipeline costs. Tiling is a job's default: `--tile` and `halo: auto`, the model's seam-free halo.
    Each job also reports its worker threads' seconds by kind of task, and the best model-only variant
    is read again after the jobs: the ratios take the mean of both readings, as a machine's speed drifts.
-   On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase.
+   On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase. On a GPU
+   (or with `--nightly on`) a nightly run is timed too: the 4x job's one new date, whose tasks take
+   runs of tiles on GPU workers.
 4. Memory: the peak resident memory of the largest worker process for 1x and 4x the area (the
    kernel's record, read when the job ends: no peak is missed between samples), and on a GPU the
    peak its CUDA allocator reserved; it should not grow with the region. A small job splits its
@@ -376,12 +378,20 @@ def _mirror(image: np.ndarray, reps: int) -> np.ndarray:
 
 
 def end_to_end(
-    catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, task_dates: int | None = None, in_flight: int | None = None
+    catalog: SampleCatalog,
+    out: Path,
+    model: dict[str, Any],
+    workers: int | None,
+    tile: int,
+    task_dates: int | None = None,
+    in_flight: int | None = None,
+    end: str = "2021-12-31",
 ) -> dict[str, Any]:
     """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included),
     started for it; throughput, and the peak memory of the largest worker process (and GPU allocator).
     The job's clock starts once the cluster is up, as a job on an existing cluster's would: the
-    LocalCluster's start is reported beside it."""
+    LocalCluster's start is reported beside it. An existing output at `out` is extended, as a nightly
+    run extends it; throughput counts what this run wrote."""
     from sr_batch.cluster import dask_client
     from sr_batch.job import run_job
     from sr_batch.spec import parse_spec
@@ -392,7 +402,7 @@ def end_to_end(
             "name": "bench",
             "stac": {"url": url, "collection": COLLECTION_ID},
             "aoi": {"geometry": sample_aoi(catalog)},
-            "time": {"start": "2015-01-01", "end": "2021-12-31"},
+            "time": {"start": "2015-01-01", "end": end},
             "cloud": {"max_cloud_fraction": 1.0},
             "model": model,
             "tiling": {"tile": tile},  # and halo: auto, the model's seam-free halo, as a job gets by default
@@ -414,7 +424,7 @@ def end_to_end(
             peak_memory, peak_gpu_memory = (max(column) for column in zip(*client.run(_peak_memory).values()))
         devices = sorted({event["device"] for _, event in events})
     plan = result.plan
-    lr_pixels = sum(len(ws) * (plan.rows[r][1] - plan.rows[r][0]) * (plan.cols[c][1] - plan.cols[c][0]) for (r, c), ws in plan.windows.items())
+    lr_pixels = result.written_km2 * 1e6 / plan.grid.resolution**2
     mpx = lr_pixels / 1e6 / seconds
     # The super-resolution phase, from the tile tasks' own events: the first task's start to the last
     # task's end. Its rate is what a long job streams at; the rest of `seconds` is the job's fixed cost
@@ -424,7 +434,7 @@ def end_to_end(
     phase = max(last - first, 1e-9)
     return {
         "pixels": plan.grid.width * plan.grid.height,
-        "tile_dates": plan.tile_dates,
+        "tile_dates": result.written_windows,
         "halo": plan.halo,
         "dates_per_task": result.task_dates,
         "tiles_per_task": result.task_tiles,
@@ -447,6 +457,15 @@ def end_to_end(
         "task_seconds_by_kind": task_seconds_by_kind(stream.data),
         "sr_phase_gpu_utilisation": gpus.mean_between(first, last),
     }
+
+
+def nightly_run(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, in_flight: int | None = None) -> dict[str, Any]:
+    """A nightly run: the job up to the day before the catalogue's last date (not counted), then the same
+    job once that date is there, which computes one new date per tile (end_to_end's row for it). On
+    GPU workers its tasks take runs of tiles (job.tiles_per_task), whose windows share passes."""
+    last = max(dt.date.fromisoformat(item["properties"]["datetime"][:10]) for item in catalog.items)
+    end_to_end(catalog, out, model, workers, tile, in_flight=in_flight, end=(last - dt.timedelta(days=1)).isoformat())
+    return end_to_end(catalog, out, model, workers, tile, in_flight=in_flight)
 
 
 def task_seconds_by_kind(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -565,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile modes model only measures, comma-separated, or none (default auto: default and max-autotune on a GPU, default on a CPU)",
     )
     parser.add_argument("--in-flight", type=int, default=None, help="tasks an end-to-end job keeps submitted at once (default: as a job chooses)")
+    parser.add_argument(
+        "--nightly",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="also time a nightly run of one new date on the 4x region (auto: on a GPU, where its tasks take several tiles)",
+    )
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
@@ -665,6 +690,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({row['seconds']:.1f} s)"
             )
             _write(report, args.out)
+        if args.nightly == "on" or (args.nightly == "auto" and device.type == "cuda"):
+            row = report["end_to_end_nightly"] = nightly_run(catalogs["4x"], Path(tmp) / "nightly.zarr", model, args.workers, args.tile, args.in_flight)
+            print(
+                f"end to end  nightly, one new date on the 4x region  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  ({row['seconds']:.1f} s; "
+                f"{row['tile_dates']} tile-dates in {row['tasks']} tasks of {row['tiles_per_task']} tile(s)); "
+                f"super-resolution phase {row['sr_phase_seconds']:.1f} s at {row['sr_phase_lr_mpx_per_s']:.4f} LR Mpx/s"
+            )
+            _write(report, args.out)
     again = report["best_model_only_again"] = best_model_only_again(best, loaded, device, args)
     print(f"model only  {best['variant']} again, after the jobs: {again['lr_mpx_per_s']:.4f} LR Mpx/s (before them: {best['lr_mpx_per_s']:.4f})")
     readings = (best["lr_mpx_per_s"], again["lr_mpx_per_s"])
@@ -699,10 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "tile_tasks_alone" in report:
         as_run = [row for row in report["tile_tasks_alone"] if row["threads"] == GPU_SLOTS]  # as a GPU worker runs them
-        together, nightly = as_run[0], as_run[-1]
+        together, one_date = as_run[0], as_run[-1]
         report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
         report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
-        report["ratio_one_date_tile_tasks_over_tile_tasks"] = nightly["lr_mpx_per_s"] / together["lr_mpx_per_s"]
+        report["ratio_one_date_tile_tasks_over_tile_tasks"] = one_date["lr_mpx_per_s"] / together["lr_mpx_per_s"]
         print(
             f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
             f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}; "

@@ -17,7 +17,8 @@ from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef
 def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     out = tmp_path / "results.json"
     environment = dict(os.environ)
-    assert main(["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--out", str(out)]) == 0
+    arguments = ["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--nightly", "on"]
+    assert main([*arguments, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last", "fp32 channels_last + torch.compile(default)"}
     assert {row["compile"] for row in report["model_only"]} == {"off", "default"}  # every compile mode a CPU has, beside eager
@@ -36,6 +37,10 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         kinds = row["task_seconds_by_kind"]
         assert "superresolve" in kinds and 0 < sum(kinds.values()) <= row["worker_thread_seconds"], kinds
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
+    # A nightly run on the 4x region computes its last date only (one tile per task on CPU workers).
+    nightly = report["end_to_end_nightly"]
+    assert nightly["tile_dates"] == report["end_to_end_4x"]["tile_dates"] // 2 == 4 and nightly["tiles_per_task"] == 1
+    assert nightly["lr_mpx_per_s"] > 0 and nightly["tasks"] == 4
     # The tile task alone is a GPU measurement; a CPU job compares with model only on its workers.
     assert "tile_tasks_alone" not in report and "ratio_tile_tasks_alone_over_model_only" not in report
     assert report["end_to_end_4x"]["sr_phase_gpu_utilisation"] is None  # no GPU to sample
