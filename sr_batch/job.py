@@ -75,7 +75,8 @@ from sr_batch.tiles import GPU_RESOURCE, slab_days, smallest_task_memory_bytes, 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
 Unit = tuple[int, int, int]
-"""(time slab, tile row, tile col): the tasks of one tile in one slab, which share its read block."""
+"""(time slab, tile row, tile col): the tasks of one tile in one slab, which share its read block (of a
+run of tiles on GPU workers, named by its first tile: `tiles_per_task`)."""
 
 
 @dataclass
