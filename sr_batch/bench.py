@@ -5,8 +5,9 @@
    torch.compile mode (`--model-only-compile`; on a GPU max-autotune is the fastest, the figure a GPU job is held to).
 2. On a GPU, the tile task alone: a job's task on a real tile with its halo, without Dask, 1 to 4 at
    a time. Between 1 and 3 it says what the task adds to the network and what the pipeline adds to
-   the task, and whether more tasks side by side would keep the GPU busier. A one-date task (a
-   nightly run's: a task holds one tile, so its passes hold one window) says what small passes cost.
+   the task, and whether more tasks side by side would keep the GPU busier. One-date tasks (a nightly
+   run's) of one tile (one window per pass) and of a run of `--batch` tiles (a GPU worker's nightly
+   task, whose windows share passes) say what small passes cost and what runs of tiles give back.
 3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
@@ -269,12 +270,13 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
     return rows
 
 
-def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_once: Sequence[int]) -> list[dict[str, Any]]:
+def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_once: Sequence[int], tiles: int = 1) -> list[dict[str, Any]]:
     """The job's tile task alone, without Dask: a real block (the sample's clearest days mirrored to the
-    tile and its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, super-resolved
-    by `tiles.superresolve_tile` `repeats` times per thread on each count of threads in `at_once`, as a
-    GPU worker runs its tasks side by side: where more threads give more, one task's host work leaves
-    the GPU idle. LR Mpx/s count the tile's pixels, not its halo, as the end-to-end rates do.
+    tile and its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, `tiles` such
+    blocks to a task (a GPU worker's run of tiles), super-resolved by `tiles.superresolve_tiles`
+    `repeats` times per thread on each count of threads in `at_once`, as a GPU worker runs its tasks
+    side by side: where more threads give more, one task's host work leaves the GPU idle. LR Mpx/s
+    count the tiles' pixels, not their halo, as the end-to-end rates do.
 
     It splits the gap between model only and a job's super-resolution phase in two: what a task adds to
     the network (the halo, the cloud mask, the windows and their gaps, the encoding, the copies), and
@@ -282,7 +284,7 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
     from sr_batch.model import receptive_radius
     from sr_batch.spec import Cloud
     from sr_batch.superres import load_runner
-    from sr_batch.tiles import superresolve_tile
+    from sr_batch.tiles import superresolve_tiles
 
     runner = load_runner(model)
     runner.loaded.network.to(memory_format=torch.channels_last)  # as loaded for a job: model only may have changed it
@@ -296,8 +298,10 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
     crop = (halo, halo, halo, halo)
 
     def task(index: int) -> None:
-        # Passes as wide as a job's task of `dates` dates (tiles.superresolve_plan).
-        superresolve_tile(block, windows, dates, crop, dilate, model, ("bench", 0, index, 0), min(model.batch_size, dates))
+        # Passes as wide as a job's task of `dates` dates and `tiles` tiles (tiles.superresolve_plan).
+        run = [(0, index * tiles + k) for k in range(tiles)]
+        passes = min(model.batch_size, dates * tiles)
+        superresolve_tiles([block] * tiles, [windows] * tiles, dates, [crop] * tiles, dilate, model, ("bench", run, 0), passes)
 
     task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
     rows = []
@@ -307,8 +311,9 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
             started = time.perf_counter()
             list(pool.map(task, range(threads * repeats)))
             seconds = time.perf_counter() - started
-        mpx = threads * repeats * dates * tile * tile / 1e6 / seconds
-        rows.append({"threads": threads, "tasks": threads * repeats, "dates": dates, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx})
+        mpx = threads * repeats * dates * tiles * tile * tile / 1e6 / seconds
+        row = {"threads": threads, "tasks": threads * repeats, "dates": dates, "tiles": tiles, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx}
+        rows.append(row)
     if runner.device.type == "cuda":
         torch.cuda.empty_cache()  # the jobs' GPU workers run on this GPU next: leave them the memory these tasks held
     return rows
@@ -641,11 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         # 1 to twice a GPU worker's slots at once: would more tasks side by side keep the GPU busier?
         alone = ModelRef(checkpoint=args.checkpoint, batch_size=args.batch, precision=args.precision, compile=args.compile)
         report["tile_tasks_alone"] = tile_tasks_alone(alone, args.tile, args.batch, args.repeats, range(1, 2 * GPU_SLOTS + 1))
-        # A nightly run's task: one new date, so each pass holds one window (a task holds one tile).
-        report["tile_tasks_alone"] += tile_tasks_alone(alone, args.tile, 1, args.repeats * args.batch, (1, GPU_SLOTS))
+        # A nightly run's task of one new date: one tile (one window per pass), as before runs of tiles
+        # and on CPU workers, and a GPU worker's run of a batch of tiles, whose windows share passes.
+        for tiles in (1, args.batch):
+            report["tile_tasks_alone"] += tile_tasks_alone(alone, args.tile, 1, args.repeats * args.batch // tiles, (GPU_SLOTS,), tiles)
         for row in report["tile_tasks_alone"]:
             print(
-                f"tile task   alone, {row['threads']} at a time ({row['dates']} dates, {args.tile} px + halo {row['halo']})  "
+                f"tile task   alone, {row['threads']} at a time ({row['dates']} dates x {row['tiles']} tiles, {args.tile} px + halo {row['halo']})  "
                 f"{row['lr_mpx_per_s']:9.4f} LR Mpx/s  ({row['lr_mpx_per_s'] / best['lr_mpx_per_s']:.2f} of the best model only)"
             )
     else:
@@ -732,14 +739,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "tile_tasks_alone" in report:
         as_run = [row for row in report["tile_tasks_alone"] if row["threads"] == GPU_SLOTS]  # as a GPU worker runs them
-        together, one_date = as_run[0], as_run[-1]
+        together, one_tile, one_run = as_run[0], as_run[-2], as_run[-1]
         report["ratio_tile_tasks_alone_over_model_only"] = together["lr_mpx_per_s"] / reference
         report["ratio_sr_phase_4x_over_tile_tasks_alone"] = report["end_to_end_4x"]["sr_phase_lr_mpx_per_s"] / together["lr_mpx_per_s"]
-        report["ratio_one_date_tile_tasks_over_tile_tasks"] = one_date["lr_mpx_per_s"] / together["lr_mpx_per_s"]
+        report["ratio_one_date_one_tile_tasks_over_tile_tasks"] = one_tile["lr_mpx_per_s"] / together["lr_mpx_per_s"]
+        report["ratio_one_date_run_of_tiles_tasks_over_tile_tasks"] = one_run["lr_mpx_per_s"] / together["lr_mpx_per_s"]
         print(
             f"  of which the tile task ({together['threads']} at a time, no Dask) ÷ best model only: {report['ratio_tile_tasks_alone_over_model_only']:.2f}, "
-            f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}; "
-            f"a one-date task (a nightly run's) ÷ a task of {together['dates']} dates: {report['ratio_one_date_tile_tasks_over_tile_tasks']:.2f}"
+            f"and the phase ÷ the tile task alone: {report['ratio_sr_phase_4x_over_tile_tasks_alone']:.2f}; against a task of {together['dates']} dates, "
+            f"a one-date task of one tile: {report['ratio_one_date_one_tile_tasks_over_tile_tasks']:.2f}, "
+            f"of a run of {one_run['tiles']} tiles (a GPU worker's nightly task): {report['ratio_one_date_run_of_tiles_tasks_over_tile_tasks']:.2f}"
         )
     print(
         f"peak worker memory 4x ÷ 1x area, tasks alike: {report['ratio_memory_4x_over_1x_same_tasks']:.2f}   (target ≤ 1.2); "

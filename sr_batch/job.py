@@ -221,7 +221,8 @@ def run_job(
             # The windows this run computes (the manifest's record of what is written does not change
             # before the run writes them), and their tasks' size, checked before anything is written.
             work = replace(increment.plan, windows=increment.pending(manifest))
-            layout = task_layout(work, spec.model, super_resolution_slots(client, on_gpus), task_dates, in_flight, on_gpu=bool(on_gpus))
+            slots, limit = super_resolution_slots(client, on_gpus), memory_per_running_task(client, on_gpus)
+            layout = task_layout(work, spec.model, slots, task_dates, in_flight, on_gpu=bool(on_gpus), memory_limit=limit)
             echo(check_task_memory(client, work, on_gpus, layout))
             precision = resolved_precision(client, spec, on_gpus)
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
@@ -482,14 +483,26 @@ class TaskLayout:
     """Tasks kept submitted at once (`_compute`)."""
 
 
-def task_layout(work: Plan, model: ModelSettings, slots: int, task_dates: int | None = None, in_flight: int | None = None, on_gpu: bool = False) -> TaskLayout:
+def task_layout(
+    work: Plan,
+    model: ModelSettings,
+    slots: int,
+    task_dates: int | None = None,
+    in_flight: int | None = None,
+    on_gpu: bool = False,
+    memory_limit: float = 0,
+) -> TaskLayout:
     """The tasks of a cluster that runs `slots` super-resolution tasks at once; `task_dates` and
     `in_flight` pin theirs. A compiled pass is padded to a whole pass, so a compiled model's tasks keep
     whole batches even where splitting them would fill more slots. On GPU workers a task of fewer dates
-    than a batch takes several tiles (`tiles_per_task`)."""
+    than a batch takes several tiles (`tiles_per_task`), as many as fit a running task's share of
+    `memory_limit` (0: no limit); the job then keeps fewer of them in flight, so that what it holds
+    read stays about as many tiles as with one tile per task."""
     per_task = task_dates or dates_per_task(work, model.batch_size, 1 if model.compile != "off" else slots)
     tiles = tiles_per_task(work, model.batch_size, per_task, slots) if on_gpu else 1
-    return TaskLayout(per_task, tiles, in_flight or tasks_in_flight(slots))
+    while tiles > 1 and memory_limit and task_memory_bytes(work, per_task, on_gpu, tiles) > MEMORY_SHARE * memory_limit:
+        tiles //= 2
+    return TaskLayout(per_task, tiles, in_flight or max(slots + 1, -(-tasks_in_flight(slots) // tiles)))
 
 
 def tiles_per_task(plan: Plan, batch_size: int, per_task: int, slots: int) -> int:
@@ -705,11 +718,11 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
     GPU worker gathers the input of every task assigned to it, so memory would grow with the region.
-    A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` tiles
-    (with their halo sources, the next row's blocks), so that a task's input is there when a slot is
-    free. A tile's read block is also its neighbours' halo: within a strip the job holds each block
-    from the first task that needs it until the last of those is done, so no tile is read twice in a
-    strip. What stays read is about a strip's row of tiles plus the read-ahead, each block at most a
+    A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` units
+    (tiles, or runs of tiles: task_layout keeps fewer runs in flight) with their halo sources (the next
+    row's blocks), so that a task's input is there when a slot is free. A tile's read block is also its
+    neighbours' halo: within a strip the job holds each block from the first task that needs it until
+    the last of those is done, so no tile is read twice in a strip. What stays read is about a strip's row of tiles plus the read-ahead, each block at most a
     slab's days: memory follows the tile, not the region's height, width or time range. The price of
     strips is that the two tile columns along a strip's edge are read once for each strip (2 of 16
     columns read twice, for regions wider than a strip); holding them instead would hold a column of

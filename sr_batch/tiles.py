@@ -69,7 +69,8 @@ class TileGraph:
     neighbours' halos (None when there is no output date)."""
     tasks: dict[tuple[int, int, int], tuple[Any, list[tuple[int, int]]]] = field(default_factory=dict)
     """Per (group of dates, row, first column) of a run of tiles: its super-resolution task's key and
-    the run's tiles, in the order of the task's results (`output` cuts each tile's block from them)."""
+    the run's tiles that have a window in the group, in the order of the task's results (`output`
+    cuts each tile's block from them). A run with no window in a group has no task."""
 
 
 def superresolve_plan(
@@ -102,16 +103,19 @@ def superresolve_plan(
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
         for (row, first), run in runs.items():
-            tasks[(g, row, first)] = (
-                [(blocks.name, 0, 0, *tile) for tile in run],
-                [[(slot[w.target], tuple(position[f] for f in w.frames)) for w in plan.windows[tile] if w.target in slot] for tile in run],
-                len(group),
-                [_crop(plan, reads[tile], *tile) for tile in run],
-                spec.cloud.dilate_pixels,
-                model,
-                (spec.output.uri, run, first_group + g),
-                pass_windows,
-            )
+            selected = {tile: [(slot[w.target], tuple(position[f] for f in w.frames)) for w in plan.windows[tile] if w.target in slot] for tile in run}
+            members = [tile for tile in run if selected[tile]]  # a tile with no window here is not read for this task
+            if members:
+                tasks[(g, row, first)] = (
+                    [(blocks.name, 0, 0, *tile) for tile in members],
+                    [selected[tile] for tile in members],
+                    len(group),
+                    [_crop(plan, reads[tile], *tile) for tile in members],
+                    spec.cloud.dilate_pixels,
+                    model,
+                    (spec.output.uri, members, first_group + g),
+                    pass_windows,
+                )
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident. The
     # model is hashed once, and the rest (numbers and strings) by their text: dask's tokenize walks
     # every nested tuple of every task, 6 s of client time for a whole Sentinel-2 tile's 16,641 tasks.
@@ -120,24 +124,29 @@ def superresolve_plan(
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
     with dask.annotate(**annotations):
         layers = HighLevelGraph.from_collections(name, graph, dependencies=[blocks])
-    # The output, a block per tile cut from its run's results (only the Dask array needs these tasks:
-    # a job writes each run's results from its task).
+    # The output, a block per tile cut from its run's results, zeros where a tile has no window in a
+    # group (only the Dask array needs these tasks: a job writes each run's results from its task).
     tiled = f"{name}-tile"
-    per_tile = {}
-    for (g, row, first), args in tasks.items():
-        for k, (_, _, _, tile_row, tile_col) in enumerate(args[0]):
-            height, width = (SCALE * (end - start) for start, end in (plan.rows[tile_row], plan.cols[tile_col]))
-            per_tile[(tiled, g, 0, tile_row, tile_col)] = (tile_result, (name, g, row, first), k, (len(groups[g]), len(BANDS), height, width))
+    per_tile: dict[Any, Any] = {}
+    for g, group in enumerate(groups):
+        for (row, first), run in runs.items():
+            blocks_taken = tasks[(g, row, first)][0] if (g, row, first) in tasks else []
+            at = {tuple(block[3:]): k for k, block in enumerate(blocks_taken)}
+            for tile in run:
+                if tile in at:
+                    per_tile[(tiled, g, 0, *tile)] = (tile_result, (name, g, row, first), at[tile])
+                else:
+                    height, width = (SCALE * (end - start) for start, end in (plan.rows[tile[0]], plan.cols[tile[1]]))
+                    per_tile[(tiled, g, 0, *tile)] = (np.zeros, (len(group), len(BANDS), height, width), np.uint16)
     output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
     return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, keys)
 
 
-def tile_result(results: list[np.ndarray | None], k: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The `k`-th tile's block of a run's results (zeros for a tile with no window in the task's dates)."""
-    found = results[k]
-    return np.zeros(shape, np.uint16) if found is None else found
+def tile_result(results: list[np.ndarray], k: int) -> np.ndarray:
+    """The `k`-th tile's block of a run's results."""
+    return results[k]
 
 
 def slab_days(plan: Plan) -> int:
@@ -195,7 +204,7 @@ def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False, til
     halo, for the plan's windows split into tasks of `dates_per_task` dates and `tiles` tiles (see `_task_bytes`)."""
     days = max((len(slab.frame_days) for slab in time_slabs(plan, slab_days(plan), dates_per_task)), default=0)
     used = frames_per_task(plan, dates_per_task)  # a task converts only its own windows' frames
-    return tiles * _task_bytes(plan, days, used, plan.spec.model.batch_size, on_gpu)
+    return _task_bytes(plan, days, used, plan.spec.model.batch_size, on_gpu, tiles)
 
 
 def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
@@ -206,11 +215,12 @@ def smallest_task_memory_bytes(plan: Plan, on_gpu: bool = False) -> int:
     return _task_bytes(plan, 1, 1, 1, on_gpu)
 
 
-def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool) -> int:
-    """The largest tile's block of `days` days (and its copies on the way to the device); on a CPU also
-    what a GPU would hold in its own memory (the reflectance of the `used` days the task converts, a
-    pass of `dates` windows twice, the network's activations capped per pass and a pass's float32
-    output); then the task's encoded output and its pinned copy."""
+def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tiles: int = 1) -> int:
+    """The largest tile's block of `days` days (and its copies on the way to the device), once per tile
+    of a run of `tiles`; on a CPU also what a GPU would hold in its own memory (the reflectance of the
+    `used` days the task converts, a pass of `dates` windows twice, the network's activations capped
+    per pass and a pass's float32 output); then the task's encoded output of `dates` windows (a run's
+    windows are at most a batch, job.tiles_per_task) and its pinned copy."""
     height, width = _largest_read(plan)
     core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
     frames, bands = plan.spec.model.frames, len(BANDS)
@@ -218,12 +228,12 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool) -> i
     used_block = used * (bands + 1) * height * width * 2
     encoded = 2 * dates * bands * SCALE**2 * core_y * core_x * 2
     if on_gpu:
-        return block + 2 * used_block + encoded  # Dask's block, the days gathered from it and their pinned copy
+        return tiles * (block + 2 * used_block) + encoded  # Dask's blocks, the days gathered from them and their pinned copies
     reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4  # a window is padded to the model's frames
     activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
     output = dates * bands * SCALE**2 * height * width * 4
-    return block + reflectance + windows + int(activations) + output + encoded
+    return tiles * (block + reflectance) + windows + int(activations) + output + encoded
 
 
 Span = tuple[int, int]

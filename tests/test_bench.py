@@ -82,9 +82,10 @@ def test_the_tile_task_alone_runs_the_jobs_task_on_a_real_tile_with_its_halo() -
     rows = tile_tasks_alone(ModelRef(checkpoint="default", batch_size=2), 32, 2, 1, [1, 2])
     assert [(row["threads"], row["tasks"], row["dates"]) for row in rows] == [(1, 1, 2), (2, 2, 2)]
     assert all(row["halo"] == 22 and row["seconds"] > 0 and row["lr_mpx_per_s"] > 0 for row in rows)
-    # A nightly run's task: one date, so one window per pass.
-    (nightly,) = tile_tasks_alone(ModelRef(checkpoint="default", batch_size=2), 32, 1, 2, [1])
-    assert (nightly["threads"], nightly["tasks"], nightly["dates"]) == (1, 2, 1) and nightly["lr_mpx_per_s"] > 0
+    # A nightly run's task, one date: of one tile (one window per pass), and of a run of 2 tiles sharing passes.
+    for tiles in (1, 2):
+        (nightly,) = tile_tasks_alone(ModelRef(checkpoint="default", batch_size=2), 32, 1, 2, [1], tiles)
+        assert (nightly["threads"], nightly["tasks"], nightly["dates"], nightly["tiles"]) == (1, 2, 1, tiles) and nightly["lr_mpx_per_s"] > 0
 
 
 def test_whole_tile_client_benchmark_writes_its_numbers(tmp_path: Path) -> None:

@@ -191,6 +191,12 @@ def test_gpu_tasks_of_few_dates_take_runs_of_tiles_within_a_strip_while_every_sl
     assert task_layout(one_date, model, 1, on_gpu=False).tiles == 1
     assert task_layout(one_date, model, 1, task_dates=3, on_gpu=True).tiles == 2  # 3 dates x 2 tiles fill 6 of 8
     assert task_layout(one_date, model, tiles, on_gpu=True).tiles == 1  # as many slots as tiles: one tile each
+    # As many tiles as fit a running task's share of memory, and fewer runs in flight than tiles would be.
+    one, two = (job_module.task_memory_bytes(one_date, 1, on_gpu=True, tiles=tiles) / job_module.MEMORY_SHARE for tiles in (1, 2))
+    assert one < two
+    fits_two = task_layout(one_date, model, 1, on_gpu=True, memory_limit=two)
+    assert fits_two.tiles == 2 and fits_two.in_flight == max(2, -(-tasks_in_flight(1) // 2)) < tasks_in_flight(1)
+    assert task_layout(one_date, model, 1, on_gpu=True, memory_limit=one) == TaskLayout(1, 1, tasks_in_flight(1))
     monkeypatch.setattr(job_module, "STRIP_TILES", 1)
     assert task_layout(one_date, model, 1, on_gpu=True).tiles == 1
 

@@ -108,8 +108,8 @@ def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_pat
     assert passes and set(passes) == {2}, passes
 
     # Tasks of 2 tiles (on GPU workers): a compiled window has one shape, so the two tiles' windows share
-    # a pass even at the region's edge, where their halos lie on different sides. Only tiles whose
-    # cropped output differs (a narrower last row or column) pass on their own.
+    # a pass even at the region's edge, where their halos lie on different sides. Only a tile whose
+    # cropped output differs (a narrower last column's) passes on its own.
     passes.clear()
     runs = superresolve_plan(one_date, compiled, dates_per_task=1, tiles_per_task=2)
     shared = runs.output.compute(scheduler="sync")
@@ -121,6 +121,18 @@ def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_pat
     assert set(passes) == {2} and len(passes) == sum(len(shapes) for shapes in cores) < tiles, (passes, cores)
     assert any(0 in {col for _, col in run} and len(run) == 2 for _, run in runs.tasks.values())  # an edge tile beside an inner one
     np.testing.assert_allclose(shared, output.compute(scheduler="sync"), atol=1.01e-4)
+
+    # A tile with no window in the task's dates (a cloudy one) is left out of its run's task, which does
+    # not take its read, and its output is zeros.
+    cloudy = replace(one_date, windows={tile: [] if tile == (1, 1) else windows for tile, windows in one_date.windows.items()})
+    sparse = superresolve_plan(cloudy, compiled, dates_per_task=1, tiles_per_task=2)
+    key, members = sparse.tasks[(0, 1, 0)]
+    assert members == [(1, 0)] and [tuple(block[3:]) for block in dict(sparse.output.dask)[key][1]] == [(1, 0)]
+    left_out = sparse.output.compute(scheduler="sync")
+    (top, bottom), (left, right) = (tuple(4 * edge for edge in span) for span in (plan.rows[1], plan.cols[1]))
+    assert not left_out[:, :, top:bottom, left:right].any() and shared[:, :, top:bottom, left:right].any()
+    left_out[:, :, top:bottom, left:right] = shared[:, :, top:bottom, left:right]
+    np.testing.assert_allclose(left_out, shared, atol=1.01e-4)
 
 
 def _compiled_graphs() -> int:
