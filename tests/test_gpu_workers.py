@@ -16,6 +16,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from sr_batch.cluster import GPU_SLOTS, _add_gpu_workers, gpu_workers
 from sr_batch.job import run_job, tasks_in_flight
+from sr_batch.manifest import Manifest
 from sr_batch.spec import parse_spec
 from sr_batch.tiles import TILE_TOPIC, tasks_sharing_the_device
 
@@ -166,4 +167,39 @@ def test_a_nightly_date_goes_to_the_gpu_in_tasks_of_several_tiles_that_share_pas
     assert again.written_windows == 0  # every tile's date was recorded: nothing is computed again
     with xr.open_zarr(whole.output, consolidated=False) as expected, xr.open_zarr(added.output, consolidated=False) as got:
         assert list(got.time.values) == list(expected.time.values)
+        np.testing.assert_allclose(got.sr.values, expected.sr.values, atol=1.01e-4, equal_nan=True)
+
+
+def test_a_nightly_run_of_tiles_killed_midway_resumes_to_the_same_output(tmp_path: Path, stac_url: str, catalog) -> None:
+    """The client of a nightly run whose GPU tasks take runs of tiles is SIGKILLed once 5 windows are
+    recorded (a run records its tiles together); the next run computes only the tiles not recorded,
+    in runs of those alone, and the output is the one an uninterrupted run writes."""
+    from test_nightly import cli_run, write_job
+
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    tiling, cloud = {"tile": 20, "halo": 18}, {"max_cloud_fraction": 1.0}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        _add_gpu_workers(cluster, 1, 2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            address = cluster.scheduler_address
+            on_cpus = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling=tiling, cloud=cloud, model={**SMALL_MODEL, "device": "cpu"})
+            whole = run_job(parse_spec(on_cpus), scheduler=address, show_progress=False, echo=lambda _: None)
+            last = whole.plan.days[max(whole.plan.output_days)].date
+            before_last = {**period, "end": (last - dt.timedelta(days=1)).isoformat()}
+            nightly = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=before_last, tiling=tiling, cloud=cloud)
+            run_job(parse_spec(nightly), scheduler=address, show_progress=False, echo=lambda _: None)
+            before = Manifest.read(tmp_path / "gpu.zarr").done_count()
+            job = write_job(tmp_path, {**nightly, "time": period})
+            killed = cli_run(job, "--scheduler", address, kill="recorded:5")
+            recorded = Manifest.read(tmp_path / "gpu.zarr").done_count() - before
+            resumed = cli_run(job, "--scheduler", address)
+
+    new = sum(1 for windows in whole.plan.windows.values() if any(whole.plan.days[w.target].date == last for w in windows))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert 5 <= recorded < new
+    assert resumed.returncode == 0 and f"wrote {new - recorded} tile-dates" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "of 4 tiles)" in resumed.stdout  # the resumed run's tasks are runs of tiles too
+    assert Manifest.read(tmp_path / "gpu.zarr").done_count() == Manifest.read(whole.output).done_count()
+    with xr.open_zarr(whole.output, consolidated=False) as expected, xr.open_zarr(tmp_path / "gpu.zarr", consolidated=False) as got:
         np.testing.assert_allclose(got.sr.values, expected.sr.values, atol=1.01e-4, equal_nan=True)
