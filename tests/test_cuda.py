@@ -126,6 +126,22 @@ def _tasks_at_once_write_what_each_writes_alone(source_cube: xr.Dataset, model: 
             np.testing.assert_array_equal(one, other)
 
 
+def test_a_run_of_tiles_shares_passes_and_gives_what_each_tile_gives_alone(source_cube: xr.Dataset) -> None:
+    """A GPU worker's task of few dates takes a run of tiles: their frames go to the device together and
+    their windows share passes, each cut by its own halo crop (an edge tile's halo lies on other sides).
+    Each tile's result is what the tile gives alone, within one step of rounding (a pass's batch changes
+    cuDNN's choice of kernels)."""
+    model = ModelRef(checkpoint="default", device="cuda", batch_size=8, precision="fp32")
+    tasks = [_tile_task(source_cube, start) for start in (0, 10, 20)]
+    crops = [(8, 8, 8, 8), (0, 16, 16, 0), (16, 0, 8, 8)]  # 64 x 64 px left of each 80 px block
+    alone = [superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, k, 0), 4) for k, ((block, windows, _), crop) in enumerate(zip(tasks, crops))]
+    run = [(0, k) for k in range(len(tasks))]
+    together = tiles.superresolve_tiles([t[0] for t in tasks], [t[1] for t in tasks], 4, crops, 2, model, ("bench", run, 0), 8)
+    for one, other in zip(together, alone):
+        assert one is not None and one.shape == other.shape == (4, 4, 256, 256)
+        assert np.abs(one.astype(np.int32) - other.astype(np.int32)).max() <= 1
+
+
 SPIN_CYCLES = 100_000_000
 """About 50 ms of a GPU's clock: longer than any pass of these small tiles."""
 
