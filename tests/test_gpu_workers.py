@@ -6,7 +6,9 @@ The CUDA path itself is in test_cuda.py (skipped without a CUDA device)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from sr_batch.cluster import GPU_SLOTS, _add_gpu_workers, gpu_workers
-from sr_batch.job import run_job, tasks_in_flight
+from sr_batch.job import JobResult, run_job, tasks_in_flight
 from sr_batch.manifest import Manifest
 from sr_batch.spec import parse_spec
 from sr_batch.tiles import TILE_TOPIC, tasks_sharing_the_device
@@ -131,29 +133,45 @@ def test_a_gpu_job_reads_tiles_as_the_gpu_takes_them_and_each_only_once(tmp_path
     assert max(start for _, start in reads) > first_write_done, "every tile was read before the first was written"
 
 
+@contextlib.contextmanager
+def _a_cpu_and_a_gpu_worker() -> Iterator[tuple[str, Client]]:
+    """A cluster of one CPU worker and one "GPU" worker (2 slots), as a LocalCluster on a CUDA machine adds one: its address and a client."""
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
+        _add_gpu_workers(cluster, 1, 2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield cluster.scheduler_address, client
+
+
+NIGHTLY_PERIOD = {"start": "2019-07-01", "end": "2019-07-31"}
+
+
+def _all_on_cpus_then_all_but_the_last_date(tmp_path: Path, stac_url: str, catalog, address: str) -> tuple[JobResult, dt.date, dict]:
+    """The reference (the whole period at once on CPU workers, one tile per task) and a GPU job run up to
+    the day before the period's last date: its next run of the whole period is a nightly run of one date.
+    Every tile has every date (no cloud limit), 20 px tiles."""
+    tiling, cloud = {"tile": 20, "halo": 18}, {"max_cloud_fraction": 1.0}
+    on_cpus = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=NIGHTLY_PERIOD, tiling=tiling, cloud=cloud, model={**SMALL_MODEL, "device": "cpu"})
+    whole = run_job(parse_spec(on_cpus), scheduler=address, show_progress=False, echo=lambda _: None)
+    last = whole.plan.days[max(whole.plan.output_days)].date
+    before_last = {**NIGHTLY_PERIOD, "end": (last - dt.timedelta(days=1)).isoformat()}
+    nightly = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=before_last, tiling=tiling, cloud=cloud)
+    run_job(parse_spec(nightly), scheduler=address, show_progress=False, echo=lambda _: None)
+    return whole, last, nightly
+
+
 def test_a_nightly_date_goes_to_the_gpu_in_tasks_of_several_tiles_that_share_passes(tmp_path: Path, stac_url: str, catalog) -> None:
     """A nightly run adds one date: a task of one tile would pass one window at a time, a small share of
     what a GPU computes at once. On GPU workers such a job's tasks take a run of tiles of a row, as many
     as fill a batch (4 here), and their windows go through the network together. The output is the one
     an all-at-once run on CPU workers writes (one tile per task), and every tile's date is recorded."""
-    period = {"start": "2019-07-01", "end": "2019-07-31"}
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
-        _add_gpu_workers(cluster, 1, 2)
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            address = cluster.scheduler_address
-            tiling, cloud = {"tile": 20, "halo": 18}, {"max_cloud_fraction": 1.0}  # every tile has every date
-            on_cpus = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling=tiling, cloud=cloud, model={**SMALL_MODEL, "device": "cpu"})
-            whole = run_job(parse_spec(on_cpus), scheduler=address, show_progress=False, echo=lambda _: None)
-            last = whole.plan.days[max(whole.plan.output_days)].date
-            before = {**period, "end": (last - dt.timedelta(days=1)).isoformat()}
-            nightly = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=before, tiling=tiling, cloud=cloud)
-            run_job(parse_spec(nightly), scheduler=address, show_progress=False, echo=lambda _: None)
-            lines: list[str] = []
-            earlier = len(client.get_events(TILE_TOPIC))
-            added = run_job(parse_spec({**nightly, "time": period}), scheduler=address, show_progress=False, echo=lines.append)
-            events = [event for _, event in client.get_events(TILE_TOPIC)[earlier:]]
-            again = run_job(parse_spec({**nightly, "time": period}), scheduler=address, show_progress=False, echo=lambda _: None)
+    with _a_cpu_and_a_gpu_worker() as (address, client):
+        whole, last, nightly = _all_on_cpus_then_all_but_the_last_date(tmp_path, stac_url, catalog, address)
+        lines: list[str] = []
+        earlier = len(client.get_events(TILE_TOPIC))
+        added = run_job(parse_spec({**nightly, "time": NIGHTLY_PERIOD}), scheduler=address, show_progress=False, echo=lines.append)
+        events = [event for _, event in client.get_events(TILE_TOPIC)[earlier:]]
+        again = run_job(parse_spec({**nightly, "time": NIGHTLY_PERIOD}), scheduler=address, show_progress=False, echo=lambda _: None)
 
     tiles = [tile for tile, windows in added.plan.windows.items() if any(added.plan.days[w.target].date == last for w in windows)]
     assert added.added_dates == [last] and added.task_dates == 1 and added.task_tiles == 4
@@ -176,24 +194,13 @@ def test_a_nightly_run_of_tiles_killed_midway_resumes_to_the_same_output(tmp_pat
     in runs of those alone, and the output is the one an uninterrupted run writes."""
     from test_nightly import cli_run, write_job
 
-    period = {"start": "2019-07-01", "end": "2019-07-31"}
-    tiling, cloud = {"tile": 20, "halo": 18}, {"max_cloud_fraction": 1.0}
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0", env={"SR_BATCH_TORCH_THREADS": "1"}) as cluster:
-        _add_gpu_workers(cluster, 1, 2)
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=60)
-            address = cluster.scheduler_address
-            on_cpus = make_job(stac_url, tmp_path / "cpu.zarr", catalog, time=period, tiling=tiling, cloud=cloud, model={**SMALL_MODEL, "device": "cpu"})
-            whole = run_job(parse_spec(on_cpus), scheduler=address, show_progress=False, echo=lambda _: None)
-            last = whole.plan.days[max(whole.plan.output_days)].date
-            before_last = {**period, "end": (last - dt.timedelta(days=1)).isoformat()}
-            nightly = make_job(stac_url, tmp_path / "gpu.zarr", catalog, time=before_last, tiling=tiling, cloud=cloud)
-            run_job(parse_spec(nightly), scheduler=address, show_progress=False, echo=lambda _: None)
-            before = Manifest.read(tmp_path / "gpu.zarr").done_count()
-            job = write_job(tmp_path, {**nightly, "time": period})
-            killed = cli_run(job, "--scheduler", address, kill="recorded:5")
-            recorded = Manifest.read(tmp_path / "gpu.zarr").done_count() - before
-            resumed = cli_run(job, "--scheduler", address)
+    with _a_cpu_and_a_gpu_worker() as (address, client):
+        whole, last, nightly = _all_on_cpus_then_all_but_the_last_date(tmp_path, stac_url, catalog, address)
+        before = Manifest.read(tmp_path / "gpu.zarr").done_count()
+        job = write_job(tmp_path, {**nightly, "time": NIGHTLY_PERIOD})
+        killed = cli_run(job, "--scheduler", address, kill="recorded:5")
+        recorded = Manifest.read(tmp_path / "gpu.zarr").done_count() - before
+        resumed = cli_run(job, "--scheduler", address)
 
     new = sum(1 for windows in whole.plan.windows.values() if any(whole.plan.days[w.target].date == last for w in windows))
     assert killed.returncode == -9, killed.stderr[-2000:]
