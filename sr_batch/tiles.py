@@ -322,7 +322,7 @@ def superresolve_tiles(
     network together, their windows in shared passes: a task of a nightly run's one date and several
     tiles fills a pass that one tile's single window would leave mostly empty. Eager, a region's edge
     tiles have smaller windows and pass on their own; compiled, every window has one shape
-    (`read_windows`) and only a smaller last row or column of tiles passes on its own."""
+    (`read_windows`) and only a narrower last column's tile passes on its own."""
     started, started_on_cpu = time.perf_counter(), time.thread_time()
     results: list[np.ndarray | None] = [None] * len(blocks)
     alike: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
@@ -336,18 +336,8 @@ def superresolve_tiles(
     runner = load_runner(model)
     with torch.inference_mode():
         for members in alike.values():
-            frames, positions, window_crops = [], [], []
-            for k in members:
-                needed = sorted({f for _, days in windows[k] for f in days})
-                offset = sum(len(f) for f in frames)
-                at = {day: offset + i for i, day in enumerate(needed)}
-                raw = to_device(torch.from_numpy(np.ascontiguousarray(blocks[k][needed]).view(np.int16)), runner.device)
-                frames.append(usable_reflectance_tensor(raw, dilate))
-                del raw
-                positions += [tuple(at[f] for f in days) for _, days in windows[k]]
-                window_crops += [crops[k]] * len(windows[k])
-            stacked = frames[0] if len(frames) == 1 else torch.cat(frames)
-            del frames
+            stacked, positions = _frames_on_device([blocks[k] for k in members], [windows[k] for k in members], dilate, runner.device)
+            window_crops = [crops[k] for k in members for _ in windows[k]]
             encoded = superresolve_frames(
                 runner, stacked, positions, pass_windows or model.batch_size, window_crops, encode_reflectance_tensor, sharing=tasks_sharing_the_device()
             )
@@ -365,6 +355,21 @@ def superresolve_tiles(
     if runner.device.type == "cpu":
         give_back_memory_if_tight()
     return results
+
+
+def _frames_on_device(blocks: list[np.ndarray], windows: list[TileWindows], dilate: int, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """The days the tiles' windows take, moved to the device as read and made usable reflectance (the
+    cloud mask per tile), in one stack of frames; and each window's positions in that stack, tile by tile."""
+    frames: list[torch.Tensor] = []
+    positions: list[tuple[int, ...]] = []
+    for block, tile_windows in zip(blocks, windows):
+        needed = sorted({f for _, days in tile_windows for f in days})
+        at = {day: sum(len(f) for f in frames) + i for i, day in enumerate(needed)}
+        raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), device)
+        frames.append(usable_reflectance_tensor(raw, dilate))
+        del raw
+        positions += [tuple(at[f] for f in days) for _, days in tile_windows]
+    return (frames[0] if len(frames) == 1 else torch.cat(frames)), positions
 
 
 def _in_slots(encoded: np.ndarray, slots: list[int], n_dates: int) -> np.ndarray:
