@@ -134,7 +134,7 @@ def superresolve_plan(
             at = {tuple(block[3:]): k for k, block in enumerate(blocks_taken)}
             for tile in run:
                 if tile in at:
-                    per_tile[(tiled, g, 0, *tile)] = (tile_result, (name, g, row, first), at[tile])
+                    per_tile[(tiled, g, 0, *tile)] = (operator.getitem, (name, g, row, first), at[tile])
                 else:
                     height, width = (SCALE * (end - start) for start, end in (plan.rows[tile[0]], plan.cols[tile[1]]))
                     per_tile[(tiled, g, 0, *tile)] = (np.zeros, (len(group), len(BANDS), height, width), np.uint16)
@@ -142,11 +142,6 @@ def superresolve_plan(
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
     return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, keys)
-
-
-def tile_result(results: list[np.ndarray], k: int) -> np.ndarray:
-    """The `k`-th tile's block of a run's results."""
-    return results[k]
 
 
 def slab_days(plan: Plan) -> int:
