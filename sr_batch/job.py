@@ -69,8 +69,8 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec, ModelSettings
 from sr_batch.storage import Location
-from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, load_model, pick_device, runs_without_cpu_allocator, warm_up
-from sr_batch.tiles import GPU_RESOURCE, slab_days, smallest_task_memory_bytes, superresolve_plan, task_memory_bytes, time_slabs
+from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, device_kind, load_model, pick_device, runs_without_cpu_allocator, warm_up
+from sr_batch.tiles import GPU_RESOURCE, compiled_pass_shape, slab_days, smallest_task_memory_bytes, superresolve_plan, task_memory_bytes, time_slabs
 
 Echo = Callable[[str], None]
 Pending = dict[tuple[int, int], list[Window]]
@@ -228,7 +228,11 @@ def run_job(
             echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
             settings = with_precision(settings, precision)
             ref = replace(model_ref(spec), precision=precision)
-            warming = warm_up_workers(client, ref, on_gpus)  # while the store is laid out and the graph built
+            compiled_pass = compile_in_warm_up(client, spec, work, ref, layout, on_gpus)
+            if compiled_pass:
+                windows, height, width = compiled_pass
+                echo(f"Compiling the network ({spec.model.compile}) for passes of {windows} windows of {height} x {width} px while the first tiles are read")
+            warming = warm_up_workers(client, ref, on_gpus, compiled_pass)  # while the store is laid out and the graph built
             if note := cpu_allocator_note(client, spec, on_gpus):
                 echo(note)
             if manifest is not None:
@@ -326,13 +330,34 @@ def cpu_allocator_note(client: Client, spec: JobSpec, on_gpus: list[str]) -> str
     )
 
 
-def warm_up_workers(client: Client, ref: ModelRef, on_gpus: list[str]) -> list[Future]:
+def warm_up_workers(client: Client, ref: ModelRef, on_gpus: list[str], compiled_pass: tuple[int, int, int] | None = None) -> list[Future]:
     """Start loading the model on the workers that will run it (the GPU workers, or else all of them) and
-    pass one small window through it, while the job goes on: on a GPU worker that takes a second (CUDA's
-    and cuDNN's start) that the first tiles would otherwise wait for. The futures are for the caller to
-    hold; a warm-up that fails is left alone, as the tile tasks report the same failure themselves."""
-    targets = on_gpus or sorted(client.scheduler_info(n_workers=-1)["workers"])
-    return [client.submit(warm_up, ref, workers=[address], allow_other_workers=False, key=f"sr-batch-warm-up-{uuid.uuid4().hex}") for address in targets]
+    pass zeros through it, while the job goes on: on a GPU worker that takes a second (CUDA's and
+    cuDNN's start) that the first tiles would otherwise wait for, and with `compiled_pass` the minutes of
+    compiling the job's pass. The futures are for the caller to hold; a warm-up that fails is left
+    alone, as the tile tasks report the same failure themselves."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    targets = on_gpus or sorted(workers)
+    return [
+        client.submit(warm_up, ref, compiled_pass, _gpu_slots(workers.get(address, {})), workers=[address], key=f"sr-batch-warm-up-{uuid.uuid4().hex}")
+        for address in targets
+    ]
+
+
+def compile_in_warm_up(client: Client, spec: JobSpec, work: Plan, ref: ModelRef, layout: TaskLayout, on_gpus: list[str]) -> tuple[int, int, int] | None:
+    """The pass a compiled job's warm-up compiles, where the network runs on GPUs: there a pass costs
+    a fraction of a second, and the GPU worker would otherwise start compiling only once its first tile
+    is read. On a CPU the warm-up's pass would cost as much as a task's, and the compiling happens on
+    the same worker either way."""
+    shape = compiled_pass_shape(work, ref, layout.dates, layout.tiles)
+    if shape is None or set(client.run(device_kind, spec.model.device, workers=on_gpus or None).values()) != {"cuda"}:
+        return None
+    return shape
+
+
+def _gpu_slots(info: dict[str, Any]) -> int:
+    """Super-resolution tasks a worker runs at once on its GPU (its GPU resource; 1 without one)."""
+    return max(1, int(info.get("resources", {}).get(GPU_RESOURCE, 1)))
 
 
 def job_hrefs(found: SearchResult) -> set[str]:

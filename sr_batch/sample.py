@@ -42,7 +42,7 @@ class SampleCatalog:
 
 
 def cache_dir() -> Path:
-    """Where fetched and derived sample data live; SR_BATCH_CACHE overrides."""
+    """Where sr-batch keeps what it fetches and derives (the sample data, compiled kernels); SR_BATCH_CACHE overrides."""
     return Path(os.environ.get("SR_BATCH_CACHE", Path.home() / ".cache" / "sr-batch"))
 
 

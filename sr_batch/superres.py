@@ -27,6 +27,7 @@ import torch
 
 from sr_batch.errors import CheckpointError
 from sr_batch.model import Architecture, LoadedModel, load_checkpoint, resolve_checkpoint, untrained_model
+from sr_batch.sample import cache_dir
 
 _LOAD_LOCK = threading.Lock()
 
@@ -95,23 +96,50 @@ def _runner_cached(ref: ModelRef) -> Runner:
         # A job's windows share one shape (tiles.read_windows), but jobs differ: a graph for each shape
         # this process meets, instead of falling back to eager.
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        keep_compiled_kernels()
         forward = torch.compile(network, mode=ref.compile, dynamic=False)
     return Runner(loaded, device, pick_autocast(ref.precision, device), forward, ref.compile != "off")
+
+
+def keep_compiled_kernels() -> None:
+    """Keep torch.compile's kernels and max-autotune's choices with sr-batch's cached files, unless
+    TORCHINDUCTOR_CACHE_DIR says where. A later process compiling the same pass reuses them (in about 40 %
+    of the time on a CPU here; the autotuning's minutes on a GPU). Their default place is in /tmp,
+    which a nightly service (systemd's PrivateTmp) or a container loses after each run. PyTorch sets the
+    variable to its default as it loads its compiler, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torchinductor")
 
 
 WARM_UP_PIXELS = 32
 """Edge of the one window `warm_up` passes through the network."""
 
 
-def warm_up(ref: ModelRef) -> str:
-    """Load the model and pass one small window through it, so that the first tiles do not pay for it
-    (on a GPU: CUDA's and cuDNN's start, about a second per process). A compiled model is only loaded:
-    a small pass would compile a graph for its own shape. Returns the device it warmed."""
+def warm_up(ref: ModelRef, compiled_pass: tuple[int, int, int] | None = None, sharing: int = 1) -> str:
+    """Load the model and pass zeros through it, so that the first tiles do not pay for it: on a GPU,
+    CUDA's and cuDNN's start (about a second per process), and for a compiled model the compilation of
+    `compiled_pass` (windows, height, width: the job's one pass, minutes with max-autotune), done while
+    the first tiles are still being read. `sharing` is the tasks that share the device, as for
+    `superresolve_frames` (it can narrow a pass). A compiled model given no pass is only loaded: a small
+    pass would compile a graph for its own shape. Returns the device it warmed."""
     runner = load_runner(ref)
+    frames = runner.loaded.info.frames
     if not runner.compiled:
-        window = np.zeros((runner.loaded.info.frames, 4, WARM_UP_PIXELS, WARM_UP_PIXELS), np.float32)
+        window = np.zeros((frames, 4, WARM_UP_PIXELS, WARM_UP_PIXELS), np.float32)
         superresolve_windows(runner, [window], batch_size=1)
+    elif compiled_pass is not None:
+        # The tasks' passes exactly: float32 frames on the device, every window `frames` deep, as wide as theirs.
+        windows, height, width = compiled_pass
+        stack = torch.zeros((frames, 4, height, width), dtype=torch.float32, device=runner.device)
+        superresolve_frames(runner, stack, [tuple(range(frames))] * windows, windows, sharing=sharing)
     return str(runner.device)
+
+
+def device_kind(setting: str) -> str:
+    """'cuda' or 'cpu': where `model.device` puts the network in this process (run on each worker)."""
+    return pick_device(setting).type
 
 
 def eager_runner(loaded: LoadedModel, device: str = "auto", precision: str = "fp32") -> Runner:

@@ -92,10 +92,7 @@ def superresolve_plan(
     reads = read_windows(plan, same_shape=model.compile != "off")
     blocks = window_blocks(cube, plan, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
-    # Windows per forward pass: a task's windows, up to the model's batch. A compiled network pads every
-    # pass to this one size (one graph per job), so a job of fewer dates than a batch (a nightly run of
-    # one new date) must not pad its passes to `model.batch_size`: that would compute up to 8x its windows.
-    pass_windows = min(model.batch_size, dates_per_task * tiles_per_task)
+    pass_windows = windows_per_pass(model, dates_per_task, tiles_per_task)
     runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for row, col in sorted(plan.windows):
         runs.setdefault((row, col - col % tiles_per_task), []).append((row, col))
@@ -229,6 +226,23 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
     activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
     output = dates * bands * SCALE**2 * height * width * 4
     return tiles * (block + reflectance) + windows + int(activations) + output + encoded
+
+
+def windows_per_pass(model: ModelRef, dates_per_task: int, tiles_per_task: int = 1) -> int:
+    """Windows per forward pass: a task's windows, up to the model's batch. A compiled network pads every
+    pass to this one size (one graph per job), so a job of fewer dates than a batch (a nightly run of one
+    new date) must not pad its passes to `model.batch_size`: that would compute up to 8x its windows."""
+    return min(model.batch_size, dates_per_task * tiles_per_task)
+
+
+def compiled_pass_shape(plan: Plan, model: ModelRef, dates_per_task: int, tiles_per_task: int = 1) -> tuple[int, int, int] | None:
+    """(windows, height, width) of the one pass a compiled job's network is compiled for, so that its
+    workers can compile it before their first tile (`superres.warm_up`); None when not compiled or when
+    there is nothing to compute. Every compiled window has one shape (`read_windows`)."""
+    if model.compile == "off" or not plan.output_days or not any(plan.windows.values()):
+        return None
+    ((ys, xs), *_) = read_windows(plan, same_shape=True).values()
+    return windows_per_pass(model, dates_per_task, tiles_per_task), ys[1] - ys[0], xs[1] - xs[0]
 
 
 Span = tuple[int, int]

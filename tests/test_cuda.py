@@ -126,6 +126,22 @@ def _tasks_at_once_write_what_each_writes_alone(source_cube: xr.Dataset, model: 
             np.testing.assert_array_equal(one, other)
 
 
+def test_a_compiled_warm_up_compiles_the_pass_a_tile_task_then_runs(source_cube: xr.Dataset) -> None:
+    """On a GPU a compiled job's warm-up compiles the job's pass (`superres.warm_up` with its shape):
+    the tile task after it compiles nothing, and gives what an eager task gives."""
+    from torch._dynamo.utils import counters
+
+    model = ModelRef(checkpoint="default", device="cuda", batch_size=3, compile="default")  # passes of 3: a shape no other test compiles
+    block, windows, crop = _tile_task(source_cube, 0)
+    assert superres.warm_up(model, (3, *block.shape[2:])).startswith("cuda")
+    compiled = counters["stats"]["unique_graphs"]
+    result = superresolve_tile(block, windows, 4, crop, 2, model, ("bench", 0, 0, 0), pass_windows=3)
+    assert counters["stats"]["unique_graphs"] == compiled
+    eager = superresolve_tile(block, windows, 4, crop, 2, ModelRef(checkpoint="default", device="cuda", batch_size=3), ("bench", 0, 0, 0))
+    difference = np.abs(result.astype(np.int32) - eager)  # in 1e-4 reflectance, bf16 (precision auto) both
+    assert difference.max() <= 100 and difference.mean() < 10
+
+
 def test_a_run_of_tiles_shares_passes_and_gives_what_each_tile_gives_alone(source_cube: xr.Dataset) -> None:
     """A GPU worker's task of few dates takes a run of tiles: their frames go to the device together and
     their windows share passes, each cut by its own halo crop (an edge tile's halo lies on other sides).

@@ -3,6 +3,7 @@ and a region wider than a strip of tiles, read strip by strip, gives the same ou
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -10,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from distributed import Client, get_task_stream
+from distributed import Client, get_task_stream, wait
 
 from sr_batch import job as job_module
 from sr_batch import superres
 from sr_batch.job import model_ref, plan_job, run_job
 from sr_batch.plan import Plan
+from sr_batch.sample import cache_dir
 from sr_batch.spec import parse_spec
 from sr_batch.superres import ModelRef, Runner
-from sr_batch.tiles import read_windows, superresolve_plan
+from sr_batch.tiles import compiled_pass_shape, read_windows, superresolve_plan
 
 from conftest import SMALL_HALO, SMALL_MODEL, make_job
 
@@ -75,6 +77,37 @@ def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_pat
     assert np.array_equal(np.isnan(whole), np.isnan(compiled))
     np.testing.assert_allclose(compiled, whole, atol=1.01e-4, equal_nan=True)
     assert np.nanmean(np.abs(compiled - whole)) < 1e-5
+
+
+def test_the_warm_up_compiles_the_pass_a_compiled_job_runs(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """On GPU workers a compiled job's warm-up compiles the job's own pass while the first tiles are read
+    (`job.compile_in_warm_up`), so that the minutes of max-autotune overlap the reads. It must be the very
+    pass the tasks run, or the tasks compile again: after the warm-up, the job compiles nothing. (A CPU
+    job's warm-up does not compile, its pass costing as much as a task's: here it is made to, on the CPU
+    workers.) The compiled kernels are kept with sr-batch's cache for later runs."""
+    # A network of its own shapes: torch.compile reuses a graph for any network of the same shapes.
+    model = {**SMALL_MODEL, "compile": "default", "architecture": {**SMALL_MODEL["architecture"], "hidden_channels": 12}}
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    spec = parse_spec(make_job(stac_url, tmp_path / "out.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}, model=model))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    layout = job_module.task_layout(plan, spec.model, slots=2)
+    ref = replace(model_ref(spec), precision="fp32")  # as the job resolves `precision: auto` on CPU workers
+    compiled_pass = compiled_pass_shape(plan, ref, layout.dates, layout.tiles)
+    assert compiled_pass == (min(4, layout.dates), max(plan.chunks()[0]) + 2 * plan.halo, max(plan.chunks()[1]) + 2 * plan.halo)
+    with Client(scheduler) as client:
+        assert job_module.compile_in_warm_up(client, spec, plan, ref, layout, []) is None, "a CPU job's warm-up compiles"
+        before = client.run(_compiled_graphs)
+        wait(job_module.warm_up_workers(client, ref, [], compiled_pass))
+        warmed = client.run(_compiled_graphs)
+        result = run_job(spec, scheduler=scheduler, show_progress=False)
+        after = client.run(_compiled_graphs)
+        kept = client.run(lambda: os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    assert result.written_windows > 0
+    assert all(warmed[worker] > before.get(worker, 0) for worker in warmed), f"the warm-up compiled nothing: {before} → {warmed}"
+    assert after == warmed, f"the job's tasks compiled again after the warm-up: {warmed} → {after}"
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        assert set(kept.values()) == {str(cache_dir() / "torchinductor")}
+        assert any((cache_dir() / "torchinductor").iterdir())
 
 
 def test_a_compiled_job_of_one_date_passes_one_window_not_a_padded_batch(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
