@@ -221,7 +221,8 @@ def run_job(
             # The windows this run computes (the manifest's record of what is written does not change
             # before the run writes them), and their tasks' size, checked before anything is written.
             work = replace(increment.plan, windows=increment.pending(manifest))
-            slots, limit = super_resolution_slots(client, on_gpus), memory_per_running_task(client, on_gpus)
+            sr_workers, limit = super_resolution_workers(client, on_gpus), memory_per_running_task(client, on_gpus)
+            slots = sum(sr_workers.values()) or 1
             layout = task_layout(work, spec.model, slots, task_dates, in_flight, on_gpu=bool(on_gpus), memory_limit=limit)
             echo(check_task_memory(client, work, on_gpus, layout))
             precision = resolved_precision(client, spec, on_gpus)
@@ -248,7 +249,7 @@ def run_job(
                 keep_annotations(bool(on_gpus)),
             ):
                 try:
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers)
                 except KilledWorker as died:
                     memory = task_memory_note(work, layout, bool(on_gpus))
                     raise SrBatchError(
@@ -488,12 +489,13 @@ def commit_dates(
     return manifest, added
 
 
-def super_resolution_slots(client: Client, on_gpus: list[str]) -> int:
-    """How many super-resolution tasks the cluster runs at once: its GPU slots, or else its threads."""
+def super_resolution_workers(client: Client, on_gpus: list[str]) -> dict[str, int]:
+    """The workers that run super-resolution, and how many tasks each runs at once: its GPU slots, or
+    else its threads."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if on_gpus:
-        return sum(int(workers[address].get("resources", {}).get(GPU_RESOURCE, 1)) for address in on_gpus if address in workers) or 1
-    return sum(int(info.get("nthreads", 1)) for info in workers.values()) or 1
+        return {address: _gpu_slots(workers[address]) for address in on_gpus if address in workers}
+    return {address: max(1, int(info.get("nthreads", 1))) for address, info in sorted(workers.items())}
 
 
 @dataclass(frozen=True)
@@ -566,8 +568,10 @@ def write_pending(
     gpu_workers_only: bool,
     layout: TaskLayout,
     echo: Echo,
+    sr_workers: dict[str, int] | None = None,
 ) -> Pending:
-    """Super-resolve and write the pending windows; record each tile's windows as its task returns."""
+    """Super-resolve and write the pending windows; record each tile's windows as its task returns.
+    `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`)."""
     written: Pending = {tile: [] for tile in pending}
     if not _count(pending):
         return written
@@ -590,7 +594,7 @@ def write_pending(
         recorded(records.write_if_due())
 
     try:
-        _compute(client, tasks, layout.in_flight, echo, record)
+        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread(sr_workers or {}))
     finally:
         # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
         if not lock.lost:
@@ -734,7 +738,7 @@ STRIP_TILES = 16
 """Tile columns of a strip: a job goes through a slab strip by strip, row-major inside each strip."""
 
 
-def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None]) -> None:
+def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None], spread: TaskSpread | None = None) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once, time slab by time slab, in
     each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
     `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
@@ -782,7 +786,7 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
         futures = []
         for _, (position, (unit, task)) in zip(range(count), pending):
             read_ahead(unit)
-            (future,) = client.compute([task], priority=-position)
+            (future,) = client.compute([task], priority=-position, **(spread.place(task.key) if spread else {}))
             unit_of[future.key] = unit
             futures.append(future)
         return futures
@@ -790,6 +794,8 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     running = as_completed(submit(in_flight), with_results=True)
     for future, result in running:
         unit = unit_of.pop(future.key)
+        if spread:
+            spread.done(future.key)
         for block in tasks.reads_of[unit]:
             users[block, strip[unit]] -= 1
             if not users[block, strip[unit]]:
@@ -797,6 +803,36 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
         on_done(unit, result)
         for more in submit(1):
             running.add(more)
+
+
+class TaskSpread:
+    """The worker each task is asked to run on: of the workers that run super-resolution, the one with
+    the fewest of the job's tasks in flight per slot. Dask puts a task whose inputs are all on one worker
+    on that worker, however many tasks it already has queued, and a super-resolution task's one input
+    is its tile's read block. A small job's tasks, submitted together, thus followed wherever the reads
+    happened to be: a job of 4 tasks on 2 CPU workers ran 3 on one in 1 of 7 runs (13.6 s against
+    10.1–11.3 s), and once in a benchmark (bench/RESULTS.md, run N). The block travels to the worker
+    instead, a transfer between workers that a task's compute outweighs many times. The worker is a
+    preference, not a rule (allow_other_workers): a task whose worker left runs elsewhere, and Dask's
+    work stealing may still give a queued task to an idle worker."""
+
+    def __init__(self, slots: dict[str, int]) -> None:
+        self.slots = slots
+        self.in_flight: Counter[str] = Counter()
+        self.worker_of: dict[Any, str] = {}
+
+    def place(self, key: Any) -> dict[str, Any]:
+        """The submission's options for the task of `key`; nothing when no worker is known."""
+        if not self.slots:
+            return {}
+        worker = min(self.slots, key=lambda address: self.in_flight[address] / self.slots[address])
+        self.in_flight[worker] += 1
+        self.worker_of[key] = worker
+        return {"workers": [worker], "allow_other_workers": True}
+
+    def done(self, key: Any) -> None:
+        if (worker := self.worker_of.pop(key, None)) is not None:
+            self.in_flight[worker] -= 1
 
 
 def tasks_in_flight(slots: int) -> int:

@@ -73,6 +73,10 @@ class TileGraph:
     cuts each tile's block from them). A run with no window in a group has no task."""
 
 
+SUPER_RESOLUTION_PREFIX = "superresolve"
+"""The super-resolution tasks' key names start with it: their task prefix in Dask."""
+
+
 def superresolve_plan(
     plan: Plan, model: ModelRef, dates_per_task: int, gpu_workers_only: bool = False, first_group: int = 0, tiles_per_task: int = 1
 ) -> TileGraph:
@@ -116,7 +120,7 @@ def superresolve_plan(
     # The name hashes every task's arguments: jobs sharing a cluster never share keys by accident. The
     # model is hashed once, and the rest (numbers and strings) by their text: dask's tokenize walks
     # every nested tuple of every task, 6 s of client time for a whole Sentinel-2 tile's 16,641 tasks.
-    name = f"superresolve-{tokenize(model, repr({key: args[:5] + args[6:] for key, args in tasks.items()}))}"  # args[5] is the model
+    name = f"{SUPER_RESOLUTION_PREFIX}-{tokenize(model, repr({key: args[:5] + args[6:] for key, args in tasks.items()}))}"  # args[5] is the model
     graph = {(name, g, row, first): (superresolve_tiles, *args) for (g, row, first), args in tasks.items()}
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
     with dask.annotate(**annotations):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import torch
 import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
+from distributed import Client, SchedulerPlugin
+from distributed.utils import key_split
 
 from sr_batch import job as job_module
 from sr_batch.errors import CheckpointError
@@ -20,6 +24,7 @@ from sr_batch.job import JobResult, TaskLayout, model_ref, plan_job, run_job, ta
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
 from sr_batch.spec import parse_spec
+from sr_batch.tiles import SUPER_RESOLUTION_PREFIX
 
 from conftest import SMALL_MODEL, make_job
 
@@ -161,6 +166,54 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             referred = {key for node in graph.values() if isinstance(node, GraphNode) for key in node.dependencies} - graph.keys()
             assert referred <= block_keys and {tasks.blocks[unit].key} <= referred
             assert {tasks.blocks[read].key for read in tasks.reads_of[unit]} >= referred
+
+
+class _AskedWorkers(SchedulerPlugin):
+    """In the scheduler: the workers each super-resolution task was asked to run on, and where it ran."""
+
+    name = "sr-batch-test-asked-workers"
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[list[str], bool, str]] = []
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish == "processing" and key_split(key) == SUPER_RESOLUTION_PREFIX:
+            task = self.scheduler.tasks[key]
+            self.tasks.append((sorted(task.worker_restrictions or ()), task.loose_restrictions, task.processing_on.address))
+
+
+def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_are(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
+    """A super-resolution task's one input is its tile's read block, and Dask puts a task whose inputs
+    are on one worker there, however busy that worker is: a small job could queue most of its tasks on
+    one worker while another had none. Each task is asked for the worker with the fewest of the job's
+    tasks in flight per slot, as a preference (a task whose worker left runs elsewhere)."""
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    spec = parse_spec(make_job(stac_url, tmp_path / "spread.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
+    with Client(scheduler) as client:
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        client.register_plugin(_AskedWorkers())
+        try:
+            result = run_job(spec, scheduler=scheduler, show_progress=False)
+            tasks = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_AskedWorkers.name].tasks)
+        finally:
+            client.unregister_scheduler_plugin(_AskedWorkers.name)
+    assert len(workers) == 2 and len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
+    assert all(len(asked) == 1 and loose for asked, loose, _ in tasks), tasks
+    asked = Counter(asked[0] for asked, _, _ in tasks)
+    assert sorted(asked) == workers and min(asked.values()) >= len(tasks) // 4, asked
+    assert {ran for _, _, ran in tasks} == set(workers)
+
+
+def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slot() -> None:
+    spread = job_module.TaskSpread({"a": 1, "b": 2})
+    asked = [spread.place(k)["workers"][0] for k in range(6)]
+    assert Counter(asked) == {"a": 2, "b": 4}
+    spread.done(asked.index("a"))
+    assert spread.place(6) == {"workers": ["a"], "allow_other_workers": True}
+    assert job_module.TaskSpread({}).place(7) == {}
 
 
 def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResult) -> None:
