@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,17 @@ def test_whole_tile_client_benchmark_writes_its_numbers(tmp_path: Path) -> None:
     measured = ("search_s", "plan_s", "graph_s", "submission_ms_per_task", "manifest_mb", "manifest_write_s", "store_layout_s", "append_dates_s")
     assert all(row[key] > 0 for key in measured)
     assert "tasks of 8 dates" in done.stdout
+
+
+def test_task_placement_benchmark_counts_every_task_of_each_run(tmp_path: Path) -> None:
+    """`bench/task_placement.py` at a small size: each run's tasks, counted per worker, are the job's tasks."""
+    script = Path(__file__).parent.parent / "bench" / "task_placement.py"
+    command = [sys.executable, str(script), "--size", "128", "--tile", "64", "--dates", "2", "--runs", "2"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = re.findall(r"tasks per worker \[(\d+), (\d+)\]", done.stdout)
+    assert len(runs) == 2 and all(int(a) + int(b) == 4 for a, b in runs), done.stdout  # 2 x 2 tiles, the 2 dates in one task each
+    assert re.search(r"\d of 2 runs uneven", done.stdout)
 
 
 def test_a_workers_peak_memory_is_its_own_not_its_parents() -> None:
