@@ -445,6 +445,7 @@ def end_to_end(
         "tiles_per_task": result.task_tiles,
         "tasks": len(events),
         "sr_workers": len({event["worker"] for _, event in events}),
+        "tasks_per_worker": sorted(Counter(event["worker"] for _, event in events).values()),
         "seconds": seconds,
         "lr_mpx_per_s": mpx,
         "km2_date_per_s": mpx * KM2_PER_MPX,
