@@ -571,7 +571,10 @@ def write_pending(
     sr_workers: dict[str, int] | None = None,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns.
-    `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`)."""
+    `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`), unless
+    they are GPU workers: a task asked for a worker but allowed others may run on any worker once its
+    own is busy or gone, its GPU resource notwithstanding (Dask's fallback and work stealing), and the
+    network would then run on a CPU worker. GPU tasks keep the resource alone."""
     written: Pending = {tile: [] for tile in pending}
     if not _count(pending):
         return written
@@ -594,7 +597,7 @@ def write_pending(
         recorded(records.write_if_due())
 
     try:
-        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread(sr_workers or {}))
+        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread({} if gpu_workers_only else sr_workers or {}))
     finally:
         # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
         if not lock.lost:
@@ -810,11 +813,11 @@ class TaskSpread:
     the fewest of the job's tasks in flight per slot. Dask puts a task whose inputs are all on one worker
     on that worker, however many tasks it already has queued, and a super-resolution task's one input
     is its tile's read block. A small job's tasks, submitted together, thus followed wherever the reads
-    happened to be: a job of 4 tasks on 2 CPU workers ran 3 on one in 1 of 7 runs (13.6 s against
-    10.1–11.3 s), and once in a benchmark (bench/RESULTS.md, run N). The block travels to the worker
-    instead, a transfer between workers that a task's compute outweighs many times. The worker is a
-    preference, not a rule (allow_other_workers): a task whose worker left runs elsewhere, and Dask's
-    work stealing may still give a queued task to an idle worker."""
+    happened to be: a job of 4 tasks on 2 CPU workers ran 3 on one in 4 of 21 runs (bench/RESULTS.md,
+    twelfth CPU measurement). The block travels to the worker instead, a transfer between workers that
+    a task's compute outweighs many times. The worker is a preference, not a rule (allow_other_workers):
+    a task whose worker left runs elsewhere, and Dask's work stealing may still give a queued task to an
+    idle worker. The workers are those at the job's start: one that joins later gets tasks by stealing."""
 
     def __init__(self, slots: dict[str, int]) -> None:
         self.slots = slots
