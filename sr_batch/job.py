@@ -420,11 +420,7 @@ def memory_per_running_task(client: Client, on_gpus: list[str]) -> float:
     """The smallest memory limit per running super-resolution task among the workers that run them (0: no limit).
     A GPU worker runs as many at once as its GPU resource says; a CPU worker one per thread."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    per_running_task = [
-        (info.get("memory_limit") or 0) / max(1, int(info.get("resources", {}).get(GPU_RESOURCE, 1) if on_gpus else info.get("nthreads", 1)))
-        for address, info in workers.items()
-        if not on_gpus or address in on_gpus
-    ]
+    per_running_task = [(workers[address].get("memory_limit") or 0) / slots for address, slots in super_resolution_workers(client, on_gpus).items()]
     return min((value for value in per_running_task if value), default=0)
 
 
