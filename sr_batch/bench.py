@@ -8,6 +8,8 @@
    the task, and whether more tasks side by side would keep the GPU busier. One-date tasks (a nightly
    run's) of one tile (one window per pass) and of a run of `--batch` tiles (a GPU worker's nightly
    task, whose windows share passes) say what small passes cost and what runs of tiles give back.
+   One task is then profiled (torch's profiler): host and GPU time per stage of the task, and a
+   Chrome trace next to the JSON, so that a gap between task and network shows where it lies.
 3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
    `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
    (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
@@ -60,7 +62,7 @@ from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import ModelRef, give_back_freed_memory, load_model, pick_device, prepare_windows
+from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, give_back_freed_memory, load_model, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
@@ -271,16 +273,79 @@ def writing(loaded: LoadedModel, device: torch.device, tile: int, threads: int) 
 
 
 def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_once: Sequence[int], tiles: int = 1) -> list[dict[str, Any]]:
-    """The job's tile task alone, without Dask: a real block (the sample's clearest days mirrored to the
-    tile and its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, `tiles` such
-    blocks to a task (a GPU worker's run of tiles), super-resolved by `tiles.superresolve_tiles`
-    `repeats` times per thread on each count of threads in `at_once`, as a GPU worker runs its tasks
-    side by side: where more threads give more, one task's host work leaves the GPU idle. LR Mpx/s
-    count the tiles' pixels, not their halo, as the end-to-end rates do.
+    """The job's tile task alone, without Dask (`_tile_task`), `repeats` times per thread on each count
+    of threads in `at_once`, as a GPU worker runs its tasks side by side: where more threads give more,
+    one task's host work leaves the GPU idle. LR Mpx/s count the tiles' pixels, not their halo, as the
+    end-to-end rates do.
 
     It splits the gap between model only and a job's super-resolution phase in two: what a task adds to
     the network (the halo, the cloud mask, the windows and their gaps, the encoding, the copies), and
     what the pipeline adds (Dask, reading, writing)."""
+    runner, task, halo = _tile_task(model, tile, dates, tiles)
+    task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
+    rows = []
+    for threads in at_once:
+        with ThreadPoolExecutor(threads) as pool:
+            _sync(runner.device)
+            started = time.perf_counter()
+            list(pool.map(task, range(threads * repeats)))
+            seconds = time.perf_counter() - started
+        mpx = threads * repeats * dates * tiles * tile * tile / 1e6 / seconds
+        row = {"threads": threads, "tasks": threads * repeats, "dates": dates, "tiles": tiles, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx}
+        rows.append(row)
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()  # the jobs' GPU workers run on this GPU next: leave them the memory these tasks held
+    return rows
+
+
+def tile_task_profile(model: ModelRef, tile: int, dates: int, trace: Path | None = None) -> dict[str, Any]:
+    """Where one tile task's time goes, stage by stage (superres.STAGE_PREFIX): the task alone
+    (`_tile_task`), once warmed up, under torch's profiler. Per stage: the host's time in it, and on a
+    GPU the time of the kernels it queued. A stage's host time counts waiting: "collect" waits for the
+    GPU to finish the batch. The profiler's own cost inflates the host times, so the shares say more than
+    the milliseconds; `trace` keeps the Chrome trace (chrome://tracing, Perfetto) for a closer look."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner, task, halo = _tile_task(model, tile, dates, 1)
+    task(0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as profiled:
+        _sync(runner.device)
+        started = time.perf_counter()
+        task(1)
+        _sync(runner.device)
+        seconds = time.perf_counter() - started
+    events = profiled.key_averages()
+    stages = [
+        {
+            "stage": event.key.removeprefix(STAGE_PREFIX),
+            "calls": event.count,
+            "host_ms": event.cpu_time_total / 1e3,
+            "device_ms": event.device_time_total / 1e3 if runner.device.type == "cuda" else None,
+        }
+        for event in events
+        if event.key.startswith(STAGE_PREFIX) and event.cpu_time_total > 0  # the CPU side; a GPU annotation has no CPU time
+    ]
+    # Kernels alone (every op's own device time): how busy the task kept the GPU.
+    kernels_ms = sum(event.self_device_time_total for event in events if not event.key.startswith(STAGE_PREFIX)) / 1e3
+    if trace is not None:
+        profiled.export_chrome_trace(str(trace))
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "dates": dates,
+        "halo": halo,
+        "seconds": seconds,
+        "device_kernels_ms": kernels_ms if runner.device.type == "cuda" else None,
+        "stages": sorted(stages, key=lambda row: -row["host_ms"]),
+    }
+
+
+def _tile_task(model: ModelRef, tile: int, dates: int, tiles: int) -> tuple[Runner, Callable[[int], None], int]:
+    """A job's tile task without Dask: a real block (the sample's clearest days mirrored to the tile and
+    its seam-free halo, 4 bands + SCL) and `dates` windows of the model's frames, `tiles` such blocks to a
+    task (a GPU worker's run of tiles), super-resolved by `tiles.superresolve_tiles` with passes as wide
+    as a job's. Returns the runner, the task (its argument numbers the task, as a job's tile) and the halo."""
     from sr_batch.model import receptive_radius
     from sr_batch.spec import Cloud
     from sr_batch.superres import load_runner
@@ -303,20 +368,7 @@ def tile_tasks_alone(model: ModelRef, tile: int, dates: int, repeats: int, at_on
         passes = min(model.batch_size, dates * tiles)
         superresolve_tiles([block] * tiles, [windows] * tiles, dates, [crop] * tiles, dilate, model, ("bench", run, 0), passes)
 
-    task(0)  # warm-up: the first pass of a shape allocates and, on a GPU, picks its kernels
-    rows = []
-    for threads in at_once:
-        with ThreadPoolExecutor(threads) as pool:
-            _sync(runner.device)
-            started = time.perf_counter()
-            list(pool.map(task, range(threads * repeats)))
-            seconds = time.perf_counter() - started
-        mpx = threads * repeats * dates * tiles * tile * tile / 1e6 / seconds
-        row = {"threads": threads, "tasks": threads * repeats, "dates": dates, "tiles": tiles, "halo": halo, "seconds": seconds, "lr_mpx_per_s": mpx}
-        rows.append(row)
-    if runner.device.type == "cuda":
-        torch.cuda.empty_cache()  # the jobs' GPU workers run on this GPU next: leave them the memory these tasks held
-    return rows
+    return runner, task, halo
 
 
 def _write_rate(block: np.ndarray, store: str, threads: int, seconds: float = 2.0) -> float:
@@ -656,6 +708,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"tile task   alone, {row['threads']} at a time ({row['dates']} dates x {row['tiles']} tiles, {args.tile} px + halo {row['halo']})  "
                 f"{row['lr_mpx_per_s']:9.4f} LR Mpx/s  ({row['lr_mpx_per_s'] / best['lr_mpx_per_s']:.2f} of the best model only)"
             )
+        trace = args.out.with_suffix(".task-trace.json")
+        report["tile_task_profile"] = profiled = tile_task_profile(alone, args.tile, args.batch, trace)
+        print(
+            f"tile task   profiled alone ({profiled['dates']} dates, {profiled['seconds'] * 1e3:.0f} ms under the profiler; "
+            f"kernels {profiled['device_kernels_ms']:.0f} ms; trace in {trace}):"
+        )
+        for stage in profiled["stages"]:
+            print(f"            {stage['stage']:<16} {stage['calls']:4d} calls  host {stage['host_ms']:8.1f} ms  GPU {stage['device_ms']:8.1f} ms")
     else:
         # A CPU job's tasks run in worker processes started with their own allocator settings, which
         # tasks on this process's threads would not have: here the rate would say more about the heap.

@@ -24,12 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from sr_batch.errors import CheckpointError
 from sr_batch.model import Architecture, LoadedModel, load_checkpoint, resolve_checkpoint, untrained_model
 from sr_batch.sample import cache_dir
 
 _LOAD_LOCK = threading.Lock()
+
+STAGE_PREFIX = "sr-batch: "
+"""Names the stages of a pass in a torch profile (`record_function`), so a profile of a tile task can
+say where its time goes (the benchmark's task profile); outside a profile they cost a few µs a pass."""
 
 
 @dataclass(frozen=True)
@@ -331,38 +336,46 @@ def _submit(
 ) -> _Submitted:
     """Queue one batch, from gathering its frames to its finished output; on CUDA it returns before the GPU has finished."""
     count = len(chunk)
-    x, alphas = gather_windows(frames, chunk, runner.loaded.info.frames)
-    normalise_and_fill(x, alphas, mean, std)
-    if runner.compiled and count < batch_size:
-        # A compiled graph is specialised to its batch: pad the last one with copies instead of recompiling.
-        x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
-        alphas = torch.cat([alphas, alphas[-1:].expand(batch_size - count, -1)])
+    with record_function(STAGE_PREFIX + "windows"):
+        x, alphas = gather_windows(frames, chunk, runner.loaded.info.frames)
+        normalise_and_fill(x, alphas, mean, std)
+        if runner.compiled and count < batch_size:
+            # A compiled graph is specialised to its batch: pad the last one with copies instead of recompiling.
+            x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
+            alphas = torch.cat([alphas, alphas[-1:].expand(batch_size - count, -1)])
     if runner.compiled:
         result = runner.compiled_thread.submit(_forward_kept, runner, x, alphas).result()[:count]
     else:
         result = _forward(runner, x, alphas)[:count]
-    result = result.float() * std + mean
-    # The latest frame of each window: where it saw nothing, the output is NaN.
-    latest = torch.stack([frames[w[-1]] for w in chunk])
-    unseen = torch.isnan(latest).any(dim=1, keepdim=True)
-    result = result.masked_fill_(unseen.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3), float("nan"))
-    result = _cropped(result, crops, scale)
-    if encode is not None:
-        result = encode(result)
+    with record_function(STAGE_PREFIX + "output"):
+        result = result.float() * std + mean
+        # The latest frame of each window: where it saw nothing, the output is NaN.
+        latest = torch.stack([frames[w[-1]] for w in chunk])
+        unseen = torch.isnan(latest).any(dim=1, keepdim=True)
+        result = result.masked_fill_(unseen.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3), float("nan"))
+        result = _cropped(result, crops, scale)
+        if encode is not None:
+            result = encode(result)
     if runner.device.type != "cuda":
         return _Submitted(result, None, start)
-    # The passes leave it channels_last: laid out as the host wants it here, the copy back is a plain copy.
-    result = result.contiguous()
-    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-    passes, copies = torch.cuda.current_stream(runner.device), results_stream(runner.device)
-    with _RESULT_COPY_LOCK, torch.cuda.stream(copies):
-        copies.wait_stream(passes)  # on the device: the copy starts once the result is computed
-        host.copy_(result, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    # The result's memory goes back to the allocator when this function returns: not to be reused
-    # by the passes queued next before the copy has read it.
-    result.record_stream(copies)
+    return _copied_back(runner, result, start)
+
+
+def _copied_back(runner: Runner, result: torch.Tensor, start: int) -> _Submitted:
+    """Queue the copy of a batch's result to pinned host memory, on the results stream."""
+    with record_function(STAGE_PREFIX + "copy back"):
+        # The passes leave it channels_last: laid out as the host wants it here, the copy back is a plain copy.
+        result = result.contiguous()
+        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+        passes, copies = torch.cuda.current_stream(runner.device), results_stream(runner.device)
+        with _RESULT_COPY_LOCK, torch.cuda.stream(copies):
+            copies.wait_stream(passes)  # on the device: the copy starts once the result is computed
+            host.copy_(result, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        # The result's memory goes back to the allocator when this function returns: not to be reused
+        # by the passes queued next before the copy has read it.
+        result.record_stream(copies)
     return _Submitted(host, done, start)
 
 
@@ -381,7 +394,7 @@ def _cropped(result: torch.Tensor, crops: list[tuple[int, int, int, int]], scale
 def _forward(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
     """The network on one batch, in the runner's precision (autocast and inference mode are per thread)."""
     autocast = torch.autocast(runner.device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, record_function(STAGE_PREFIX + "network"):
         return runner.forward(x, alphas)
 
 
@@ -395,9 +408,10 @@ def _forward_kept(runner: Runner, x: torch.Tensor, alphas: torch.Tensor) -> torc
 
 def _collect(batch: _Submitted, out: np.ndarray) -> None:
     """Wait for a submitted batch and write it into `out`."""
-    if batch.done is not None:
-        batch.done.synchronize()
-    out[batch.start : batch.start + len(batch.result)] = batch.result.numpy()
+    with record_function(STAGE_PREFIX + "collect"):
+        if batch.done is not None:
+            batch.done.synchronize()
+        out[batch.start : batch.start + len(batch.result)] = batch.result.numpy()
 
 
 def _statistics(runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:

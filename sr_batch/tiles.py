@@ -37,12 +37,13 @@ import numpy as np
 import torch
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from torch.profiler import record_function
 
 from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
 from sr_batch.sink import encode_reflectance_tensor
-from sr_batch.superres import CPU_PASS_BYTES, ModelRef, give_back_freed_memory, load_runner, superresolve_frames, to_device
+from sr_batch.superres import CPU_PASS_BYTES, STAGE_PREFIX, ModelRef, give_back_freed_memory, load_runner, superresolve_frames, to_device
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -378,9 +379,10 @@ def _frames_on_device(blocks: list[np.ndarray], windows: list[TileWindows], dila
     for block, tile_windows in zip(blocks, windows):
         needed = sorted({f for _, days in tile_windows for f in days})
         at = {day: sum(len(f) for f in frames) + i for i, day in enumerate(needed)}
-        raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), device)
-        frames.append(usable_reflectance_tensor(raw, dilate))
-        del raw
+        with record_function(STAGE_PREFIX + "tile to device"):
+            raw = to_device(torch.from_numpy(np.ascontiguousarray(block[needed]).view(np.int16)), device)
+            frames.append(usable_reflectance_tensor(raw, dilate))
+            del raw
         positions += [tuple(at[f] for f in days) for _, days in tile_windows]
     return (frames[0] if len(frames) == 1 else torch.cat(frames)), positions
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sr_batch.bench import GpuUtilisation, ModelOnlyDied, _peak_memory, main, model_only_on_workers, tile_tasks_alone
+from sr_batch.bench import GpuUtilisation, ModelOnlyDied, _peak_memory, main, model_only_on_workers, tile_task_profile, tile_tasks_alone
 from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef
 
 
@@ -87,6 +87,20 @@ def test_the_tile_task_alone_runs_the_jobs_task_on_a_real_tile_with_its_halo() -
     for tiles in (1, 2):
         (nightly,) = tile_tasks_alone(ModelRef(checkpoint="default", batch_size=2), 32, 1, 2, [1], tiles)
         assert (nightly["threads"], nightly["tasks"], nightly["dates"], nightly["tiles"]) == (1, 2, 1, tiles) and nightly["lr_mpx_per_s"] > 0
+
+
+def test_the_task_profile_splits_one_tile_task_into_its_stages(tmp_path: Path) -> None:
+    """A task of 3 dates in passes of 2 windows: its tile goes to the device once, and each of its two
+    passes is gathered, run, finished and collected; on a CPU nothing is copied back."""
+    trace = tmp_path / "trace.json"
+    profiled = tile_task_profile(ModelRef(checkpoint="default", batch_size=2), 32, 3, trace)
+    calls = {row["stage"]: row["calls"] for row in profiled["stages"]}
+    assert calls == {"tile to device": 1, "windows": 2, "network": 2, "output": 2, "collect": 2}
+    assert profiled["dates"] == 3 and profiled["halo"] == 22 and profiled["device_kernels_ms"] is None
+    network = next(row for row in profiled["stages"] if row["stage"] == "network")
+    assert 0 < network["host_ms"] < profiled["seconds"] * 1e3 and network["device_ms"] is None
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert "sr-batch: network" in names
 
 
 def test_whole_tile_client_benchmark_writes_its_numbers(tmp_path: Path) -> None:
