@@ -423,19 +423,31 @@ def superresolve_tile(
 
 TIGHT_MEMORY_FRACTION = 0.5
 """Share of a worker's memory limit past which a CPU task gives its freed memory back to the system."""
+KEPT_MEMORY_GROWTH = 1.1
+"""How far past its memory after its first task a CPU worker's memory may grow before it gives its freed
+memory back: beyond that the heap has not kept a pass's memory but grown with fragmentation."""
+_FIRST_TASK_MEMORY: dict[int, int] = {}
+"""Per worker in this process (by id): its process memory after its first super-resolution task."""
 
 
 def give_back_memory_if_tight() -> None:
     """A worker started with superres.CPU_ALLOCATOR_ENV keeps its largest pass's memory for the next
-    pass. Dask counts that against the worker's memory limit, and a worker past 80 % of it is paused
-    until its memory falls, which it then never would. Past half its limit, a worker gives its freed
-    memory back after each task; it then faults the next task's activations in again. Nothing happens
-    outside a Dask worker or without a limit."""
+    pass. It gives its freed memory back after a task (and then faults the next task's activations in
+    again) in two cases. Past half its memory limit: Dask counts kept memory against the limit, and a
+    worker past 80 % of it is paused until its memory falls, which it then never would. And once it
+    holds more than KEPT_MEMORY_GROWTH times what its first task left it with: the read blocks, results
+    and Dask's buffers allocated between passes take pieces of the space the last pass freed, the next
+    pass's largest activations no longer fit there, and the heap grows task after task with memory
+    nobody uses (a 2-worker job of 8 tasks per worker: at most 2.2 GB in use, up to 4.5 GB kept free;
+    bench/RESULTS.md). The worker's memory would grow with the tasks it runs, so with the region, up to
+    half its limit. Nothing happens outside a Dask worker."""
     worker = _current_worker()
     if worker is None:
         return
+    memory = worker.monitor.get_process_memory()
+    first = _FIRST_TASK_MEMORY.setdefault(id(worker), memory)
     limit = worker.memory_manager.memory_limit
-    if limit and worker.monitor.get_process_memory() > TIGHT_MEMORY_FRACTION * limit:
+    if memory > KEPT_MEMORY_GROWTH * first or (limit and memory > TIGHT_MEMORY_FRACTION * limit):
         give_back_freed_memory()
 
 

@@ -24,7 +24,7 @@ from sr_batch.cluster import QUIET_DASK_SETTINGS, cpu_allocator_environment, das
 from sr_batch.job import cpu_allocator_note
 from sr_batch.spec import parse_spec
 from sr_batch.superres import CPU_ALLOCATOR_ENV
-from sr_batch.tiles import give_back_memory_if_tight
+from sr_batch.tiles import KEPT_MEMORY_GROWTH, give_back_memory_if_tight
 
 from conftest import make_job
 
@@ -112,6 +112,24 @@ def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
             assert after < before - 800 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
         else:
             assert after > before - 100 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
+
+
+def test_a_worker_gives_back_memory_its_heap_grew_past_its_first_task() -> None:
+    """A roomy worker keeps a pass's memory from task to task, but not a heap that goes on growing: past
+    KEPT_MEMORY_GROWTH times its memory after its first task it gives the freed memory back, or its
+    memory would grow with the tasks it runs. (Two tasks of 1 GB each do not reuse one GB here: what
+    the worker allocates in between splits the freed GB, and the second takes a new one.)"""
+    with (
+        cpu_allocator_environment(),
+        LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="16GB", dashboard_address="127.0.0.1:0") as local,
+        Client(local) as client,
+    ):
+        first, smaller, larger = (client.submit(_memory_after_a_freed_allocation, megabytes, pure=False).result() for megabytes in (1024, 512, 2048))
+    for name, (before, after) in (("first", first), ("smaller", smaller)):
+        assert before > 1000 * MB and after > before - 100 * MB, f"{name} task: {before / MB:.0f} MB before, {after / MB:.0f} MB after: not kept"
+    before, after = larger
+    assert before > KEPT_MEMORY_GROWTH * first[1], f"the larger task did not grow the worker ({before / MB:.0f} MB)"
+    assert after < before - 1500 * MB, f"grown past its first task: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
 
 
 def _hold_memory_past_the_pause_line(dask_worker) -> None:
