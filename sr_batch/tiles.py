@@ -228,7 +228,8 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
         return tiles * (block + 2 * used_block) + encoded  # Dask's blocks, the days gathered from them and their pinned copies
     reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4  # a window is padded to the model's frames
-    activations = min(CPU_PASS_BYTES, 3 * dates * frames * 64 * height * width * 4)
+    per_window = 3 * frames * 64 * height * width * 4  # as superres._windows_per_pass counts a pass
+    activations = min(dates, max(1, int(CPU_PASS_BYTES // per_window))) * per_window  # at least one window, whatever the budget
     output = dates * bands * SCALE**2 * height * width * 4
     return tiles * (block + reflectance) + windows + int(activations) + output + encoded
 
