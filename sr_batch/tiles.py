@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import operator
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -427,8 +428,8 @@ TIGHT_MEMORY_FRACTION = 0.5
 KEPT_MEMORY_GROWTH = 1.1
 """How far past its memory after its first task a CPU worker's memory may grow before it gives its freed
 memory back: beyond that the heap has not kept a pass's memory but grown with fragmentation."""
-_FIRST_TASK_MEMORY: dict[int, int] = {}
-"""Per worker in this process (by id): its process memory after its first super-resolution task."""
+_FIRST_TASK_MEMORY: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+"""Per worker in this process: its process memory after its first super-resolution task."""
 
 
 def give_back_memory_if_tight() -> None:
@@ -446,7 +447,7 @@ def give_back_memory_if_tight() -> None:
     if worker is None:
         return
     memory = worker.monitor.get_process_memory()
-    first = _FIRST_TASK_MEMORY.setdefault(id(worker), memory)
+    first = _FIRST_TASK_MEMORY.setdefault(worker, memory)
     limit = worker.memory_manager.memory_limit
     if memory > KEPT_MEMORY_GROWTH * first or (limit and memory > TIGHT_MEMORY_FRACTION * limit):
         give_back_freed_memory()
