@@ -266,7 +266,7 @@ def superresolve_frames(
     if len(crops) != len(windows) or len(cores) != 1:
         raise ValueError(f"the crops must be one per window and leave one shape; they leave {sorted(cores)}")
     ((core_height, core_width),) = cores
-    batch_size = min(batch_size, _windows_per_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width, sharing))
+    batch_size = min(batch_size, windows_per_device_pass(runner.device, info.architecture.hidden_channels, info.frames, height, width, sharing))
     out_dtype = np.float32 if encode is None else np.int16
     out = np.empty((len(windows), 4, scale * core_height, scale * core_width), out_dtype)
     std, mean = _statistics(runner)
@@ -432,12 +432,16 @@ GPU_PASS_FRACTION = 0.4
 """Share of the GPU's memory one forward pass may use."""
 
 
-def _windows_per_pass(device: torch.device, hidden: int, frames: int, height: int, width: int, sharing: int = 1) -> int:
-    """Windows per forward pass within the device's budget; about three encoder activations are alive at once.
-    A GPU's budget is split between the `sharing` calls that run on it at once."""
+def window_activation_bytes(hidden: int, frames: int, height: int, width: int) -> int:
+    """A window's share of a forward pass's activations: about three encoder activations are alive at once."""
+    return 3 * frames * hidden * height * width * 4
+
+
+def windows_per_device_pass(device: torch.device, hidden: int, frames: int, height: int, width: int, sharing: int = 1) -> int:
+    """Windows per forward pass within the device's budget, at least one however large. A GPU's budget
+    is split between the `sharing` calls that run on it at once."""
     budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory / max(1, sharing)
-    per_window = 3 * frames * hidden * height * width * 4
-    return max(1, int(budget // per_window))
+    return max(1, int(budget // window_activation_bytes(hidden, frames, height, width)))
 
 
 # --- preparing windows: the one definition, shared by inference, training and the benchmark ------------

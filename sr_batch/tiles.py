@@ -44,7 +44,16 @@ from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
 from sr_batch.sink import encode_reflectance_tensor
-from sr_batch.superres import CPU_PASS_BYTES, STAGE_PREFIX, ModelRef, give_back_freed_memory, load_runner, superresolve_frames, to_device
+from sr_batch.superres import (
+    STAGE_PREFIX,
+    ModelRef,
+    give_back_freed_memory,
+    load_runner,
+    superresolve_frames,
+    to_device,
+    window_activation_bytes,
+    windows_per_device_pass,
+)
 
 TileWindows = list[tuple[int, tuple[int, ...]]]
 """(position of the output date within its group, positions of its frames in the tile block)."""
@@ -229,8 +238,8 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
         return tiles * (block + 2 * used_block) + encoded  # Dask's blocks, the days gathered from them and their pinned copies
     reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4  # a window is padded to the model's frames
-    per_window = 3 * frames * 64 * height * width * 4  # as superres._windows_per_pass counts a pass
-    activations = min(dates, max(1, int(CPU_PASS_BYTES // per_window))) * per_window  # at least one window, whatever the budget
+    cpu_pass = min(dates, windows_per_device_pass(torch.device("cpu"), 64, frames, height, width))  # at least one window, whatever the budget
+    activations = cpu_pass * window_activation_bytes(64, frames, height, width)
     output = dates * bands * SCALE**2 * height * width * 4
     return tiles * (block + reflectance) + windows + int(activations) + output + encoded
 

@@ -19,6 +19,7 @@ from distributed import Client, SchedulerPlugin
 from distributed.utils import key_split
 
 from sr_batch import job as job_module
+from sr_batch import superres as superres_module
 from sr_batch import tiles as tiles_module
 from sr_batch.errors import CheckpointError
 from sr_batch.job import JobResult, TaskLayout, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
@@ -256,12 +257,12 @@ def test_gpu_tasks_of_few_dates_take_runs_of_tiles_within_a_strip_while_every_sl
 
 
 def test_a_cpu_task_estimate_counts_a_whole_window_where_one_exceeds_the_pass_budget(summer: JobResult, monkeypatch) -> None:
-    """A CPU pass takes at least one window, however large (superres._windows_per_pass): a 512 px tile's
+    """A CPU pass takes at least one window, however large (superres.windows_per_device_pass): a 512 px tile's
     window needs more than CPU_PASS_BYTES, and its task's estimate must count all of it."""
     plan = summer.plan
     height, width = tiles_module._largest_read(plan)
     one_window = 3 * plan.spec.model.frames * 64 * height * width * 4
-    monkeypatch.setattr(tiles_module, "CPU_PASS_BYTES", one_window / 2)
+    monkeypatch.setattr(superres_module, "CPU_PASS_BYTES", one_window / 2)
     assert tiles_module.task_memory_bytes(plan, 2) - tiles_module.task_memory_bytes(plan, 1) < one_window, "two windows would exceed the budget: one per pass"
     assert tiles_module.task_memory_bytes(plan, 1) > one_window
 
