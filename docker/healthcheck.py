@@ -7,6 +7,8 @@ cheap enough to run every minute and proves what each role needs:
   (its safetensors header parses), so a broken build or a missing model is reported at once;
 - SR_BATCH_HEALTH_URL set (a Dask scheduler's or worker's http://127.0.0.1:PORT/health): that
   process answers "ok", so a hung scheduler or worker is restarted;
+- LD_PRELOAD naming jemalloc (the CPU image): jemalloc is the process's allocator, with its purging
+  off, so a worker whose preload failed (library missing) is reported instead of allocating slowly;
 - SR_BATCH_REQUIRE_CUDA=1 (the GPU worker): PyTorch sees a CUDA device, so a worker that lost its GPU
   (no device passed through, driver mismatch) is reported instead of silently running on CPU.
 
@@ -46,6 +48,17 @@ def check_url(url: str) -> str:
     return f"{url} ok"
 
 
+def check_allocator() -> str:
+    """The preload took and jemalloc keeps freed memory (sr_batch/allocator.py)."""
+    from sr_batch.allocator import allocator_in_use, allocator_shortfall
+
+    if allocator_in_use() != "jemalloc":
+        raise RuntimeError(f"LD_PRELOAD={os.environ['LD_PRELOAD']} but jemalloc is not this process's allocator; install it (apt-get install libjemalloc2)")
+    if shortfall := allocator_shortfall():
+        raise RuntimeError(f"{shortfall}: set MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    return "allocator jemalloc"
+
+
 def check_cuda() -> str:
     import torch
 
@@ -59,6 +72,8 @@ def main() -> int:
     url = os.environ.get("SR_BATCH_HEALTH_URL")
     if url:
         checks.append(lambda: check_url(url))
+    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        checks.append(check_allocator)
     if os.environ.get("SR_BATCH_REQUIRE_CUDA") == "1":
         checks.append(check_cuda)
     passed = []

@@ -57,12 +57,13 @@ import zarr
 from dask.utils import key_split
 from distributed import get_task_stream
 
+from sr_batch.allocator import allocator_in_use, give_back_freed_memory
 from sr_batch.cluster import GPU_SLOTS, cpu_allocator_environment, cpu_worker_layout
 from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, give_back_freed_memory, load_model, pick_device, prepare_windows
+from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, load_model, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
@@ -73,8 +74,8 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 @contextlib.contextmanager
 def allocating_as_cpu_workers() -> Iterator[None]:
-    """Run this process's model-only passes with the allocator a job's CPU workers start with
-    (superres.CPU_ALLOCATOR_ENV), so that model-only rates compare with theirs: glibc's mallopt at
+    """Run this process's model-only passes keeping freed memory as a job's CPU workers do (allocator.py;
+    jemalloc there keeps it as fast as these glibc settings), so that model-only rates compare with theirs: glibc's mallopt at
     run time, which governs the main thread's heap, where the passes run. Afterwards the thresholds
     return to glibc's initial values (fixed now, no longer adapting) and the freed heap goes back to
     the system: kept, the activations of its batches would crowd out the processes the benchmark
@@ -479,6 +480,7 @@ def end_to_end(
             seconds, wall_ended = time.perf_counter() - started, time.time()
             events = tiles.wait_for(result.written_windows)
             peak_memory, peak_gpu_memory = (max(column) for column in zip(*client.run(_peak_memory).values()))
+            allocators = sorted(set(client.run(allocator_in_use).values()))
         devices = sorted({event["device"] for _, event in events})
     plan = result.plan
     lr_pixels = result.written_km2 * 1e6 / plan.grid.resolution**2
@@ -503,6 +505,7 @@ def end_to_end(
         "km2_date_per_s": mpx * KM2_PER_MPX,
         "peak_worker_memory_mb": peak_memory / 1e6,
         "peak_gpu_memory_mb": peak_gpu_memory / 1e6,
+        "worker_allocators": allocators,
         "cluster_start_seconds": started - opened,
         "devices": devices,
         "sr_phase_seconds": phase,
@@ -732,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
             report[f"end_to_end_{factor}"] = row
             print(
                 f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
-                f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB  ({row['seconds']:.1f} s on {', '.join(row['devices'])}; "
+                f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({'/'.join(row['worker_allocators'])})  "
+                f"({row['seconds']:.1f} s on {', '.join(row['devices'])}; "
                 f"the LocalCluster started in {row['cluster_start_seconds']:.1f} s before)"
             )
             if row["peak_gpu_memory_mb"]:

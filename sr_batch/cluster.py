@@ -5,7 +5,8 @@ CUDA_VISIBLE_DEVICES and advertising the Dask resource `GPU` (two super-resoluti
 sends super-resolution only to those workers. The other workers read; writes follow the output to the
 GPU workers, which get half the cores for them. On an existing cluster the same holds for any worker
 started with `--resources GPU=N` (N tasks at once on its GPU). Without GPUs every worker runs the
-network on its CPU, and starts with the allocator settings that suit it (superres.CPU_ALLOCATOR_ENV).
+network on its CPU, and starts with an allocator that keeps a pass's memory for the next (allocator.py:
+jemalloc where installed, else glibc's settings).
 A LocalCluster also profiles its tasks and checks its event loops less often than Dask's defaults, whose
 wake-ups compete with the tasks for the CPU (QUIET_DASK_SETTINGS).
 Workers too small to start the work are refused on connecting, and a worker Dask keeps paused for
@@ -24,8 +25,8 @@ from collections.abc import Iterator
 import dask
 from distributed import Client, LocalCluster
 
+from sr_batch.allocator import allocator_in_use, cpu_allocator_env, jemalloc_library
 from sr_batch.errors import SrBatchError
-from sr_batch.superres import CPU_ALLOCATOR_ENV
 from sr_batch.tiles import GPU_RESOURCE
 
 GPU_SLOTS = 2
@@ -108,7 +109,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
             cluster.scale(workers + gpus)
             with Client(cluster) as client:
                 client.wait_for_workers(workers + gpus, timeout=120)
-                gpu_note = f" and {gpus} GPU worker(s)" if gpus else ""
+                gpu_note = f" and {gpus} GPU worker(s)" if gpus else allocator_label(client)
                 echo(f"Dask: LocalCluster of {workers} worker processes{gpu_note}; dashboard {client.dashboard_link}")
                 try:
                     check_worker_memory(client, "--workers", "run fewer worker processes")
@@ -119,6 +120,16 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, echo=p
                     raise
     finally:
         dask_logger.setLevel(level)
+
+
+def allocator_label(client: Client) -> str:
+    """How the CPU workers allocate, for the line that announces the cluster (asked of the workers: an
+    allocator that failed to preload would otherwise go unnoticed)."""
+    used = sorted(set(client.run(allocator_in_use).values()))
+    note = f" (allocating with {', '.join(used)}"
+    if used == ["glibc"] and not jemalloc_library():
+        note += "; apt-get install libjemalloc2 for workers that hold less memory"
+    return note + ")"
 
 
 def quiet_dask_settings() -> dict[str, str]:
@@ -190,15 +201,16 @@ _environment_before: dict[str, str | None] = {}
 
 @contextlib.contextmanager
 def cpu_allocator_environment() -> Iterator[None]:
-    """superres.CPU_ALLOCATOR_ENV in this process's environment while the block runs, for the processes
+    """allocator.cpu_allocator_env() in this process's environment while the block runs, for the processes
     started in it to inherit: a process reads them when it starts. Dask's nanny also takes its
     MALLOC_TRIM_THRESHOLD_ from there. Blocks may overlap (jobs run from threads): the environment
     is restored when the last one ends."""
     global _environment_users, _environment_before
     with _ENVIRONMENT_LOCK:
         if not _environment_users:
-            _environment_before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
-            os.environ.update(CPU_ALLOCATOR_ENV)
+            settings = cpu_allocator_env()
+            _environment_before = {name: os.environ.get(name) for name in settings}
+            os.environ.update(settings)
         _environment_users += 1
     try:
         yield

@@ -41,6 +41,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, KilledWorker, as_completed
 
 from sr_batch import kill_points
+from sr_batch.allocator import allocator_shortfall, how_to_keep_memory
 from sr_batch.cluster import dask_client, gpu_workers
 from sr_batch.cube import READ_ERROR_TOPIC
 from sr_batch.errors import CheckpointError, OutputError, SpecError, SrBatchError
@@ -69,7 +70,7 @@ from sr_batch.sink import (
 )
 from sr_batch.spec import JobSpec, ModelSettings
 from sr_batch.storage import Location
-from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef, auto_precision, device_kind, load_model, pick_device, runs_without_cpu_allocator, warm_up
+from sr_batch.superres import ModelRef, auto_precision, device_kind, load_model, pick_device, warm_up
 from sr_batch.tiles import GPU_RESOURCE, compiled_pass_shape, slab_days, smallest_task_memory_bytes, superresolve_plan, task_memory_bytes, time_slabs
 
 Echo = Callable[[str], None]
@@ -316,19 +317,24 @@ def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str
 
 
 def cpu_allocator_note(client: Client, spec: JobSpec, on_gpus: list[str]) -> str | None:
-    """A line for a cluster whose workers run the network on their CPUs without the allocator settings
-    that make it about 1.7 times as fast (superres.CPU_ALLOCATOR_ENV); a LocalCluster's workers have them."""
+    """A line for a cluster whose workers run the network on their CPUs with an allocator that gives a
+    pass's memory back at once, about 1.7 times slower (allocator.py); a LocalCluster's workers keep it."""
     if on_gpus:
         return None
-    answers = client.run(runs_without_cpu_allocator, spec.model.device)
-    slow = sum(answers.values())
-    if not slow:
+    answers = client.run(_cpu_allocator_shortfall, spec.model.device)
+    reasons = sorted({reason for reason in answers.values() if reason})
+    if not reasons:
         return None
-    settings = " ".join(f"{name}={value}" for name, value in CPU_ALLOCATOR_ENV.items())
+    slow = sum(1 for reason in answers.values() if reason)
     return (
-        f"Note: {slow} of {len(answers)} workers run the network on their CPUs with glibc's default allocator, "
-        f"about 1.7x slower; start them with {settings} in their environment"
+        f"Note: {slow} of {len(answers)} workers run the network on their CPUs with {'; '.join(reasons)}, which fault a pass's memory in afresh "
+        f"on every pass (about 1.7x slower); start them with {how_to_keep_memory()} in their environment"
     )
+
+
+def _cpu_allocator_shortfall(device: str) -> str | None:
+    """On a worker: why its allocator slows the network down, if it runs the network on its CPU."""
+    return allocator_shortfall() if device_kind(device) == "cpu" else None
 
 
 def warm_up_workers(client: Client, ref: ModelRef, on_gpus: list[str], compiled_pass: tuple[int, int, int] | None = None) -> list[Future]:

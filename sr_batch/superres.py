@@ -13,14 +13,12 @@ invent a date's content where that date saw nothing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,34 +176,6 @@ def auto_precision(device: str) -> str:
     """What `precision: auto` means in this process for `model.device` (run on each worker: it depends on its GPU)."""
     dtype = pick_autocast("auto", pick_device(device))
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-CPU_ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
-"""glibc malloc settings for a process that runs the network on a CPU, read when the process starts.
-A forward pass allocates and frees activations of hundreds of MB, layer after layer. By default each one
-is a fresh mmap whose pages the kernel faults in and zeroes again on every pass: 40 % of a pass's time
-on a CPU (bench/RESULTS.md), more under Dask's MALLOC_TRIM_THRESHOLD_=65536. With these every thread
-allocates from the one heap, and freed memory stays there for the next pass; the cost is that the process
-keeps its largest pass's memory. Other C libraries ignore them."""
-
-
-def give_back_freed_memory() -> None:
-    """Return this process's freed heap to the system (glibc's malloc_trim; nothing without glibc)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
-def runs_without_cpu_allocator(device: str) -> bool:
-    """True when this process runs the network on its CPU (for `model.device`) but did not start with
-    CPU_ALLOCATOR_ENV. What counts is the environment the process started with (Linux's
-    /proc/self/environ): settings put into os.environ later do not reach the allocator."""
-    if pick_device(device).type != "cpu":
-        return False
-    try:
-        started = dict(entry.split(b"=", 1) for entry in Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in entry)
-    except OSError:
-        return False  # not Linux: nothing to tell
-    return any(started.get(name.encode()) != value.encode() for name, value in CPU_ALLOCATOR_ENV.items())
 
 
 def _limit_cpu_threads() -> None:

@@ -40,6 +40,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from torch.profiler import record_function
 
+from sr_batch.allocator import allocator_in_use, give_back_freed_memory
 from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
@@ -47,7 +48,6 @@ from sr_batch.sink import encode_reflectance_tensor
 from sr_batch.superres import (
     STAGE_PREFIX,
     ModelRef,
-    give_back_freed_memory,
     load_runner,
     superresolve_frames,
     to_device,
@@ -435,30 +435,32 @@ def superresolve_tile(
 TIGHT_MEMORY_FRACTION = 0.5
 """Share of a worker's memory limit past which a CPU task gives its freed memory back to the system."""
 KEPT_MEMORY_GROWTH = 1.1
-"""How far past its memory after its first task a CPU worker's memory may grow before it gives its freed
+"""How far past its memory after its first task a glibc worker's memory may grow before it gives its freed
 memory back: beyond that the heap has not kept a pass's memory but grown with fragmentation."""
 _FIRST_TASK_MEMORY: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 """Per worker in this process: its process memory after its first super-resolution task."""
 
 
 def give_back_memory_if_tight() -> None:
-    """A worker started with superres.CPU_ALLOCATOR_ENV keeps its largest pass's memory for the next
-    pass. It gives its freed memory back after a task (and then faults the next task's activations in
-    again) in two cases. Past half its memory limit: Dask counts kept memory against the limit, and a
-    worker past 80 % of it is paused until its memory falls, which it then never would. And once it
-    holds more than KEPT_MEMORY_GROWTH times what its first task left it with: the read blocks, results
-    and Dask's buffers allocated between passes take pieces of the space the last pass freed, the next
-    pass's largest activations no longer fit there, and the heap grows task after task with memory
-    nobody uses (a 2-worker job of 8 tasks per worker: at most 2.2 GB in use, up to 4.5 GB kept free;
-    bench/RESULTS.md). The worker's memory would grow with the tasks it runs, so with the region, up to
-    half its limit. Nothing happens outside a Dask worker."""
+    """A CPU worker keeps its largest pass's memory for the next pass (allocator.py). It gives its freed
+    memory back after a task (and then faults the next task's activations in again) in two cases. Past
+    half its memory limit: Dask counts kept memory against the limit, and a worker past 80 % of it is
+    paused until its memory falls, which it then never would. And, under glibc, once it holds more than
+    KEPT_MEMORY_GROWTH times what its first task left it with: the read blocks, results and Dask's
+    buffers allocated between passes take pieces of the space the last pass freed, the next pass's
+    largest activations no longer fit there, and the heap grows task after task with memory nobody
+    uses (a 2-worker job of 8 tasks per worker: at most 2.2 GB in use, up to 4.5 GB kept free;
+    bench/RESULTS.md), up to half the limit. jemalloc's size classes keep that growth small and
+    bounded (2.5 to 3.0-3.35 GB in the same job, flat after 3-5 tasks), so a purge there would only
+    cost the next task its page faults. Nothing happens outside a Dask worker."""
     worker = _current_worker()
     if worker is None:
         return
     memory = worker.monitor.get_process_memory()
     first = _FIRST_TASK_MEMORY.setdefault(worker, memory)
     limit = worker.memory_manager.memory_limit
-    if memory > KEPT_MEMORY_GROWTH * first or (limit and memory > TIGHT_MEMORY_FRACTION * limit):
+    fragmented = allocator_in_use() == "glibc" and memory > KEPT_MEMORY_GROWTH * first
+    if fragmented or (limit and memory > TIGHT_MEMORY_FRACTION * limit):
         give_back_freed_memory()
 
 

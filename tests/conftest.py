@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,40 @@ import pytest
 import xarray as xr
 from distributed import LocalCluster
 
+from sr_batch.allocator import jemalloc_library
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, build_sample_catalog, open_sample_cube, sample_aoi
 from sr_batch.stac_server import serve_items
+
+from pgstac_server import apt_install
 
 # A small untrained network: the tests check plumbing and geometry, not image quality.
 SMALL_MODEL = {"checkpoint": "untrained", "frames": 8, "batch_size": 4, "architecture": {"hidden_channels": 16, "encoder_blocks": 2}}
 SMALL_HALO = 18  # receptive_radius(Architecture(hidden_channels=16, encoder_blocks=2), 8) + dilate_pixels 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jemalloc() -> str | None:
+    """jemalloc, which a job's CPU workers start with where it is installed (sr_batch/allocator.py): the
+    setup installs it where it can (root with apt-get, as in CI), so the suite runs the workers a
+    deployment runs. Elsewhere the workers use glibc's settings and the tests that need jemalloc skip."""
+    global _JEMALLOC_MISSING
+    if jemalloc_library() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        try:
+            apt_install(["libjemalloc2"])
+        except RuntimeError as err:
+            _JEMALLOC_MISSING = str(err)
+        jemalloc_library.cache_clear()
+    return jemalloc_library()
+
+
+_JEMALLOC_MISSING = "jemalloc is not installed and this setup cannot install it (apt-get install libjemalloc2 as root)"
+
+
+def needs_jemalloc(library: str | None) -> str:
+    """The `jemalloc` fixture's library, or skip saying why it is missing."""
+    if library is None:
+        pytest.skip(_JEMALLOC_MISSING)
+    return library
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ def ensure_pgstac_installed() -> None:
     """
     packages = _missing_debian_packages()
     if packages:
-        _apt_install(packages)
+        apt_install(packages)
         if _missing_debian_packages():
             raise RuntimeError(f"apt-get finished but {PG_BIN / 'initdb'} or {POSTGIS_CONTROL} is missing")
     if _missing_modules():
@@ -97,7 +97,7 @@ def _missing_modules() -> list[str]:
     return missing
 
 
-def _apt_install(packages: Sequence[str]) -> None:
+def apt_install(packages: Sequence[str]) -> None:
     """apt-get install; refresh the package lists only when the first try fails (slow, often unneeded)."""
     if os.geteuid() != 0:
         raise RuntimeError(f"need root to apt-get install {' '.join(packages)}")

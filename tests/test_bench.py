@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sr_batch.allocator import cpu_allocator_env, jemalloc_library
 from sr_batch.bench import GpuUtilisation, ModelOnlyDied, _peak_memory, main, model_only_on_workers, tile_task_profile, tile_tasks_alone
-from sr_batch.superres import CPU_ALLOCATOR_ENV, ModelRef
+from sr_batch.superres import ModelRef
 
 
 def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
@@ -59,7 +60,10 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     # Its 1x job with the 4x job's tasks is one task: the memory ratio says it compares one task with a steady state.
     assert "(the 1x job ran 1 tile task(s) on 1 worker(s): its peak is one task's" in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
-    assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == {name: environment.get(name) for name in CPU_ALLOCATOR_ENV}
+    assert {name: os.environ.get(name) for name in cpu_allocator_env()} == {name: environment.get(name) for name in cpu_allocator_env()}
+    # Each job row says how its workers allocated: jemalloc where it is installed (the `jemalloc` fixture).
+    expected = ["jemalloc"] if jemalloc_library() else ["glibc"]
+    assert all(report[f"end_to_end_{factor}"]["worker_allocators"] == expected for factor in ("1x", "4x")), report["end_to_end_4x"]["worker_allocators"]
 
 
 def test_a_model_only_process_that_dies_stops_the_benchmark_in_one_line() -> None:

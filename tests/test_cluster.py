@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import pytest
 import torch
 from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, get_worker
 
 from sr_batch import cluster
+from sr_batch.allocator import ALLOCATOR_SETTING, GLIBC_ALLOCATOR_ENV, JEMALLOC_CONF, allocator_in_use, cpu_allocator_env, how_to_keep_memory
 from sr_batch.cluster import QUIET_DASK_SETTINGS, cpu_allocator_environment, dask_client, quiet_dask_settings
+from sr_batch.errors import SrBatchError
 from sr_batch.job import cpu_allocator_note
 from sr_batch.spec import parse_spec
-from sr_batch.superres import CPU_ALLOCATOR_ENV
 from sr_batch.tiles import KEPT_MEMORY_GROWTH, give_back_memory_if_tight
 
-from conftest import make_job
+from conftest import make_job, needs_jemalloc
 
 MB = 1 << 20
 
@@ -45,20 +47,56 @@ def _faults_of_a_second_allocation(megabytes: int = 256, tries: int = 4) -> floa
     return min(shares)
 
 
-def test_cpu_workers_keep_freed_memory_for_the_next_pass(scheduler: str, tmp_path: Path, catalog) -> None:
+@pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
+def test_cpu_workers_keep_freed_memory_for_the_next_pass(allocator: str, jemalloc: str | None, scheduler: str, tmp_path: Path, catalog, monkeypatch) -> None:
+    """The workers `dask_client` starts keep a pass's memory with jemalloc where it is installed, and with
+    glibc's settings where it is not (or where SR_BATCH_CPU_ALLOCATOR=glibc asks for them)."""
+    if allocator == "jemalloc":
+        needs_jemalloc(jemalloc)
+    monkeypatch.setenv(ALLOCATOR_SETTING, allocator)
     spec = parse_spec(make_job("http://127.0.0.1:9/", tmp_path / "out.zarr", catalog))  # the note needs only model.device
-    before = {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV}
-    with dask_client(echo=lambda _: None) as client:
+    settings = cpu_allocator_env()
+    assert ("LD_PRELOAD" in settings) == (allocator == "jemalloc")
+    before = {name: os.environ.get(name) for name in settings}
+    lines: list[str] = []
+    with dask_client(echo=lines.append) as client:
         kept = client.gather([client.submit(_faults_of_a_second_allocation, pure=False, workers=[w]) for w in client.scheduler_info()["workers"]])
+        assert set(client.run(allocator_in_use).values()) == {allocator}
         assert cpu_allocator_note(client, spec, on_gpus=[]) is None
+    assert f"(allocating with {allocator}" in lines[0], lines[0]
     with Client(scheduler) as plain:  # a LocalCluster with Dask's defaults, for contrast
         returned = plain.submit(_faults_of_a_second_allocation, pure=False).result()
         # A job on a cluster of such workers says how to start them.
         note = cpu_allocator_note(plain, spec, on_gpus=[])
-        assert note is not None and "2 of 2 workers" in note and all(f"{name}={value}" in note for name, value in CPU_ALLOCATOR_ENV.items())
+        assert note is not None and note.startswith("Note: 2 of 2 workers run the network on their CPUs with glibc's default settings"), note
+        assert how_to_keep_memory() in note
     assert returned > 0.5, f"the contrast did not fault ({returned:.2f}): this test can no longer tell the settings apart"
-    assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {CPU_ALLOCATOR_ENV}"
-    assert {name: os.environ.get(name) for name in CPU_ALLOCATOR_ENV} == before, "the settings stayed in the caller's environment"
+    assert max(kept) < 0.05, f"workers faulted {kept} of a second allocation's pages: they did not start with {settings}"
+    assert {name: os.environ.get(name) for name in settings} == before, "the settings stayed in the caller's environment"
+
+
+def test_jemalloc_with_its_default_purging_is_named_in_the_note(jemalloc: str | None, tmp_path: Path, catalog, monkeypatch) -> None:
+    """jemalloc preloaded by hand but left to purge (its default) faults every pass in afresh, as glibc's
+    defaults do: the job says so, and what to set."""
+    monkeypatch.setenv("LD_PRELOAD", needs_jemalloc(jemalloc))
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    spec = parse_spec(make_job("http://127.0.0.1:9/", tmp_path / "out.zarr", catalog))
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        assert set(client.run(allocator_in_use).values()) == {"jemalloc"}
+        faults = client.submit(_faults_of_a_second_allocation, pure=False).result()
+        note = cpu_allocator_note(client, spec, on_gpus=[])
+    assert faults > 0.5, f"jemalloc's defaults kept the pages ({faults:.2f}): the note would be wrong"
+    assert note is not None and "1 of 1 workers run the network on their CPUs with jemalloc purging freed memory (dirty_decay_ms 10000" in note, note
+    assert f"MALLOC_CONF={JEMALLOC_CONF}" in note
+
+
+def test_the_allocator_setting_is_checked_and_a_users_preload_is_left_alone(monkeypatch) -> None:
+    monkeypatch.setenv(ALLOCATOR_SETTING, "tcmalloc")
+    with pytest.raises(SrBatchError, match="^SR_BATCH_CPU_ALLOCATOR='tcmalloc' is not an allocator; use jemalloc or glibc"):
+        cpu_allocator_env()
+    monkeypatch.setenv(ALLOCATOR_SETTING, "jemalloc")
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc.so.4")
+    assert cpu_allocator_env() == GLIBC_ALLOCATOR_ENV
 
 
 def _housekeeping_intervals(dask_worker: Any) -> tuple[float, float]:
@@ -97,15 +135,20 @@ def _memory_after_a_freed_allocation(megabytes: int = 1024) -> tuple[int, int]:
     return before, worker.monitor.get_process_memory()
 
 
-def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
+@pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
+def test_a_tight_worker_gives_its_kept_memory_back_after_a_task(allocator: str, jemalloc: str | None, monkeypatch) -> None:
     """A worker past half its memory limit must not keep a pass's memory: Dask would pause it at 80 %
-    and wait for memory that never comes back. A roomy one keeps it for speed."""
+    and wait for memory that never comes back. A roomy one keeps it for speed. Either allocator."""
+    if allocator == "jemalloc":
+        needs_jemalloc(jemalloc)
+    monkeypatch.setenv(ALLOCATOR_SETTING, allocator)
     for limit, gives_back in (("2.5GB", True), ("16GB", False)):
         with (
             cpu_allocator_environment(),
             LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=limit, dashboard_address="127.0.0.1:0") as local,
             Client(local) as client,
         ):
+            assert set(client.run(allocator_in_use).values()) == {allocator}
             before, after = client.submit(_memory_after_a_freed_allocation, pure=False).result()
         assert before > 1000 * MB, f"the freed GB was not kept ({before / MB:.0f} MB): the allocator settings did not reach the worker"
         if gives_back:
@@ -114,22 +157,39 @@ def test_a_tight_worker_gives_its_kept_memory_back_after_a_task() -> None:
             assert after > before - 100 * MB, f"{limit}: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
 
 
-def test_a_worker_gives_back_memory_its_heap_grew_past_its_first_task() -> None:
-    """A roomy worker keeps a pass's memory from task to task, but not a heap that goes on growing: past
-    KEPT_MEMORY_GROWTH times its memory after its first task it gives the freed memory back, or its
-    memory would grow with the tasks it runs. (Two tasks of 1 GB each do not reuse one GB here: what
-    the worker allocates in between splits the freed GB, and the second takes a new one.)"""
+def _three_tasks_on_a_roomy_worker() -> list[tuple[int, int]]:
+    """Tasks that allocate and free 1 GB, 0.5 GB, then 2 GB, on one worker with 16 GB: (before, after) each."""
     with (
         cpu_allocator_environment(),
         LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="16GB", dashboard_address="127.0.0.1:0") as local,
         Client(local) as client,
     ):
-        first, smaller, larger = (client.submit(_memory_after_a_freed_allocation, megabytes, pure=False).result() for megabytes in (1024, 512, 2048))
+        return [client.submit(_memory_after_a_freed_allocation, megabytes, pure=False).result() for megabytes in (1024, 512, 2048)]
+
+
+def test_a_glibc_worker_gives_back_memory_its_heap_grew_past_its_first_task(monkeypatch) -> None:
+    """A roomy glibc worker keeps a pass's memory from task to task, but not a heap that goes on growing:
+    past KEPT_MEMORY_GROWTH times its memory after its first task it gives the freed memory back, or its
+    memory would grow with the tasks it runs. (Two tasks of 1 GB each do not reuse one GB here: what
+    the worker allocates in between splits the freed GB, and the second takes a new one.)"""
+    monkeypatch.setenv(ALLOCATOR_SETTING, "glibc")
+    first, smaller, larger = _three_tasks_on_a_roomy_worker()
     for name, (before, after) in (("first", first), ("smaller", smaller)):
         assert before > 1000 * MB and after > before - 100 * MB, f"{name} task: {before / MB:.0f} MB before, {after / MB:.0f} MB after: not kept"
     before, after = larger
     assert before > KEPT_MEMORY_GROWTH * first[1], f"the larger task did not grow the worker ({before / MB:.0f} MB)"
     assert after < before - 1500 * MB, f"grown past its first task: {before / MB:.0f} MB before, {after / MB:.0f} MB after"
+
+
+def test_a_jemalloc_worker_keeps_what_a_larger_task_needed(jemalloc: str | None, monkeypatch) -> None:
+    """jemalloc's heap does not fragment the way glibc's does, so a roomy jemalloc worker keeps what its
+    largest task needed for the next one: giving it back would only cost that task its page faults."""
+    needs_jemalloc(jemalloc)
+    monkeypatch.setenv(ALLOCATOR_SETTING, "jemalloc")
+    first, smaller, larger = _three_tasks_on_a_roomy_worker()
+    for name, (before, after) in (("first", first), ("smaller", smaller), ("larger", larger)):
+        assert after > before - 100 * MB, f"{name} task: {before / MB:.0f} MB before, {after / MB:.0f} MB after: not kept"
+    assert larger[0] > KEPT_MEMORY_GROWTH * first[1] and larger[0] > 2000 * MB, f"the larger task did not grow the worker ({larger[0] / MB:.0f} MB)"
 
 
 def _hold_memory_past_the_pause_line(dask_worker) -> None:

@@ -45,9 +45,11 @@ import pytest
 import yaml
 from distributed import Client
 
+from sr_batch.allocator import GLIBC_ALLOCATOR_ENV, JEMALLOC_CONF
 from sr_batch.cluster import QUIET_DASK_SETTINGS
 from sr_batch.spec import JobSpec, load_spec
-from sr_batch.superres import CPU_ALLOCATOR_ENV
+
+from conftest import needs_jemalloc
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -209,11 +211,28 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_cpu_image_starts_workers_with_the_cpu_allocator_settings() -> None:
-    """A worker of the CPU image may run the network on its CPU: it must start with the allocator settings
-    a LocalCluster gives its CPU workers, the same values (a drifted copy would be silently slower)."""
+    """A worker of the CPU image may run the network on its CPU: it must start with the allocator a
+    LocalCluster gives its CPU workers where jemalloc is installed, the same values (a drifted copy would
+    be silently slower or larger), and the image must install jemalloc before it preloads it."""
     final = final_stage(dockerfile_instructions(DOCKER / "Dockerfile.cpu"))
     environment = dict(pair.split("=", 1) for keyword, arguments in final if keyword == "ENV" for pair in shlex.split(arguments))
-    assert {name: environment.get(name) for name in CPU_ALLOCATOR_ENV} == CPU_ALLOCATOR_ENV
+    assert {name: environment.get(name) for name in GLIBC_ALLOCATOR_ENV} == GLIBC_ALLOCATOR_ENV
+    assert (environment.get("LD_PRELOAD"), environment.get("MALLOC_CONF")) == ("libjemalloc.so.2", JEMALLOC_CONF)
+    installs = [index for index, (keyword, arguments) in enumerate(final) if keyword == "RUN" and re.search(r"apt-get install .*\blibjemalloc2=", arguments)]
+    preloads = [index for index, (keyword, arguments) in enumerate(final) if keyword == "ENV" and "LD_PRELOAD=" in arguments]
+    assert installs and preloads and installs[0] < preloads[0], "libjemalloc2 must be installed (pinned) before LD_PRELOAD names it"
+
+
+def test_healthcheck_reports_a_jemalloc_preload_that_did_not_take(jemalloc: str | None) -> None:
+    """The CPU image preloads jemalloc: its health check says when the preload failed (library missing)
+    or jemalloc purges (MALLOC_CONF lost), which would slow every CPU worker down without an error."""
+    library = needs_jemalloc(jemalloc)
+    good = run_healthcheck(LD_PRELOAD=library, MALLOC_CONF=JEMALLOC_CONF)
+    assert good.returncode == 0 and "allocator jemalloc" in good.stdout, good.stdout + good.stderr
+    missing = run_healthcheck(LD_PRELOAD="libjemalloc-missing.so.2", MALLOC_CONF=JEMALLOC_CONF)
+    assert missing.returncode == 1 and "jemalloc is not this process's allocator" in missing.stdout, missing.stdout
+    purging = run_healthcheck(LD_PRELOAD=library)
+    assert purging.returncode == 1 and "jemalloc purging freed memory" in purging.stdout and "MALLOC_CONF=" in purging.stdout, purging.stdout
 
 
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
