@@ -93,8 +93,8 @@ def allocator_shortfall() -> str | None:
         started = dict(entry.split(b"=", 1) for entry in Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in entry)
     except OSError:
         return None  # not Linux: nothing to tell
-    if started.get(b"LD_PRELOAD"):
-        return None  # an allocator of the user's own choice
+    if _preloaded(started.get(b"LD_PRELOAD", b"").decode()):
+        return None  # an allocator of the user's own choice (one whose preload failed falls through to glibc)
     if any(started.get(name.encode()) != value.encode() for name, value in GLIBC_ALLOCATOR_ENV.items()):
         return "glibc's default settings"
     return None
@@ -109,6 +109,18 @@ def how_to_keep_memory() -> str:
 def _mallctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """jemalloc's control function when jemalloc is this process's allocator (preloaded), else None."""
     return getattr(ctypes.CDLL(None), "mallctl", None)
+
+
+def _preloaded(preload: str) -> bool:
+    """Whether the libraries LD_PRELOAD names are mapped into this process (the loader skips a missing one)."""
+    names = {Path(entry).name for entry in preload.replace(":", " ").split()}
+    if not names:
+        return False
+    try:
+        mapped = {Path(line.split()[-1]).name for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+    except OSError:
+        return True  # cannot tell: trust the setting
+    return names <= mapped
 
 
 def _jemalloc_option(name: str) -> int:

@@ -90,6 +90,20 @@ def test_jemalloc_with_its_default_purging_is_named_in_the_note(jemalloc: str | 
     assert f"MALLOC_CONF={JEMALLOC_CONF}" in note
 
 
+def test_a_preload_that_did_not_take_is_named_in_the_note(tmp_path: Path, catalog, monkeypatch) -> None:
+    """Workers told to preload an allocator the machine lacks run glibc's defaults (the loader skips the
+    library with a message in the worker's log): the job's note says so, and names jemalloc's package."""
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc-missing.so.2")
+    for name in (*GLIBC_ALLOCATOR_ENV, "MALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    spec = parse_spec(make_job("http://127.0.0.1:9/", tmp_path / "out.zarr", catalog))
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        assert set(client.run(allocator_in_use).values()) == {"glibc"}
+        note = cpu_allocator_note(client, spec, on_gpus=[])
+    assert note is not None and "1 of 1 workers run the network on their CPUs with glibc's default settings" in note, note
+    assert "apt-get install libjemalloc2" in note
+
+
 def test_the_allocator_setting_is_checked_and_a_users_preload_is_left_alone(monkeypatch) -> None:
     monkeypatch.setenv(ALLOCATOR_SETTING, "tcmalloc")
     with pytest.raises(SrBatchError, match="^SR_BATCH_CPU_ALLOCATOR='tcmalloc' is not an allocator; use jemalloc or glibc"):
