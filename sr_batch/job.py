@@ -767,7 +767,8 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
     strips = len({column for _, column in strip.values()})
     split = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
     split += f" in {strips} strips of {STRIP_TILES} tile columns" if strips > 1 else ""
-    echo(f"Computing {len(flat)} tile tasks{split}, up to {min(in_flight, len(flat))} at once … (dashboard: {client.dashboard_link})")
+    window = spread.window(in_flight) if spread else in_flight
+    echo(f"Computing {len(flat)} tile tasks{split}, up to {min(window, len(flat))} at once … (dashboard: {client.dashboard_link})")
     place = {unit: k for k, unit in enumerate(units)}
     first_task: dict[Unit, int] = {}
     for position, (unit, _) in enumerate(flat):
@@ -796,7 +797,7 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
             futures.append(future)
         return futures
 
-    running = as_completed(submit(in_flight), with_results=True)
+    running = as_completed(submit(window), with_results=True)
     for future, result in running:
         unit = unit_of.pop(future.key)
         if spread:
@@ -838,6 +839,17 @@ class TaskSpread:
     def done(self, key: Any) -> None:
         if (worker := self.worker_of.pop(key, None)) is not None:
             self.in_flight[worker] -= 1
+
+    def window(self, in_flight: int) -> int:
+        """Tasks to keep submitted (the reads still run `in_flight` units ahead): one per slot. A worker
+        learns of a task's write only from the scheduler, once the task is done, and meanwhile starts the
+        next task it holds: with more tasks than slots queued on a worker, every write waited a whole
+        task behind (its result held meanwhile), the job saw the worker's tasks end a task late and in
+        pairs, and its next tasks went to the other worker; a job of 16 tasks on 2 CPU workers ran 9 and 7
+        in 2 of 6 runs, the worker with 7 idle for the last two (bench/RESULTS.md). One task per slot, the
+        next one given to whichever worker ended a task, costs a worker the round trips of a write's
+        start and the next task's submission, milliseconds against a task's seconds."""
+        return min(in_flight, sum(self.slots.values())) if self.slots else in_flight
 
 
 def tasks_in_flight(slots: int) -> int:

@@ -171,12 +171,14 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
 
 
 class _AskedWorkers(SchedulerPlugin):
-    """In the scheduler: the workers each super-resolution task was asked to run on, and where it ran."""
+    """In the scheduler: the workers each super-resolution task was asked to run on, and where it ran;
+    and, as each was sent to its worker, how many super-resolution tasks that worker then held."""
 
     name = "sr-batch-test-asked-workers"
 
     def __init__(self) -> None:
         self.tasks: list[tuple[list[str], bool, str]] = []
+        self.held: list[int] = []
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -185,13 +187,22 @@ class _AskedWorkers(SchedulerPlugin):
         if finish == "processing" and key_split(key) == SUPER_RESOLUTION_PREFIX:
             task = self.scheduler.tasks[key]
             self.tasks.append((sorted(task.worker_restrictions or ()), task.loose_restrictions, task.processing_on.address))
+            self.held.append(sum(1 for other in task.processing_on.processing if key_split(other.key) == SUPER_RESOLUTION_PREFIX))
+
+
+def _asked_and_held(dask_scheduler: Any) -> tuple[list[tuple[list[str], bool, str]], list[int]]:
+    plugin = dask_scheduler.plugins[_AskedWorkers.name]
+    return plugin.tasks, plugin.held
 
 
 def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_are(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
     """A super-resolution task's one input is its tile's read block, and Dask puts a task whose inputs
     are on one worker there, however busy that worker is: a small job could queue most of its tasks on
     one worker while another had none. Each task is asked for the worker with the fewest of the job's
-    tasks in flight per slot, as a preference (a task whose worker left runs elsewhere)."""
+    tasks in flight per slot, as a preference (a task whose worker left runs elsewhere). And a worker
+    holds one task per slot, no more: it hears of a task's write only once the task is done, and would
+    first run the next task it held, so each write (and the job's count of the worker's tasks) lagged a
+    whole task behind and the next tasks went to the other worker."""
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     spec = parse_spec(make_job(stac_url, tmp_path / "spread.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
     with Client(scheduler) as client:
@@ -199,7 +210,7 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
         client.register_plugin(_AskedWorkers())
         try:
             result = run_job(spec, scheduler=scheduler, show_progress=False)
-            tasks = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_AskedWorkers.name].tasks)
+            tasks, held = client.run_on_scheduler(_asked_and_held)
         finally:
             client.unregister_scheduler_plugin(_AskedWorkers.name)
     assert len(workers) == 2 and len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
@@ -207,6 +218,7 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert sorted(asked) == workers and min(asked.values()) >= len(tasks) // 4, asked
     assert {ran for _, _, ran in tasks} == set(workers)
+    assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
 
 
 def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slot() -> None:
@@ -216,6 +228,8 @@ def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slo
     spread.done(asked.index("a"))
     assert spread.place(6) == {"workers": ["a"], "allow_other_workers": True}
     assert job_module.TaskSpread({}).place(7) == {}
+    # One task per slot is kept submitted; without workers to spread over, the job's window.
+    assert spread.window(10) == 3 and spread.window(2) == 2 and job_module.TaskSpread({}).window(10) == 10
 
 
 def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResult) -> None:
