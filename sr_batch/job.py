@@ -744,7 +744,8 @@ STRIP_TILES = 16
 
 
 def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None], spread: TaskSpread | None = None) -> None:
-    """Run the write tasks on the cluster, at most `in_flight` at once, time slab by time slab, in
+    """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
+    spreads them: TaskSpread.window), time slab by time slab, in
     each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
     `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
     events (progress.py).
@@ -846,7 +847,7 @@ class TaskSpread:
         next task it holds: with more tasks than slots queued on a worker, every write waited a whole
         task behind (its result held meanwhile), the job saw the worker's tasks end a task late and in
         pairs, and its next tasks went to the other worker; a job of 16 tasks on 2 CPU workers ran 9 and 7
-        in 2 of 6 runs, the worker with 7 idle for the last two (bench/RESULTS.md). One task per slot, the
+        in 4 of 10 runs, the worker with 7 idle for the last two (bench/RESULTS.md). One task per slot, the
         next one given to whichever worker ended a task, costs a worker the round trips of a write's
         start and the next task's submission, milliseconds against a task's seconds."""
         return min(in_flight, sum(self.slots.values())) if self.slots else in_flight
