@@ -50,12 +50,12 @@ def check_url(url: str) -> str:
 
 def check_allocator() -> str:
     """The preload took and jemalloc keeps freed memory (sr_batch/allocator.py)."""
-    from sr_batch.allocator import allocator_in_use, allocator_shortfall
+    from sr_batch.allocator import JEMALLOC_CONF, allocator_in_use, allocator_shortfall
 
     if allocator_in_use() != "jemalloc":
         raise RuntimeError(f"LD_PRELOAD={os.environ['LD_PRELOAD']} but jemalloc is not this process's allocator; install it (apt-get install libjemalloc2)")
     if shortfall := allocator_shortfall():
-        raise RuntimeError(f"{shortfall}: set MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1")
+        raise RuntimeError(f"{shortfall}: set MALLOC_CONF={JEMALLOC_CONF}")
     return "allocator jemalloc"
 
 
