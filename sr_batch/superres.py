@@ -25,7 +25,7 @@ import torch
 from torch.profiler import record_function
 
 from sr_batch.errors import CheckpointError
-from sr_batch.model import Architecture, LoadedModel, load_checkpoint, resolve_checkpoint, untrained_model
+from sr_batch.model import Architecture, LoadedModel, load_checkpoint, peak_feature_maps, resolve_checkpoint, untrained_model
 from sr_batch.sample import cache_dir
 
 _LOAD_LOCK = threading.Lock()
@@ -402,16 +402,17 @@ GPU_PASS_FRACTION = 0.4
 """Share of the GPU's memory one forward pass may use."""
 
 
-def window_activation_bytes(hidden: int, frames: int, height: int, width: int) -> int:
-    """A window's share of a forward pass's activations: about three encoder activations are alive at once."""
-    return 3 * frames * hidden * height * width * 4
+def window_activation_bytes(device: torch.device, hidden: int, frames: int, height: int, width: int) -> int:
+    """A window's share of a forward pass's activations on `device`: on a CPU the network encodes and
+    fuses one frame at a time, and holds half as many feature maps as a GPU's batched pass."""
+    return peak_feature_maps(frames, one_at_a_time=device.type != "cuda") * hidden * height * width * 4
 
 
 def windows_per_device_pass(device: torch.device, hidden: int, frames: int, height: int, width: int, sharing: int = 1) -> int:
     """Windows per forward pass within the device's budget, at least one however large. A GPU's budget
     is split between the `sharing` calls that run on it at once."""
     budget = CPU_PASS_BYTES if device.type != "cuda" else GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory / max(1, sharing)
-    return max(1, int(budget // window_activation_bytes(hidden, frames, height, width)))
+    return max(1, int(budget // window_activation_bytes(device, hidden, frames, height, width)))
 
 
 # --- preparing windows: the one definition, shared by inference, training and the benchmark ------------

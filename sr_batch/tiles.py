@@ -238,8 +238,9 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
         return tiles * (block + 2 * used_block) + encoded  # Dask's blocks, the days gathered from them and their pinned copies
     reflectance = used * bands * height * width * 4 + 2 * used_block  # and the mask's int32 copy of the DN
     windows = 2 * dates * frames * bands * height * width * 4  # a window is padded to the model's frames
-    cpu_pass = min(dates, windows_per_device_pass(torch.device("cpu"), 64, frames, height, width))  # at least one window, whatever the budget
-    activations = cpu_pass * window_activation_bytes(64, frames, height, width)
+    cpu = torch.device("cpu")
+    cpu_pass = min(dates, windows_per_device_pass(cpu, 64, frames, height, width))  # at least one window, whatever the budget
+    activations = cpu_pass * window_activation_bytes(cpu, 64, frames, height, width)
     output = dates * bands * SCALE**2 * height * width * 4
     return tiles * (block + reflectance) + windows + int(activations) + output + encoded
 

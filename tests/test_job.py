@@ -275,7 +275,7 @@ def test_a_cpu_task_estimate_counts_a_whole_window_where_one_exceeds_the_pass_bu
     window needs more than CPU_PASS_BYTES, and its task's estimate must count all of it."""
     plan = summer.plan
     height, width = tiles_module._largest_read(plan)
-    one_window = 3 * plan.spec.model.frames * 64 * height * width * 4
+    one_window = superres_module.window_activation_bytes(torch.device("cpu"), 64, plan.spec.model.frames, height, width)
     monkeypatch.setattr(superres_module, "CPU_PASS_BYTES", one_window / 2)
     assert tiles_module.task_memory_bytes(plan, 2) - tiles_module.task_memory_bytes(plan, 1) < one_window, "two windows would exceed the budget: one per pass"
     assert tiles_module.task_memory_bytes(plan, 1) > one_window

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,13 +32,14 @@ from sr_batch.model import (
     HighResNet,
     LoadedModel,
     ModelInfo,
+    highresnet,
     load_checkpoint,
     receptive_radius,
     resolve_checkpoint,
     save_checkpoint,
     untrained_model,
 )
-from sr_batch.model.highresnet import median_reference
+from sr_batch.model.highresnet import median_reference, one_frame_at_a_time
 from sr_batch.superres import Runner, eager_runner, stack_windows, superresolve, superresolve_frames, superresolve_windows
 
 SMALL = Architecture(hidden_channels=16, encoder_blocks=2)
@@ -215,6 +219,62 @@ def test_halo_of_receptive_radius_makes_a_tile_equal_to_the_whole_image() -> Non
 
     assert torch.equal(tiled(r), whole)
     assert not torch.equal(tiled(r - 1), whole)
+
+
+# --- 4b. A CPU pass, one frame at a time --------------------------------------------------------------
+
+
+def test_one_frame_at_a_time_computes_what_the_frames_together_do(source_cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU pass outside autograd encodes and fuses one frame at a time, to hold half the memory: on
+    real frames, through the default checkpoint, for a batch of two windows of which one has padding
+    frames holding NaN, it gives what the frames together give."""
+    loaded = load_checkpoint(resolve_checkpoint("default"))
+    net = loaded.network.to(memory_format=torch.channels_last).eval()  # as a job's runner places it
+    bands = np.stack([source_cube[b].values[:8, :40, :48] for b in ("B2", "B3", "B4", "B8")], axis=1).astype(np.float32) / 10000
+    mean, std = np.asarray(loaded.info.mean, np.float32)[:, None, None], np.asarray(loaded.info.std, np.float32)[:, None, None]
+    x = torch.from_numpy(np.stack([(bands - mean) / std] * 2))
+    x[1, 5:] = float("nan")
+    alphas = torch.tensor([[1.0] * 8, [1.0] * 5 + [0.0] * 3])
+    with torch.inference_mode():
+        assert one_frame_at_a_time(x)
+        one_at_a_time = net(x, alphas)
+        monkeypatch.setattr(highresnet, "one_frame_at_a_time", lambda frames: False)
+        together = net(x, alphas)
+    assert torch.isfinite(one_at_a_time).all()
+    torch.testing.assert_close(one_at_a_time, together, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(one_at_a_time[0], one_at_a_time[1], atol=1e-3)  # the padding is not a copy of the frames
+    with torch.enable_grad():
+        assert not one_frame_at_a_time(x), "training (autograd) keeps the frames together: the in-place sums would break it"
+
+
+PASS_MEMORY = """
+import resource, sys, torch
+from sr_batch.model import highresnet
+from sr_batch.superres import ModelRef, load_runner, window_activation_bytes
+torch.set_num_threads(1)
+if sys.argv[1] == "together":
+    highresnet.one_frame_at_a_time = lambda frames: False
+network = load_runner(ModelRef("default", device="cpu")).loaded.network
+x, alphas = torch.rand(1, 8, 4, 400, 400), torch.ones(1, 8)
+with torch.inference_mode():
+    network(x[..., :32, :32], alphas)
+    resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    network(x, alphas)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident
+print(grown, window_activation_bytes(torch.device("cpu"), 64, 8, 400, 400))
+"""
+
+
+def test_one_frame_at_a_time_holds_half_the_memory_and_no_more_than_its_estimate() -> None:
+    """What the CPU pass is for, measured: the growth of a fresh process's peak resident memory over
+    one pass of a 400 px window, each way. A CPU task's memory estimate (superres.window_activation_bytes)
+    counts the one-at-a-time pass, so it must cover it."""
+    grown = {}
+    for way in ("one at a time", "together"):
+        done = subprocess.run([sys.executable, "-c", PASS_MEMORY, way], capture_output=True, text=True, check=True, timeout=300)
+        grown[way], estimate = map(int, done.stdout.split())
+    assert grown["one at a time"] < 0.6 * grown["together"], grown
+    assert grown["one at a time"] <= estimate, (grown, estimate)
 
 
 # --- 5. Checkpoint round trip -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from sr_batch.model.checkpoint import (
     save_checkpoint,
     untrained_model,
 )
-from sr_batch.model.highresnet import Architecture, HighResNet, receptive_radius
+from sr_batch.model.highresnet import Architecture, HighResNet, peak_feature_maps, receptive_radius
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -18,6 +18,7 @@ __all__ = [
     "LoadedModel",
     "ModelInfo",
     "load_checkpoint",
+    "peak_feature_maps",
     "receptive_radius",
     "resolve_checkpoint",
     "save_checkpoint",
