@@ -260,7 +260,9 @@ with torch.inference_mode():
     network(x[..., :32, :32], alphas)
     resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     network(x, alphas)
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident
+# VmHWM, this process's own peak: ru_maxrss would start at the forking process's size (Linux keeps it across exec).
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+grown = peak - resident
 print(grown, window_activation_bytes(torch.device("cpu"), 64, 8, 400, 400))
 """
 
