@@ -63,7 +63,7 @@ from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, load_model, pick_device, prepare_windows
+from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, auto_precision, cpu_has_bf16_matrix_units, load_model, pick_autocast, pick_device, prepare_windows
 from sr_batch.tiles import TILE_TOPIC
 
 KM2_PER_MPX = 100.0
@@ -105,7 +105,7 @@ def model_only(
     x, a = _model_input(loaded, tile, batch, device)
     variants = [("fp32 eager", torch.float32, False), ("fp32 channels_last", torch.float32, True)]
     if device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # A CPU without native bf16 emulates it, about 5x slower than fp32 (bench/RESULTS.md): `precision: auto` never picks it there.
+        # A CPU without native bf16 emulates it, about 5x slower than fp32 (bench/RESULTS.md); `precision: auto` picks it on CPUs with AMX only.
         variants.append(("bf16 autocast + channels_last", torch.bfloat16, True))
     if device.type == "cuda":
         variants.append(("fp16 autocast + channels_last", torch.float16, True))
@@ -114,7 +114,7 @@ def model_only(
         for name, dtype, channels_last in variants
         if only in (None, name)
     ]
-    fastest = torch.float32 if device.type != "cuda" else torch.bfloat16
+    fastest = torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matrix_units() else torch.float32
     label = "bf16 + channels_last" if fastest == torch.bfloat16 else "fp32 channels_last"
     for mode in compile_modes:
         name = f"{label} + torch.compile({mode})"
@@ -139,7 +139,7 @@ def best_model_only_again(best: dict[str, Any], loaded: LoadedModel, device: tor
     drifts by tens of percent over minutes (bench/RESULTS.md): a ratio to one reading taken minutes
     before the jobs would carry that drift, so the ratios use both readings and show their spread."""
     if "processes" in best:
-        return model_only_on_workers(args.checkpoint, args.tile, best["batch"], best["repeats"], best["processes"], best["threads"])
+        return model_only_on_workers(args.checkpoint, args.tile, best["batch"], best["repeats"], best["processes"], best["threads"], best["precision"])
     with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
         return model_only(loaded, device, args.tile, args.batch, args.repeats, [best["compile"]] if best["compile"] != "off" else [], only=best["variant"])[0]
 
@@ -152,25 +152,26 @@ def _model_input(loaded: LoadedModel, tile: int, batch: int, device: torch.devic
     return torch.from_numpy(stack).to(device), torch.from_numpy(alphas).to(device)
 
 
-def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int) -> dict[str, Any]:
-    """fp32 channels_last in `workers` processes of `threads` torch threads at once, as a CPU job's
-    workers run it, timed as a group. One process with every core can be slower than that, and
-    end to end ÷ model only must compare with the best the machine does."""
+def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int, precision: str = "fp32") -> dict[str, Any]:
+    """channels_last in `precision` (fp32, or an autocast dtype) in `workers` processes of `threads` torch
+    threads at once, as a CPU job's workers run it, timed as a group. One process with every core can be
+    slower than that, and end to end ÷ model only must compare with the best the machine does."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     ready, results = context.Barrier(workers), context.Queue()
-    processes = [context.Process(target=_worker_rate, args=(checkpoint, tile, batch, repeats, threads, ready, results)) for _ in range(workers)]
+    processes = [context.Process(target=_worker_rate, args=(checkpoint, tile, batch, repeats, threads, precision, ready, results)) for _ in range(workers)]
     with cpu_allocator_environment():  # they start with the allocator of a job's CPU workers
         for process in processes:
             process.start()
-    name = f"fp32 channels_last, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
+    layout = "fp32 channels_last" if precision == "fp32" else f"{precision} autocast + channels_last"
+    name = f"{layout}, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
     spans = _spans_of(processes, results, name)
     # The group's rate from the first start to the last end: a process that finishes early does not
     # count the time the others then run with the machine to themselves.
     mpx = workers * batch * repeats * tile * tile / 1e6 / (max(end for _, end in spans) - min(start for start, _ in spans))
     row = {"variant": name, "compile": "off", "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX}
-    return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats}
+    return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats, "precision": precision}
 
 
 MODEL_ONLY_TIMEOUT_S = 3600.0
@@ -203,12 +204,13 @@ def _spans_of(processes: list[Any], results: Any, name: str) -> list[tuple[float
     return spans
 
 
-def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, ready: Any, results: Any) -> None:
+def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, precision: str, ready: Any, results: Any) -> None:
     """One process of `model_only_on_workers`: warm up, wait for the others, then time the repeats."""
     torch.set_num_threads(threads)
     loaded = load_model(ModelRef(checkpoint=checkpoint))
     x, a = _model_input(loaded, tile, batch, torch.device("cpu"))
-    row = _time_variant(loaded.network, x, a, "", torch.float32, True, "off", repeats, torch.device("cpu"), before_timing=ready.wait)
+    dtype = pick_autocast(precision, torch.device("cpu")) or torch.float32
+    row = _time_variant(loaded.network, x, a, "", dtype, True, "off", repeats, torch.device("cpu"), before_timing=ready.wait)
     results.put((time.time() - row["seconds"], time.time()))
 
 
@@ -674,15 +676,18 @@ def main(argv: list[str] | None = None) -> int:
         report["model_only"] = model_only(loaded, device, args.tile, args.batch, args.repeats, modes)
     workers, threads = cpu_worker_layout(0, args.workers)
     if device.type == "cpu" and workers > 1:
-        # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too.
-        for batch in sorted({1, args.batch}):
-            try:
-                report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, args.repeats * args.batch // batch, workers, threads))
-            except ModelOnlyDied as died:
-                if batch == 1:  # the reference a CPU job's tasks compare with
-                    raise SystemExit(f"model only: {died}") from None
-                print(f"model only  {died}; left out")
-                report.setdefault("model_only_died", []).append(str(died))
+        # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too,
+        # in fp32 and in the precision the jobs run (`precision: auto` is bf16 on a CPU with AMX).
+        for precision in dict.fromkeys(("fp32", args.precision if args.precision != "auto" else auto_precision("cpu"))):
+            for batch in sorted({1, args.batch}):
+                repeats = args.repeats * args.batch // batch
+                try:
+                    report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, repeats, workers, threads, precision))
+                except ModelOnlyDied as died:
+                    if batch == 1:  # the reference a CPU job's tasks compare with
+                        raise SystemExit(f"model only: {died}") from None
+                    print(f"model only  {died}; left out")
+                    report.setdefault("model_only_died", []).append(str(died))
     for row in report["model_only"]:
         print(f"model only  {row['variant']:<52} {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s ")
     _write(report, args.out)

@@ -226,8 +226,8 @@ def run_job(
             slots = sum(sr_workers.values()) or 1
             layout = task_layout(work, spec.model, slots, task_dates, in_flight, on_gpu=bool(on_gpus), memory_limit=limit)
             echo(check_task_memory(client, work, on_gpus, layout))
-            precision = resolved_precision(client, spec, on_gpus)
-            echo(f"Network precision: {precision}" + (" (model.precision: auto, as resolved on the workers)" if spec.model.precision == "auto" else ""))
+            precision, why = resolved_precision(client, spec, on_gpus, manifest)
+            echo(f"Network precision: {precision}" + (f" (model.precision: auto, {why})" if spec.model.precision == "auto" else ""))
             settings = with_precision(settings, precision)
             ref = replace(model_ref(spec), precision=precision)
             compiled_pass = compile_in_warm_up(client, spec, work, ref, layout, on_gpus)
@@ -301,11 +301,13 @@ def check_device(client: Client, spec: JobSpec, on_gpus: list[str]) -> None:
         )
 
 
-def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str:
-    """What `model.precision` means for this run, asked of the workers that will run the network: the
-    output records it, so a date made in bf16 on a GPU and one made in fp32 on a CPU never mix."""
+def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str], manifest: Manifest | None = None) -> tuple[str, str]:
+    """What `model.precision` means for this run, asked of the workers that will run the network, and
+    why: the output records it, so a date made in bf16 on a GPU and one made in fp32 on a CPU never mix.
+    On CPU workers `auto` extends an output made in fp32 in fp32: a CPU with AMX, which would take bf16,
+    must not make an output of earlier nights (or of a CPU without AMX) unextendable."""
     if spec.model.precision != "auto":
-        return spec.model.precision
+        return spec.model.precision, ""
     answers = client.run(auto_precision, spec.model.device, workers=on_gpus or None)
     found = sorted(set(answers.values()))
     if len(found) != 1:
@@ -313,7 +315,10 @@ def resolved_precision(client: Client, spec: JobSpec, on_gpus: list[str]) -> str
             f"model.precision: auto means {' on some workers and '.join(found)} on others of this cluster; "
             "set model.precision to one of fp32, bf16, fp16, or run the network on GPU workers only (--resources GPU=N)"
         )
-    return found[0]
+    stored = manifest.settings.get("model", {}).get("precision") if manifest is not None else None
+    if stored == "fp32" != found[0] and set(client.run(device_kind, spec.model.device, workers=on_gpus or None).values()) == {"cpu"}:
+        return "fp32", "as the output was made; these CPU workers would take bf16 for a new output"
+    return found[0], "as resolved on the workers"
 
 
 def cpu_allocator_note(client: Client, spec: JobSpec, on_gpus: list[str]) -> str | None:

@@ -205,7 +205,8 @@ class ModelSettings(_Strict):
     batch_size: int = Field(8, ge=1, le=1024)
     """Output dates per task, and windows per forward pass (on CPU capped by memory)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 autocast on a GPU that has it (fp16 otherwise), fp32 on CPU (autocast is slower there)."""
+    """'auto': bf16 autocast on a GPU that has it (fp16 otherwise) and on a CPU with AMX (about 2x fp32's
+    speed), fp32 on other CPUs (which emulate bf16, slower); an output made in fp32 stays fp32 on CPUs."""
     compile: Literal["off", "default", "max-autotune"] = "off"
     """torch.compile mode: 'max-autotune' doubles GPU throughput after minutes of compiling, once per worker."""
     architecture: Architecture | None = None

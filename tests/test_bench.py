@@ -13,7 +13,7 @@ import pytest
 
 from sr_batch.allocator import cpu_allocator_env, jemalloc_library
 from sr_batch.bench import GpuUtilisation, ModelOnlyDied, _peak_memory, main, model_only_on_workers, tile_task_profile, tile_tasks_alone
-from sr_batch.superres import ModelRef
+from sr_batch.superres import ModelRef, auto_precision, cpu_has_bf16_matrix_units
 
 
 def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
@@ -22,11 +22,15 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     arguments = ["--size", "48", "--dates", "2", "--tile", "48", "--batch", "2", "--repeats", "1", "--workers", "2", "--nightly", "on"]
     assert main([*arguments, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last", "fp32 channels_last + torch.compile(default)"}
+    # Compiled in the precision a job's `auto` takes on this CPU: bf16 where it has AMX, fp32 elsewhere.
+    compiled = "bf16 + channels_last" if cpu_has_bf16_matrix_units() else "fp32 channels_last"
+    assert {row["variant"] for row in report["model_only"]} >= {"fp32 eager", "fp32 channels_last", f"{compiled} + torch.compile(default)"}
     assert {row["compile"] for row in report["model_only"]} == {"off", "default"}  # every compile mode a CPU has, beside eager
     assert all(row["lr_mpx_per_s"] > 0 for row in report["model_only"])
-    # On CPU the network also runs in the job's worker processes at once, the reference a job is held to.
-    assert any(row.get("processes") == 2 for row in report["model_only"])
+    # On CPU the network also runs in the job's worker processes at once, the reference a job is held to:
+    # in fp32, and in the precision the jobs run where that is another.
+    on_workers = {row["precision"] for row in report["model_only"] if row.get("processes") == 2}
+    assert on_workers == {"fp32", auto_precision("cpu")}, on_workers
     assert {row["codec"] for row in report["writing"]} == {"lz4", "zstd"}
     assert all(row["mb_per_s_1_thread"] > 0 and row["mb_per_s_all_threads"] > 0 and row["compression_ratio"] > 1 for row in report["writing"])
     for factor in ("1x", "4x"):

@@ -32,6 +32,7 @@ from sr_batch.lock import OutputLock, lock_path, process_space
 from sr_batch.manifest import Manifest, manifest_path, written_mask
 from sr_batch.spec import parse_spec
 from sr_batch.stac_server import serve_items
+from sr_batch.superres import auto_precision, cpu_has_bf16_matrix_units
 from sr_batch.verify import verify_output
 
 from conftest import SMALL_MODEL, make_job
@@ -40,6 +41,9 @@ PERIOD = {"start": "2019-06-01", "end": "2019-08-31"}
 SPLIT = dt.date(2019, 7, 20)
 """The first API serves the series up to here; the second serves all of it."""
 SR_BATCH = Path(sys.executable).parent / "sr-batch"
+CPU_AUTO = auto_precision("cpu")
+"""What `precision: auto` means on this machine's CPU workers: bf16 with AMX, fp32 without."""
+OTHER_THAN_AUTO = "bf16" if CPU_AUTO == "fp32" else "fp32"
 
 
 def item_date(item: dict[str, Any]) -> dt.date:
@@ -213,7 +217,7 @@ def test_whole_cluster_and_a_worker_killed_then_resumed_equals_an_uninterrupted_
     [
         ({"cloud": {"max_cloud_fraction": 0.1}}, "cloud.max_cloud_fraction: 0.05 → 0.1"),
         ({"model": {**SMALL_MODEL, "architecture": {**SMALL_MODEL["architecture"], "seed": 1}}}, "made with model sha256"),
-        ({"model": {**SMALL_MODEL, "precision": "bf16"}}, 'model.precision: "fp32" → "bf16"'),
+        ({"model": {**SMALL_MODEL, "precision": OTHER_THAN_AUTO}}, f'model.precision: "{CPU_AUTO}" → "{OTHER_THAN_AUTO}"'),
     ],
 )
 def test_changed_settings_or_model_is_refused(reference: JobResult, stac_url: str, catalog, scheduler: str, change: dict, named: str) -> None:
@@ -235,11 +239,11 @@ def test_execution_settings_may_change(reference: JobResult, stac_url: str, cata
 
 
 def test_the_output_records_the_precision_auto_resolved_to(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
-    """`precision: auto` is recorded as what it meant on the workers (fp32 on this CPU cluster): a later
-    run asking for fp32 explicitly may extend the output, one asking for bf16 may not (above), and an
-    output that recorded `auto` (written before precisions were resolved) is still accepted."""
-    assert Manifest.read(reference.output).settings["model"]["precision"] == "fp32"
-    explicit = nightly_job(stac_url, reference.output, catalog, model={**SMALL_MODEL, "precision": "fp32"})
+    """`precision: auto` is recorded as what it meant on the workers (fp32 on this CPU cluster, bf16 where
+    it has AMX): a later run asking for it explicitly may extend the output, one asking for another may
+    not (above), and an output that recorded `auto` (written before precisions were resolved) is still accepted."""
+    assert Manifest.read(reference.output).settings["model"]["precision"] == CPU_AUTO
+    explicit = nightly_job(stac_url, reference.output, catalog, model={**SMALL_MODEL, "precision": CPU_AUTO})
     assert run_job(parse_spec(explicit), scheduler=scheduler, show_progress=False).written_windows == 0
     older = tmp_path / "older.zarr"
     shutil.copytree(reference.output, older)
@@ -248,6 +252,22 @@ def test_the_output_records_the_precision_auto_resolved_to(reference: JobResult,
     manifest.write(older)
     again = nightly_job(stac_url, older, catalog, model={**SMALL_MODEL, "precision": "auto"})
     assert run_job(parse_spec(again), scheduler=scheduler, show_progress=False).written_windows == 0
+
+
+@pytest.mark.skipif(not cpu_has_bf16_matrix_units(), reason="auto is fp32 on a CPU without AMX, as the output below was made: nothing to keep")
+def test_auto_on_a_cpu_with_amx_extends_an_output_made_in_fp32_in_fp32(tmp_path: Path, early_url: str, stac_url: str, catalog, scheduler: str, capsys) -> None:
+    """An output made in fp32 (on a CPU without AMX, or before `auto` took bf16 on AMX) is extended by a
+    nightly run of `precision: auto` on AMX CPU workers in fp32, as it was made, instead of refusing the
+    run for a change of precision nobody asked for."""
+    out = tmp_path / "fp32.zarr"
+    first = run_job(parse_spec(nightly_job(early_url, out, catalog, model={**SMALL_MODEL, "precision": "fp32"})), scheduler=scheduler, show_progress=False)
+    assert first.written_windows > 0
+    capsys.readouterr()
+    later = run_job(parse_spec(nightly_job(stac_url, out, catalog)), scheduler=scheduler, show_progress=False, echo=print)
+    assert later.written_windows > 0 and min(later.added_dates) > max(first.added_dates)
+    assert "Network precision: fp32 (model.precision: auto, as the output was made" in capsys.readouterr().out
+    assert Manifest.read(out).settings["model"]["precision"] == "fp32"
+    assert verify_output(out) == []
 
 
 def test_overwrite_replaces_a_first_run_killed_before_its_layout(reference: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:

@@ -19,7 +19,7 @@ from sr_batch.job import model_ref, plan_job, run_job
 from sr_batch.plan import Plan
 from sr_batch.sample import cache_dir
 from sr_batch.spec import parse_spec
-from sr_batch.superres import ModelRef, Runner
+from sr_batch.superres import ModelRef, Runner, auto_precision
 from sr_batch.tiles import compiled_pass_shape, read_windows, superresolve_plan
 
 from conftest import SMALL_HALO, SMALL_MODEL, make_job
@@ -91,7 +91,7 @@ def test_the_warm_up_compiles_the_pass_a_compiled_job_runs(tmp_path: Path, stac_
     spec = parse_spec(make_job(stac_url, tmp_path / "out.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}, model=model))
     plan = plan_job(spec, scheduler, echo=lambda _: None)
     layout = job_module.task_layout(plan, spec.model, slots=2)
-    ref = replace(model_ref(spec), precision="fp32")  # as the job resolves `precision: auto` on CPU workers
+    ref = replace(model_ref(spec), precision=auto_precision("cpu"))  # as the job resolves `precision: auto` on CPU workers
     compiled_pass = compiled_pass_shape(plan, ref, layout.dates, layout.tiles)
     assert compiled_pass == (min(4, layout.dates), max(plan.chunks()[0]) + 2 * plan.halo, max(plan.chunks()[1]) + 2 * plan.halo)
     with Client(scheduler) as client:
