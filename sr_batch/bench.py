@@ -352,18 +352,18 @@ def _tile_task(model: ModelRef, tile: int, dates: int, tiles: int) -> tuple[Runn
     from sr_batch.model import receptive_radius
     from sr_batch.spec import Cloud
     from sr_batch.superres import load_runner
-    from sr_batch.tiles import superresolve_tiles
+    from sr_batch.tiles import aligned_window, superresolve_tiles
 
     runner = load_runner(model)
     runner.loaded.network.to(memory_format=torch.channels_last)  # as loaded for a job: model only may have changed it
     info = runner.loaded.info
     dilate = Cloud().dilate_pixels
     halo = receptive_radius(info.architecture, info.frames) + dilate  # a job's `halo: auto`
-    size = tile + 2 * halo
+    size = aligned_window(tile + 2 * halo)  # widened with more halo after the tile, as a job's windows are
     cube = open_sample_cube()
     block = _mirrored_days(cube, clearest_days(cube, info.frames + dates - 1), ("B2", "B3", "B4", "B8", "SCL"), size).astype(np.uint16)
     windows = [(k, tuple(range(k, k + info.frames))) for k in range(dates)]
-    crop = (halo, halo, halo, halo)
+    crop = (halo, size - tile - halo, halo, size - tile - halo)
 
     def task(index: int) -> None:
         # Passes as wide as a job's task of `dates` dates and `tiles` tiles (tiles.superresolve_plan).

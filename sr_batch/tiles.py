@@ -200,10 +200,11 @@ def frames_per_task(plan: Plan, dates_per_task: int) -> int:
 
 
 def _largest_read(plan: Plan) -> tuple[int, int]:
-    """(height, width) of the largest tile with its halo on both sides."""
+    """(height, width) of the largest window a task reads: the largest tile with its halo on both sides,
+    widened as read windows are, and no larger than the region."""
     core_y = max(bottom - top for top, bottom in plan.rows)
     core_x = max(right - left for left, right in plan.cols)
-    return core_y + 2 * plan.halo, core_x + 2 * plan.halo
+    return min(plan.grid.height, aligned_window(core_y + 2 * plan.halo)), min(plan.grid.width, aligned_window(core_x + 2 * plan.halo))
 
 
 def task_memory_bytes(plan: Plan, dates_per_task: int, on_gpu: bool = False, tiles: int = 1) -> int:
@@ -229,7 +230,7 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
     per pass and a pass's float32 output); then the task's encoded output of `dates` windows (a run's
     windows are at most a batch, job.tiles_per_task) and its pinned copy."""
     height, width = _largest_read(plan)
-    core_y, core_x = height - 2 * plan.halo, width - 2 * plan.halo
+    core_y, core_x = max(bottom - top for top, bottom in plan.rows), max(right - left for left, right in plan.cols)
     frames, bands = plan.spec.model.frames, len(BANDS)
     block = days * (bands + 1) * height * width * 2
     used_block = used * (bands + 1) * height * width * 2
@@ -268,21 +269,39 @@ Span = tuple[int, int]
 
 def read_windows(plan: Plan, same_shape: bool = False) -> dict[tuple[int, int], tuple[Span, Span]]:
     """Per tile, the (y, x) pixels its task reads: the tile and `plan.halo` pixels on each side that has
-    a neighbour. A window stops at the region's edge, which the network then sees as a whole-image run
-    does, so the tiles join exactly. With `same_shape`, a window at the region's edge reaches further
-    inward instead (more halo on its inner side) to the shape of an inner tile's window: a compiled
-    network compiles once per input shape, and the edge windows would otherwise add up to eight."""
-    rows = [_span(top, bottom, plan.halo, plan.grid.height, max(plan.chunks()[0]), same_shape) for top, bottom in plan.rows]
-    cols = [_span(left, right, plan.halo, plan.grid.width, max(plan.chunks()[1]), same_shape) for left, right in plan.cols]
+    a neighbour, widened to a multiple of WINDOW_ALIGN where the neighbouring tiles have the pixels. A window stops at the
+    region's edge, which the network then sees as a whole-image run does, so the tiles join exactly.
+    With `same_shape`, a window at the region's edge reaches further inward instead (more halo on its
+    inner side) to the shape of an inner tile's window: a compiled network compiles once per input
+    shape, and the edge windows would otherwise add up to eight."""
+    rows = [_span(plan.rows, k, plan.halo, plan.grid.height, max(plan.chunks()[0]), same_shape) for k in range(len(plan.rows))]
+    cols = [_span(plan.cols, k, plan.halo, plan.grid.width, max(plan.chunks()[1]), same_shape) for k in range(len(plan.cols))]
     return {(row, col): (rows[row], cols[col]) for row in range(len(rows)) for col in range(len(cols))}
 
 
-def _span(start: int, end: int, halo: int, size: int, longest: int, same_shape: bool) -> Span:
-    if not same_shape:
-        return max(0, start - halo), min(size, end + halo)
-    length = min(size, longest + 2 * halo)
-    first = min(max(0, start - halo), size - length)
-    return first, first + length
+def _span(tiles: list[Span], index: int, halo: int, size: int, longest: int, same_shape: bool) -> Span:
+    start, end = tiles[index]
+    if same_shape:
+        length = min(size, aligned_window(longest + 2 * halo))
+        first = min(max(0, start - halo), size - length)
+        return first, first + length
+    first, last = max(0, start - halo), min(size, end + halo)
+    # Widened within the neighbouring tiles only: a window reaching a second tile away would read its block too.
+    low, high = tiles[index - 1][0] if index else 0, tiles[index + 1][1] if index + 1 < len(tiles) else size
+    extra = min(high - low, aligned_window(last - first)) - (last - first)
+    after = min(extra, high - last)  # more halo after the tile, before it where there is no more room
+    return first - min(extra - after, first - low), last + after
+
+
+WINDOW_ALIGN = 16
+"""Read windows are widened with more halo, where the neighbouring tiles have the pixels, to a multiple of this:
+the network's convolutions run faster on such widths (on a CPU with AMX in bf16, a 1046 px window took
+12.0 s and a 1056 px one 10.8 s). More halo changes no output pixel, as a halo only has to be wide enough."""
+
+
+def aligned_window(pixels: int) -> int:
+    """`pixels` rounded up to a multiple of WINDOW_ALIGN."""
+    return -(-pixels // WINDOW_ALIGN) * WINDOW_ALIGN
 
 
 def window_blocks(cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tuple[Span, Span]]) -> da.Array:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import xarray as xr
 from distributed import Client, get_task_stream, wait
@@ -20,7 +21,7 @@ from sr_batch.plan import Plan
 from sr_batch.sample import cache_dir
 from sr_batch.spec import parse_spec
 from sr_batch.superres import ModelRef, Runner, auto_precision
-from sr_batch.tiles import compiled_pass_shape, read_windows, superresolve_plan
+from sr_batch.tiles import aligned_window, compiled_pass_shape, read_windows, superresolve_plan
 
 from conftest import SMALL_HALO, SMALL_MODEL, make_job
 
@@ -60,9 +61,10 @@ def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_pat
     spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, tiling={"tile": 24}))
     plan = plan_job(spec, scheduler, echo=lambda _: None)
     shape = {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in read_windows(plan, same_shape=False).values()}
-    assert len(shape) == 9, "the region's edges make eight more shapes"
+    assert len(shape) == 4, "the region's edges make more shapes (2 x 2 here, as windows are widened to multiples of 16 px)"
     same = read_windows(plan, same_shape=True)
-    assert {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in same.values()} == {(max(plan.chunks()[0]) + 2 * plan.halo, max(plan.chunks()[1]) + 2 * plan.halo)}
+    inner = (aligned_window(max(plan.chunks()[0]) + 2 * plan.halo), aligned_window(max(plan.chunks()[1]) + 2 * plan.halo))
+    assert {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in same.values()} == {inner}
     for (row, col), (ys, xs) in same.items():  # each tile inside its window, a halo deep where the window is not at the region's edge
         (top, bottom), (left, right) = plan.rows[row], plan.cols[col]
         assert (top - ys[0] >= plan.halo or ys[0] == 0) and (ys[1] - bottom >= plan.halo or ys[1] == plan.grid.height)
@@ -79,6 +81,27 @@ def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_pat
     assert np.nanmean(np.abs(compiled - whole)) < 1e-5
 
 
+@pytest.mark.parametrize("tile", [24, 40])
+def test_read_windows_are_widened_to_multiples_of_16_px_with_more_halo(tmp_path: Path, stac_url: str, catalog, scheduler: str, tile: int) -> None:
+    """The network runs faster on widths that are multiples of 16 px (tiles.WINDOW_ALIGN), so a window
+    takes up to 15 px more halo where its neighbouring tiles have them: it still holds its tile and the
+    halo on every side with a neighbour, and reaches no further than those neighbours (whose blocks it
+    reads anyway), so it is narrower only where they are thin. (That the output does not change is
+    test_tiled_output_equals_whole_image_output's, which reads such windows.)"""
+    spec = parse_spec(make_job(stac_url, tmp_path / "plan.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, tiling={"tile": tile}))
+    plan = plan_job(spec, scheduler, echo=lambda _: None)
+    widened = 0
+    for (row, col), window in read_windows(plan).items():
+        for (first, last), tiles, k, size in zip(window, (plan.rows, plan.cols), (row, col), (plan.grid.height, plan.grid.width)):
+            (start, end), low, high = tiles[k], tiles[k - 1][0] if k else 0, tiles[k + 1][1] if k + 1 < len(tiles) else size
+            needed = (max(0, start - plan.halo), min(size, end + plan.halo))
+            assert low <= first <= needed[0] and needed[1] <= last <= high, (window, needed, (low, high))
+            assert (last - first) % 16 == 0 or (first, last) == (low, high), window
+            assert last - first < needed[1] - needed[0] + 16, window
+            widened += (last - first) > (needed[1] - needed[0])
+    assert widened, "no window needed widening: the test checks nothing"
+
+
 def test_the_warm_up_compiles_the_pass_a_compiled_job_runs(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
     """On GPU workers a compiled job's warm-up compiles the job's own pass while the first tiles are read
     (`job.compile_in_warm_up`), so that the minutes of max-autotune overlap the reads. It must be the very
@@ -93,7 +116,7 @@ def test_the_warm_up_compiles_the_pass_a_compiled_job_runs(tmp_path: Path, stac_
     layout = job_module.task_layout(plan, spec.model, slots=2)
     ref = replace(model_ref(spec), precision=auto_precision("cpu"))  # as the job resolves `precision: auto` on CPU workers
     compiled_pass = compiled_pass_shape(plan, ref, layout.dates, layout.tiles)
-    assert compiled_pass == (min(4, layout.dates), max(plan.chunks()[0]) + 2 * plan.halo, max(plan.chunks()[1]) + 2 * plan.halo)
+    assert compiled_pass == (min(4, layout.dates), aligned_window(max(plan.chunks()[0]) + 2 * plan.halo), aligned_window(max(plan.chunks()[1]) + 2 * plan.halo))
     with Client(scheduler) as client:
         assert job_module.compile_in_warm_up(client, spec, plan, ref, layout, []) is None, "a CPU job's warm-up compiles"
         before = client.run(_compiled_graphs)

@@ -34,28 +34,28 @@ def _run_on_cluster(job: Path, workers: int, threads: int, memory_limit: str, ti
 
 
 def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path, stac_url: str, catalog) -> None:
-    """A worker of 2.4 GB running 6 tasks at once has 0.4 GB per task: too little for this tiling's 0.28 GB
+    """A worker of 2.4 GB running 12 tasks at once has 0.2 GB per task: too little for this tiling's 0.15 GB
     estimate (with the worker's other needs), though the worker itself is large enough to score the clouds."""
     job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
-    with LocalCluster(n_workers=1, threads_per_worker=6, memory_limit="2400MB", dashboard_address="127.0.0.1:0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=12, memory_limit="2400MB", dashboard_address="127.0.0.1:0") as cluster:
         run = subprocess.run([SR_BATCH, "run", str(job), "--scheduler", cluster.scheduler_address], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "0.40 GB per running task" in lines[0], run.stderr
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile:") and "0.20 GB per running task" in lines[0], run.stderr
     assert "lower tiling.tile" in lines[0]
     assert not (tmp_path / "out.zarr").exists()
 
 
 def test_a_tile_too_large_for_any_task_is_refused_before_the_clouds_are_scored(tmp_path: Path, stac_url: str, catalog) -> None:
-    """A worker of 2.4 GB running 24 tasks at once has 0.10 GB per task: too little even for a task of one
-    date with one frame of this tile (0.07 GB, with the worker's other needs). No reading of clouds can change that, so the run stops
+    """A worker of 2.4 GB running 64 tasks at once has 0.04 GB per task: too little even for a task of one
+    date with one frame of this tile (0.04 GB, with the worker's other needs). No reading of clouds can change that, so the run stops
     before scoring them: the workers run no task."""
     job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
-    run, tasks_run = _run_on_cluster(job, workers=1, threads=24, memory_limit="2400MB", timeout=300)
+    run, tasks_run = _run_on_cluster(job, workers=1, threads=64, memory_limit="2400MB", timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.07 GB"), run.stderr
-    assert "0.10 GB per running task" in lines[0] and "lower tiling.tile, or give the workers more memory" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.04 GB"), run.stderr
+    assert "0.04 GB per running task" in lines[0] and "lower tiling.tile, or give the workers more memory" in lines[0]
     assert tasks_run == 0, "the clouds were scored before the refusal"
     assert not (tmp_path / "out.zarr").exists()
 
