@@ -413,7 +413,7 @@ GPU_PASS_FRACTION = 0.4
 def window_activation_bytes(device: torch.device, hidden: int, frames: int, height: int, width: int) -> int:
     """A window's share of a forward pass's activations on `device`: on a CPU the network encodes and
     fuses one frame at a time, and holds half as many feature maps as a GPU's batched pass."""
-    return peak_feature_maps(frames, one_at_a_time=device.type != "cuda") * hidden * height * width * 4
+    return peak_feature_maps(frames, device) * hidden * height * width * 4
 
 
 def windows_per_device_pass(device: torch.device, hidden: int, frames: int, height: int, width: int, sharing: int = 1) -> int:

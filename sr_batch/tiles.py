@@ -199,11 +199,16 @@ def frames_per_task(plan: Plan, dates_per_task: int) -> int:
     return most
 
 
+def _largest_tile(plan: Plan) -> tuple[int, int]:
+    """(height, width) of the largest tile, without its halo."""
+    rows, cols = plan.chunks()
+    return max(rows), max(cols)
+
+
 def _largest_read(plan: Plan) -> tuple[int, int]:
     """(height, width) of the largest window a task reads: the largest tile with its halo on both sides,
     widened as read windows are, and no larger than the region."""
-    core_y = max(bottom - top for top, bottom in plan.rows)
-    core_x = max(right - left for left, right in plan.cols)
+    core_y, core_x = _largest_tile(plan)
     return min(plan.grid.height, aligned_window(core_y + 2 * plan.halo)), min(plan.grid.width, aligned_window(core_x + 2 * plan.halo))
 
 
@@ -230,7 +235,7 @@ def _task_bytes(plan: Plan, days: int, used: int, dates: int, on_gpu: bool, tile
     per pass and a pass's float32 output); then the task's encoded output of `dates` windows (a run's
     windows are at most a batch, job.tiles_per_task) and its pinned copy."""
     height, width = _largest_read(plan)
-    core_y, core_x = max(bottom - top for top, bottom in plan.rows), max(right - left for left, right in plan.cols)
+    core_y, core_x = _largest_tile(plan)
     frames, bands = plan.spec.model.frames, len(BANDS)
     block = days * (bands + 1) * height * width * 2
     used_block = used * (bands + 1) * height * width * 2

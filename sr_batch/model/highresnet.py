@@ -190,16 +190,23 @@ class HighResNet(nn.Module):
         return hidden[::count]
 
 
+def infers_one_frame_at_a_time(device: torch.device) -> bool:
+    """Whether inference on `device` encodes and fuses one frame at a time: on a CPU; a GPU needs the
+    batched calls' large kernels to be busy."""
+    return device.type != "cuda"
+
+
 def one_frame_at_a_time(frames: torch.Tensor) -> bool:
-    """Whether a forward pass encodes and fuses one frame at a time: on a CPU, outside autograd."""
-    return not frames.is_cuda and not torch.is_grad_enabled()
+    """Whether a forward pass encodes and fuses one frame at a time: in inference on such a device (autograd
+    keeps the frames together: the in-place sums would break it)."""
+    return infers_one_frame_at_a_time(frames.device) and not torch.is_grad_enabled()
 
 
-def peak_feature_maps(frames: int, one_at_a_time: bool) -> int:
-    """Feature maps (hidden channels x window) alive at a pass's peak, per window: 3 per frame when the
-    frames go together (the encoder's input, output and temporary of every frame), the frames' own plus
-    about 4 when they go one at a time (measured: 25 and 12 maps for 8 frames)."""
-    return frames + 4 if one_at_a_time else 3 * frames
+def peak_feature_maps(frames: int, device: torch.device) -> int:
+    """Feature maps (hidden channels x window) alive at an inference pass's peak on `device`, per window:
+    3 per frame when the frames go together (the encoder's input, output and temporary of every frame),
+    the frames' own plus about 4 when they go one at a time (measured: 25 and 12 maps for 8 frames)."""
+    return frames + 4 if infers_one_frame_at_a_time(device) else 3 * frames
 
 
 def _layout(tensor: torch.Tensor) -> torch.memory_format:
