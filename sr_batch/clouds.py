@@ -7,6 +7,7 @@ and saturation are exact and are not grown.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,24 +58,32 @@ def usable_reflectance(block: np.ndarray, dilate_pixels: int) -> np.ndarray:
 def usable_reflectance_tensor(block: torch.Tensor, dilate_pixels: int) -> torch.Tensor:
     """`usable_reflectance` on a torch device, value for value: the inference path runs it where the
     network runs, so a GPU worker's CPU is not the bottleneck. `block` holds uint16 DN viewed as int16
-    (torch's uint16 is not usable on every device), shape (days, 4 bands + SCL, y, x)."""
+    (torch's uint16 is not usable on every device), shape (days, 4 bands + SCL, y, x).
+
+    The tests run on those int16 bit patterns, which equal the DN for the SCL classes; DN 0 (no data)
+    and 65535 (saturated: no uint16 is above it) are 0 and -1. Only the reflectance is converted."""
     import torch
 
-    dn = block.to(torch.int32) & 0xFFFF
-    bands, scl = dn[:, :4], dn[:, 4]
+    bands, scl = block[:, :4], block[:, 4]
     # A true division, as NumPy's: CUDA turns a division by a Python number into a multiplication by its reciprocal.
     # Constants are made on the device, not copied there: a copy from the host's pageable memory would
     # make the host wait for all the work queued on the device before it.
-    values = bands.to(torch.float32) / torch.full((), 10000.0, device=block.device)
+    values = _dn_as_float(bands).div_(torch.full((), 10000.0, device=block.device))
     grown = _is_any_of(scl, GROWN_CLASSES)
     if dilate_pixels > 0:
-        # Binary dilation by the disk = "any grown pixel under the disk": a convolution of 0/1 values,
-        # exact in float32 (and in TF32); zero padding is scipy's border_value=0.
-        disk = _disk_tensor(dilate_pixels, block.device)[None, None]
-        grown = torch.nn.functional.conv2d(grown[:, None].to(torch.float32), disk, padding=dilate_pixels)[:, 0] > 0.5
-    exact = _is_any_of(scl, EXACT_CLASSES)
-    missing = ((bands <= 0) | (bands >= SATURATED_DN)).any(dim=1) | grown | exact
+        grown = _dilated(grown, dilate_pixels)
+    saturated = int(np.uint16(SATURATED_DN).view(np.int16))
+    missing = ((bands == 0) | (bands == saturated)).any(dim=1) | grown | _is_any_of(scl, EXACT_CLASSES)
     return values.masked_fill_(missing[:, None], float("nan"))
+
+
+def _dn_as_float(bands: torch.Tensor) -> torch.Tensor:
+    """uint16 DN held as int16 → float32 DN, in one pass on a CPU (whose torch converts uint16)."""
+    import torch
+
+    if bands.device.type == "cpu":
+        return bands.view(torch.uint16).to(torch.float32)
+    return (bands.to(torch.int32) & 0xFFFF).to(torch.float32)
 
 
 def _is_any_of(scl: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
@@ -85,12 +94,29 @@ def _is_any_of(scl: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
     return found
 
 
-def _disk_tensor(radius: int, device: torch.device) -> torch.Tensor:
-    """`_disk` as float32 0/1 on `device`, computed there."""
+def _dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """scipy's binary dilation of (..., y, x) masks by `_disk(radius)` (outside the image is False).
+
+    The disk is a stack of rows of half-width isqrt(r² - dy²), widest in the middle. So the dilation is
+    the OR, over row offsets dy, of the mask dilated across by that row's half-width and shifted by dy;
+    going from the outer rows in, each width extends the last. O(radius) shifted ORs of booleans: on a
+    CPU 25x faster than a convolution with the disk, which oneDNN runs poorly on one channel."""
     import torch
 
-    offsets = torch.arange(-radius, radius + 1, device=device)
-    return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).to(torch.float32)
+    height = mask.shape[-2]
+    dilated = torch.zeros_like(mask)
+    across, reached = mask.clone(), 0
+    for dy in range(radius, -1, -1):
+        half_width = math.isqrt(radius * radius - dy * dy)
+        for shift in range(reached + 1, half_width + 1):
+            across[..., shift:] |= mask[..., :-shift]
+            across[..., :-shift] |= mask[..., shift:]
+        reached = max(reached, half_width)
+        if dy < height:
+            dilated[..., dy:, :] |= across[..., : height - dy, :]
+            if dy > 0:
+                dilated[..., : height - dy, :] |= across[..., dy:, :]
+    return dilated
 
 
 def _disk(radius: int) -> np.ndarray:

@@ -158,7 +158,7 @@ def test_dn_offset_rules(asset: dict, properties: dict, expected: int) -> None:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("dilate", [0, 2, 3])
+@pytest.mark.parametrize("dilate", [0, 1, 2, 3, 7, 20])
 def test_cloud_mask_on_the_device_equals_the_numpy_definition(source_cube: xr.Dataset, device: str, dilate: int) -> None:
     """Inference masks clouds where the network runs: on the real sample's scenes (clouds, shadows, no
     data) and with saturated and zero DNs added, the same NaN and values as `usable_reflectance`."""
@@ -166,6 +166,9 @@ def test_cloud_mask_on_the_device_equals_the_numpy_definition(source_cube: xr.Da
     block = np.stack([source_cube[name].values for name in names], axis=1).astype(np.uint16)[:12]
     block[0, 1, :5, :5] = 65535
     block[1, 2, 5:9, :3] = 0
+    block[0, 4, :5, :5] = block[1, 4, 5:9, :3] = 4  # SCL vegetation: only the DN make these pixels unusable
+    block[2, 0, 10:14, 10:14] = 40000  # above int16's range: a DN, not a negative number
+    block[3, 4, 20:22, 20:22] = 65533  # no SCL class, and negative (-3) as int16
     expected = usable_reflectance(block, dilate)
     assert 0.01 < np.isnan(expected).mean() < 0.99  # the sample has clouds and clear sky
     ours = usable_reflectance_tensor(torch.from_numpy(block.view(np.int16)).to(device), dilate).cpu().numpy()
