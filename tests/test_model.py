@@ -618,6 +618,35 @@ def test_window_preparation_equals_the_plain_numpy_definition(device: str) -> No
     np.testing.assert_array_equal(alphas.cpu().numpy(), expected_alphas)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("encoded", [False, True])
+def test_a_cpu_finishes_the_output_in_row_blocks_as_the_whole_tensor_form_does(dtype: torch.dtype, encoded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU de-normalises, masks, crops and encodes the network's output a few rows at a time (in its
+    cache), a GPU in whole-tensor kernels: the same values, whatever the crops, the layout the network
+    left and where the last block of rows ends."""
+    from sr_batch import superres
+    from sr_batch.sink import encode_reflectance_tensor
+
+    monkeypatch.setattr(superres, "OUTPUT_BLOCK_BYTES", 4 * 4 * 16 * 20 * 3)  # 3 rows of 10 m pixels per block: 9 rows end unevenly
+    rng = np.random.default_rng(8)
+    scale, crops = 4, [(2, 3, 2, 1), (0, 5, 3, 0), (5, 0, 0, 3)]  # 9 x 20 px cores of 14 x 23 px windows
+    result = torch.from_numpy(rng.normal(0, 1, (3, 4, 14 * scale, 23 * scale)).astype(np.float32)).to(dtype)
+    result = result.contiguous(memory_format=torch.channels_last)  # as a channels_last network leaves it
+    unseen = torch.from_numpy(rng.random((3, 14, 23)) < 0.1)
+    unseen[1, :, 7] = True
+    std = torch.tensor([0.02, 0.03, 0.04, 0.1])[:, None, None]
+    mean = torch.tensor([0.05, 0.08, 0.06, 0.3])[:, None, None]
+    encode = encode_reflectance_tensor if encoded else None
+    whole = superres.finished_output(result.clone(), unseen, crops, std, mean, scale, encode)
+    blocks = torch.empty(whole.shape, dtype=whole.dtype)
+    superres.write_output_in_row_blocks(result, unseen, crops, std, mean, scale, encode, blocks)
+    assert whole.shape == (3, 4, 9 * scale, 20 * scale)
+    np.testing.assert_array_equal(blocks.numpy(), whole.numpy())
+    if not encoded:
+        assert np.isnan(blocks[1, :, :, (7 - 3) * scale : (8 - 3) * scale].numpy()).all()  # an unseen column
+        assert not np.isnan(blocks.numpy()).all()
+
+
 class OneOutputMemory:
     """A forward pass that returns the same memory every time, as a CUDA graph's replay does."""
 
