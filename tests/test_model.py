@@ -7,6 +7,7 @@ what sr-batch wrote and never unpickle, and the NumPy API's NaN handling and bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -224,10 +225,15 @@ def test_halo_of_receptive_radius_makes_a_tile_equal_to_the_whole_image() -> Non
 # --- 4b. A CPU pass, one frame at a time --------------------------------------------------------------
 
 
-def test_one_frame_at_a_time_computes_what_the_frames_together_do(source_cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_one_frame_at_a_time_computes_what_the_frames_together_do(
+    source_cube: xr.Dataset, monkeypatch: pytest.MonkeyPatch, autocast: torch.dtype | None
+) -> None:
     """A CPU pass outside autograd encodes and fuses one frame at a time, to hold half the memory: on
     real frames, through the default checkpoint, for a batch of two windows of which one has padding
-    frames holding NaN, it gives what the frames together give."""
+    frames holding NaN, it gives what the frames together give: bit for bit in float32; under bf16
+    autocast, where it keeps the frames' features in bf16 (half the memory, no casts), as close to the
+    float32 output as they are (the together path's fusion skips add float32 sums)."""
     loaded = load_checkpoint(resolve_checkpoint("default"))
     net = loaded.network.to(memory_format=torch.channels_last).eval()  # as a job's runner places it
     bands = np.stack([source_cube[b].values[:8, :40, :48] for b in ("B2", "B3", "B4", "B8")], axis=1).astype(np.float32) / 10000
@@ -235,20 +241,28 @@ def test_one_frame_at_a_time_computes_what_the_frames_together_do(source_cube: x
     x = torch.from_numpy(np.stack([(bands - mean) / std] * 2))
     x[1, 5:] = float("nan")
     alphas = torch.tensor([[1.0] * 8, [1.0] * 5 + [0.0] * 3])
-    with torch.inference_mode():
+    precision = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), precision:
         assert one_frame_at_a_time(x)
         one_at_a_time = net(x, alphas)
         monkeypatch.setattr(highresnet, "one_frame_at_a_time", lambda frames: False)
         together = net(x, alphas)
+    with torch.inference_mode():
+        exact = net(x, alphas)  # float32, the frames together
     assert torch.isfinite(one_at_a_time).all()
-    torch.testing.assert_close(one_at_a_time, together, rtol=1e-5, atol=1e-6)
+    if autocast is None:
+        assert torch.equal(one_at_a_time, together)
+    else:
+        errors = {way: (output - exact).abs().mean().item() for way, output in (("one", one_at_a_time), ("together", together))}
+        assert errors["one"] <= 1.1 * errors["together"], errors
+        assert (one_at_a_time - together).abs().mean() < 0.5 * errors["together"], errors  # bf16 rounding, no more
     assert not torch.allclose(one_at_a_time[0], one_at_a_time[1], atol=1e-3)  # the padding is not a copy of the frames
     with torch.enable_grad():
         assert not one_frame_at_a_time(x), "training (autograd) keeps the frames together: the in-place sums would break it"
 
 
 PASS_MEMORY = """
-import resource, sys, torch
+import contextlib, resource, sys, torch
 from sr_batch.model import highresnet
 from sr_batch.superres import ModelRef, load_runner, window_activation_bytes
 torch.set_num_threads(1)
@@ -256,7 +270,8 @@ if sys.argv[1] == "together":
     highresnet.one_frame_at_a_time = lambda frames: False
 network = load_runner(ModelRef("default", device="cpu")).loaded.network
 x, alphas = torch.rand(1, 8, 4, 400, 400), torch.ones(1, 8)
-with torch.inference_mode():
+precision = torch.autocast("cpu", dtype=torch.bfloat16) if sys.argv[1].endswith("bf16") else contextlib.nullcontext()
+with torch.inference_mode(), precision:
     network(x[..., :32, :32], alphas)
     resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     network(x, alphas)
@@ -269,14 +284,17 @@ print(grown, window_activation_bytes(torch.device("cpu"), 64, 8, 400, 400))
 
 def test_one_frame_at_a_time_holds_half_the_memory_and_no_more_than_its_estimate() -> None:
     """What the CPU pass is for, measured: the growth of a fresh process's peak resident memory over
-    one pass of a 400 px window, each way. A CPU task's memory estimate (superres.window_activation_bytes)
-    counts the one-at-a-time pass, so it must cover it."""
+    one pass of a 400 px window, each way, and one at a time under bf16 autocast. A CPU task's memory
+    estimate (superres.window_activation_bytes) counts the float32 one-at-a-time pass, so it must cover it."""
     grown = {}
-    for way in ("one at a time", "together"):
+    for way in ("one at a time", "together", "one at a time in bf16"):
         done = subprocess.run([sys.executable, "-c", PASS_MEMORY, way], capture_output=True, text=True, check=True, timeout=300)
         grown[way], estimate = map(int, done.stdout.split())
     assert grown["one at a time"] < 0.6 * grown["together"], grown
     assert grown["one at a time"] <= estimate, (grown, estimate)
+    # The frames' features in bf16 under autocast: 0.90x measured here (0.90x of the peak at 1056 px, where
+    # a float32 pass also holds the frames' float32 features and bf16 casts of the fused pairs).
+    assert grown["one at a time in bf16"] < 0.95 * grown["one at a time"], grown
 
 
 # --- 5. Checkpoint round trip -----------------------------------------------------------------------

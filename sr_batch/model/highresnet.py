@@ -163,14 +163,18 @@ class HighResNet(nn.Module):
         result added in place to its first partner. Only the frames' features and one call's temporaries
         are alive at once: about frames + 4 feature maps per window instead of 3 x frames (a 1046 px
         window of 8 frames: 3.6 GB at the peak instead of 7.4), and on a CPU it runs no slower (a little
-        faster: python -m sr_batch.bench), so a CPU job can afford larger tiles and less halo."""
+        faster: python -m sr_batch.bench), so a CPU job can afford larger tiles and less halo.
+
+        The features are kept in the encoder's type. In float32 the output is the together path's bit
+        for bit. Under bf16 autocast they stay bf16 where the together path's sums are float32: a fusion
+        block's skip then adds bf16-rounded sums, as close to the float32 output (test_model), and a
+        1056 px pass takes 11 % less time and 0.4 GB less memory on a CPU with AMX."""
         hidden: torch.Tensor | None = None
         for index in range(batch * count):
             encoded = self.encoder(paired[index : index + 1])
             if hidden is None:
-                # The together path's sum promotes (a bf16 encoder output + float32 gate): keep that type.
-                dtype = torch.promote_types(encoded.dtype, alphas.dtype)
-                hidden = torch.empty((batch * count, *encoded.shape[1:]), dtype=dtype, device=encoded.device, memory_format=_layout(encoded))
+                # In the encoder's type: under bf16 autocast, half the memory and no cast at every fusion.
+                hidden = torch.empty((batch * count, *encoded.shape[1:]), dtype=encoded.dtype, device=encoded.device, memory_format=_layout(encoded))
             hidden[index : index + 1] = encoded
             del encoded
         assert hidden is not None
