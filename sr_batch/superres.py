@@ -371,9 +371,9 @@ def write_output_in_row_blocks(
     out: torch.Tensor,
 ) -> None:
     """`finished_output`, value for value, written into `out` (n, band, core rows, core columns) a few
-    rows at a time. On a CPU each step of the whole-tensor form streams the 4x output through memory,
-    which cost a 1024 px tile as much as a tenth of the network's time in bf16; a block of rows stays in
-    the cache from the network's output to the stored integers."""
+    rows at a time. On a CPU each step of the whole-tensor form streams the 4x output through memory
+    (0.41 s for a 1056 px window on one thread, 4 % of a bf16 task, against 0.22 s in blocks); a block
+    of rows stays in the cache from the network's output to the stored integers."""
     bands = result.shape[1]
     for index, (top, bottom, left, right) in enumerate(crops):
         rows, columns = range(top, unseen.shape[1] - bottom), slice(left, unseen.shape[2] - right)

@@ -99,11 +99,12 @@ def test_the_tile_task_alone_runs_the_jobs_task_on_a_real_tile_with_its_halo() -
 
 def test_the_task_profile_splits_one_tile_task_into_its_stages(tmp_path: Path) -> None:
     """A task of 3 dates in passes of 2 windows: its tile goes to the device once, and each of its two
-    passes is gathered, run, finished and collected; on a CPU nothing is copied back."""
+    passes is gathered, run and finished; on a CPU a pass's output is written where the task's result
+    is, so nothing is copied back or collected."""
     trace = tmp_path / "trace.json"
     profiled = tile_task_profile(ModelRef(checkpoint="default", batch_size=2), 32, 3, trace)
     calls = {row["stage"]: row["calls"] for row in profiled["stages"]}
-    assert calls == {"tile to device": 1, "windows": 2, "network": 2, "output": 2, "collect": 2}
+    assert calls == {"tile to device": 1, "windows": 2, "network": 2, "output": 2}
     assert profiled["dates"] == 3 and profiled["halo"] == 22 and profiled["device_kernels_ms"] is None
     network = next(row for row in profiled["stages"] if row["stage"] == "network")
     assert 0 < network["host_ms"] < profiled["seconds"] * 1e3 and network["device_ms"] is None
