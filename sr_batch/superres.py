@@ -252,7 +252,8 @@ def superresolve_frames(
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
             chunk = [tuple(windows[k])[-info.frames :] for k in range(start, min(start + batch_size, len(windows)))]
-            submitted = _submit(runner, frames, chunk, batch_size, std, mean, scale, crops[start : start + len(chunk)], encode, out[start : start + len(chunk)])
+            finish = OutputFinish(std, mean, scale, crops[start : start + len(chunk)], encode)
+            submitted = _submit(runner, frames, chunk, batch_size, finish, out[start : start + len(chunk)])
             _collect(in_flight)
             in_flight = submitted
     _collect(in_flight)
@@ -304,11 +305,7 @@ def _submit(
     frames: torch.Tensor,
     chunk: list[tuple[int, ...]],
     batch_size: int,
-    std: torch.Tensor,
-    mean: torch.Tensor,
-    scale: int,
-    crops: list[tuple[int, int, int, int]],
-    encode: Callable[[torch.Tensor], torch.Tensor] | None,
+    finish: OutputFinish,
     out: np.ndarray,
 ) -> _Submitted | None:
     """Queue one batch, from gathering its frames to its finished output, whose rows are `out`. A CPU
@@ -316,7 +313,7 @@ def _submit(
     count = len(chunk)
     with record_function(STAGE_PREFIX + "windows"):
         x, alphas = gather_windows(frames, chunk, runner.loaded.info.frames)
-        normalise_and_fill(x, alphas, mean, std)
+        normalise_and_fill(x, alphas, finish.mean, finish.std)
         if runner.compiled and count < batch_size:
             # A compiled graph is specialised to its batch: pad the last one with copies instead of recompiling.
             x = torch.cat([x, x[-1:].expand(batch_size - count, *x.shape[1:])])
@@ -329,30 +326,12 @@ def _submit(
         # The latest frame of each window: where it saw nothing, the output is NaN.
         unseen = torch.stack([torch.isnan(frames[w[-1]]).any(dim=0) for w in chunk])
         if runner.device.type == "cpu":
-            write_output_in_row_blocks(result, unseen, crops, std, mean, scale, encode, torch.from_numpy(out))
+            finish.in_row_blocks(result, unseen, torch.from_numpy(out))
             return None
-        result = finished_output(result, unseen, crops, std, mean, scale, encode)
+        result = finish.whole(result, unseen)
     if runner.device.type != "cuda":
         return _Submitted(result, None, out)
     return _copied_back(runner, result, out)
-
-
-def finished_output(
-    result: torch.Tensor,
-    unseen: torch.Tensor,
-    crops: list[tuple[int, int, int, int]],
-    std: torch.Tensor,
-    mean: torch.Tensor,
-    scale: int,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> torch.Tensor:
-    """A batch's network output (n, band, sH, sW) → its finished output: de-normalised, NaN where the
-    window's latest frame saw nothing (`unseen`, (n, H, W)), the halo cropped and, with `encode`, the
-    stored integers. Whole-tensor operations, which a GPU runs in a few large kernels."""
-    result = result.float() * std + mean
-    unseen = unseen[:, None].repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    result = _cropped(result.masked_fill_(unseen, float("nan")), crops, scale)
-    return result if encode is None else encode(result)
 
 
 OUTPUT_BLOCK_BYTES = 1 << 20
@@ -360,36 +339,47 @@ OUTPUT_BLOCK_BYTES = 1 << 20
 network (de-normalising, masking, encoding: about ten) read memory once instead of about ten times."""
 
 
-def write_output_in_row_blocks(
-    result: torch.Tensor,
-    unseen: torch.Tensor,
-    crops: list[tuple[int, int, int, int]],
-    std: torch.Tensor,
-    mean: torch.Tensor,
-    scale: int,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None,
-    out: torch.Tensor,
-) -> None:
-    """`finished_output`, value for value, written into `out` (n, band, core rows, core columns) a few
-    rows at a time. On a CPU each step of the whole-tensor form streams the 4x output through memory
-    (0.41 s for a 1056 px window on one thread, 4 % of a bf16 task, against 0.22 s in blocks); a block
-    of rows stays in the cache from the network's output to the stored integers."""
-    bands = result.shape[1]
-    for index, (top, bottom, left, right) in enumerate(crops):
-        rows, columns = range(top, unseen.shape[1] - bottom), slice(left, unseen.shape[2] - right)
-        width = columns.stop - columns.start
-        step = max(1, OUTPUT_BLOCK_BYTES // (4 * bands * scale * scale * width))
-        block = torch.empty((bands, step * scale, width * scale), dtype=torch.float32)
-        for first in range(rows.start, rows.stop, step):
-            last = min(first + step, rows.stop)
-            part = block[:, : (last - first) * scale]
-            part.copy_(result[index, :, first * scale : last * scale, columns.start * scale : columns.stop * scale])
-            part.mul_(std).add_(mean)
-            # Each 10 m pixel is a scale x scale square of the output: mask the squares by broadcasting.
-            hidden = unseen[index, first:last, columns][None, :, None, :, None]
-            part.view(bands, last - first, scale, width, scale).masked_fill_(hidden, float("nan"))
-            rows_out = slice((first - rows.start) * scale, (last - rows.start) * scale)
-            out[index, :, rows_out].copy_(part if encode is None else encode(part))
+@dataclass(frozen=True)
+class OutputFinish:
+    """How a pass's network output (n, band, sH, sW) becomes what the call returns: de-normalised with
+    the checkpoint's statistics ((band, 1, 1) on the device), NaN where the window's latest frame saw
+    nothing, each window's halo `crops` cut (10 m pixels, scaled) and, with `encode`, the stored integers."""
+
+    std: torch.Tensor
+    mean: torch.Tensor
+    scale: int
+    crops: list[tuple[int, int, int, int]]
+    encode: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def whole(self, result: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+        """The finished output, `unseen` (n, H, W) marking what the latest frames did not see: whole-tensor
+        operations, which a GPU runs in a few large kernels."""
+        result = result.float() * self.std + self.mean
+        unseen = unseen[:, None].repeat_interleave(self.scale, dim=2).repeat_interleave(self.scale, dim=3)
+        result = _cropped(result.masked_fill_(unseen, float("nan")), self.crops, self.scale)
+        return result if self.encode is None else self.encode(result)
+
+    def in_row_blocks(self, result: torch.Tensor, unseen: torch.Tensor, out: torch.Tensor) -> None:
+        """`whole`, value for value, written into `out` (n, band, core rows, core columns) a few rows at a
+        time. On a CPU each step of the whole-tensor form streams the 4x output through memory (0.41 s
+        for a 1056 px window on one thread, 4 % of a bf16 task, against 0.22 s in blocks); a block of
+        rows stays in the cache from the network's output to the stored integers."""
+        bands, scale = result.shape[1], self.scale
+        for index, (top, bottom, left, right) in enumerate(self.crops):
+            rows, columns = range(top, unseen.shape[1] - bottom), slice(left, unseen.shape[2] - right)
+            width = columns.stop - columns.start
+            step = max(1, OUTPUT_BLOCK_BYTES // (4 * bands * scale * scale * width))
+            block = torch.empty((bands, step * scale, width * scale), dtype=torch.float32)
+            for first in range(rows.start, rows.stop, step):
+                last = min(first + step, rows.stop)
+                part = block[:, : (last - first) * scale]
+                part.copy_(result[index, :, first * scale : last * scale, columns.start * scale : columns.stop * scale])
+                part.mul_(self.std).add_(self.mean)
+                # Each 10 m pixel is a scale x scale square of the output: mask the squares by broadcasting.
+                hidden = unseen[index, first:last, columns][None, :, None, :, None]
+                part.view(bands, last - first, scale, width, scale).masked_fill_(hidden, float("nan"))
+                rows_out = slice((first - rows.start) * scale, (last - rows.start) * scale)
+                out[index, :, rows_out].copy_(part if self.encode is None else self.encode(part))
 
 
 def _copied_back(runner: Runner, result: torch.Tensor, rows: np.ndarray) -> _Submitted:

@@ -654,10 +654,10 @@ def test_a_cpu_finishes_the_output_in_row_blocks_as_the_whole_tensor_form_does(d
     unseen[1, :, 7] = True
     std = torch.tensor([0.02, 0.03, 0.04, 0.1])[:, None, None]
     mean = torch.tensor([0.05, 0.08, 0.06, 0.3])[:, None, None]
-    encode = encode_reflectance_tensor if encoded else None
-    whole = superres.finished_output(result.clone(), unseen, crops, std, mean, scale, encode)
+    finish = superres.OutputFinish(std, mean, scale, crops, encode_reflectance_tensor if encoded else None)
+    whole = finish.whole(result.clone(), unseen)
     blocks = torch.empty(whole.shape, dtype=whole.dtype)
-    superres.write_output_in_row_blocks(result, unseen, crops, std, mean, scale, encode, blocks)
+    finish.in_row_blocks(result, unseen, blocks)
     assert whole.shape == (3, 4, 9 * scale, 20 * scale)
     np.testing.assert_array_equal(blocks.numpy(), whole.numpy())
     if not encoded:
