@@ -249,8 +249,9 @@ def run_job(
                 tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
                 keep_annotations(bool(on_gpus)),
             ):
+                joining = None if on_gpus else cpu_workers_joining(client, work, layout, pinned_in_flight=in_flight is not None)
                 try:
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers, joining)
                 except KilledWorker as died:
                     memory = task_memory_note(work, layout, bool(on_gpus))
                     raise SrBatchError(
@@ -576,6 +577,7 @@ def write_pending(
     layout: TaskLayout,
     echo: Echo,
     sr_workers: dict[str, int] | None = None,
+    joining: JoiningWorkers | None = None,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns.
     `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`), unless
@@ -604,7 +606,7 @@ def write_pending(
         recorded(records.write_if_due())
 
     try:
-        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread({} if gpu_workers_only else sr_workers or {}))
+        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread({} if gpu_workers_only else sr_workers or {}), joining)
     finally:
         # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
         if not lock.lost:
@@ -748,9 +750,17 @@ STRIP_TILES = 16
 """Tile columns of a strip: a job goes through a slab strip by strip, row-major inside each strip."""
 
 
-def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_done: Callable[[Unit, Any], None], spread: TaskSpread | None = None) -> None:
+def _compute(
+    client: Client,
+    tasks: WriteTasks,
+    in_flight: int,
+    echo: Echo,
+    on_done: Callable[[Unit, Any], None],
+    spread: TaskSpread | None = None,
+    joining: JoiningWorkers | None = None,
+) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
-    spreads them: TaskSpread.window), time slab by time slab, in
+    spreads them: TaskSpread.window; `joining` adds the workers that join meanwhile), time slab by time slab, in
     each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
     `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
     events (progress.py).
@@ -804,6 +814,7 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
         return futures
 
     running = as_completed(submit(window), with_results=True)
+    next_look = time.monotonic() + WORKERS_LOOK_S
     for future, result in running:
         unit = unit_of.pop(future.key)
         if spread:
@@ -813,8 +824,57 @@ def _compute(client: Client, tasks: WriteTasks, in_flight: int, echo: Echo, on_d
             if not users[block, strip[unit]]:
                 held.pop((block, strip[unit])).release()
         on_done(unit, result)
-        for more in submit(1):
+        if spread and joining and time.monotonic() >= next_look:
+            in_flight = joining.follow(spread, in_flight, echo)  # the reads ahead follow it too
+            window = spread.window(in_flight)
+            next_look = time.monotonic() + WORKERS_LOOK_S
+        # One more for the one done; more where workers joined, none while a window that shrank drains.
+        for more in submit(window - running.count()):
             running.add(more)
+
+
+WORKERS_LOOK_S = 2.0
+"""Seconds between two looks of a running job at the cluster's workers, for those that joined or left."""
+
+
+@dataclass(frozen=True)
+class JoiningWorkers:
+    """How a CPU job takes in workers that join the cluster while it runs (a cluster scaled up, workers
+    of a batch queue arriving one by one): the job's window, its reads ahead and its placement were
+    sized from the workers at the start, and would leave a newcomer idle for the rest of the job."""
+
+    current: Callable[[], dict[str, int]]
+    """The workers that would run super-resolution now, with their slots."""
+    in_flight: Callable[[int], int] | None
+    """The tasks to keep in flight for so many slots; None where the job's value was pinned."""
+
+    def follow(self, spread: TaskSpread, in_flight: int, echo: Echo) -> int:
+        """Update `spread` to the workers there now, say so when they changed; the tasks to keep in flight."""
+        slots = self.current()
+        if not slots or slots == spread.slots:  # none at all: a cluster between workers; keep the last known
+            return in_flight
+        spread.slots = slots
+        total = sum(slots.values())
+        if self.in_flight is not None:
+            in_flight = max(in_flight, self.in_flight(total))
+        echo(f"Workers changed: {len(slots)} now run super-resolution ({total} slots), up to {spread.window(in_flight)} tasks at once")
+        return in_flight
+
+
+def cpu_workers_joining(client: Client, plan: Plan, layout: TaskLayout, pinned_in_flight: bool) -> JoiningWorkers:
+    """The rule of a CPU job for the workers that join it: any worker a task fits (the check the job
+    made of the workers at its start), one slot per thread."""
+    needed = task_memory_bytes(plan, layout.dates, on_gpu=False, tiles=layout.tiles)
+
+    def current() -> dict[str, int]:
+        fitting = {}
+        for address, info in sorted(client.scheduler_info(n_workers=-1)["workers"].items()):
+            slots, limit = max(1, int(info.get("nthreads", 1))), info.get("memory_limit") or 0
+            if not limit or needed <= MEMORY_SHARE * limit / slots:
+                fitting[address] = slots
+        return fitting
+
+    return JoiningWorkers(current, None if pinned_in_flight else tasks_in_flight)
 
 
 class TaskSpread:
@@ -826,7 +886,8 @@ class TaskSpread:
     twelfth CPU measurement). The block travels to the worker instead, a transfer between workers that
     a task's compute outweighs many times. The worker is a preference, not a rule (allow_other_workers):
     a task whose worker left runs elsewhere, and Dask's work stealing may still give a queued task to an
-    idle worker. The workers are those at the job's start: one that joins later gets tasks by stealing."""
+    idle worker. A CPU job looks at the workers again as it runs (JoiningWorkers): one that joins gets
+    tasks of its own, and none is asked for one that left."""
 
     def __init__(self, slots: dict[str, int]) -> None:
         self.slots = slots

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
-from distributed import Client, SchedulerPlugin
+from distributed import Client, LocalCluster, SchedulerPlugin
 from distributed.utils import key_split
 
 from sr_batch import job as job_module
@@ -219,6 +221,39 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
     assert sorted(asked) == workers and min(asked.values()) >= len(tasks) // 4, asked
     assert {ran for _, _, ran in tasks} == set(workers)
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
+
+
+def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster scaled up while a job runs, or workers of a batch queue arriving one by one: a job that
+    started on one worker keeps one task per slot of the workers there now, so the newcomer is asked for
+    tasks of its own instead of waiting for work to steal. The job is held after its first task
+    (SR_BATCH_TEST_HOLD_UNTIL) until the second worker has joined."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("SR_BATCH_TEST_HOLD_UNTIL", str(release))
+    monkeypatch.setattr(job_module, "WORKERS_LOOK_S", 0.0)
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    spec = parse_spec(make_job(stac_url, tmp_path / "joined.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
+    lines: list[str] = []
+    options = {"threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0", "env": {"SR_BATCH_TORCH_THREADS": "1"}}
+    with LocalCluster(n_workers=1, **options) as cluster, Client(cluster) as client:
+        (first,) = client.scheduler_info(n_workers=-1)["workers"]
+        client.register_plugin(_AskedWorkers())
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_job, spec, scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+            while not any(line.startswith("Computing") for line in lines) and not running.done():  # the job has sized its window
+                time.sleep(0.1)
+            assert "up to 1 at once" in lines[-1], lines[-1]
+            cluster.scale(2)
+            client.wait_for_workers(2, timeout=120)
+            release.touch()
+            result = running.result(timeout=600)
+        tasks, held = client.run_on_scheduler(_asked_and_held)
+    (joined,) = {ran for _, _, ran in tasks} - {first}
+    asked = Counter(asked[0] for asked, _, _ in tasks)
+    assert len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
+    assert asked[joined] >= len(tasks) // 4 and asked[first] >= len(tasks) // 4, asked
+    assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
+    assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in lines), lines
 
 
 def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slot() -> None:
