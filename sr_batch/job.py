@@ -857,8 +857,13 @@ class JoiningWorkers:
         total = sum(slots.values())
         if self.in_flight is not None:
             in_flight = max(in_flight, self.in_flight(total))
-        echo(f"Workers changed: {len(slots)} now run super-resolution ({total} slots), up to {spread.window(in_flight)} tasks at once")
+        window = spread.window(in_flight)
+        echo(f"Workers changed: {len(slots)} now run super-resolution ({_count_of(total, 'slot')}), up to {_count_of(window, 'task')} at once")
         return in_flight
+
+
+def _count_of(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def cpu_workers_joining(client: Client, plan: Plan, layout: TaskLayout, pinned_in_flight: bool) -> JoiningWorkers:

@@ -256,6 +256,44 @@ def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Pa
     assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in lines), lines
 
 
+def test_a_cpu_job_whose_worker_leaves_finishes_on_the_others_and_asks_no_task_of_it(
+    tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker retired while a job runs (a cluster scaled down, a batch-queue worker out of time): the
+    job's window shrinks to the slots left, no later task is asked for the worker that left, and the
+    job writes every tile."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("SR_BATCH_TEST_HOLD_UNTIL", str(release))
+    monkeypatch.setattr(job_module, "WORKERS_LOOK_S", 0.0)
+    period = {"start": "2019-07-01", "end": "2019-07-31"}
+    spec = parse_spec(make_job(stac_url, tmp_path / "left.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
+    lines: list[str] = []
+    options = {"threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0", "env": {"SR_BATCH_TORCH_THREADS": "1"}}
+    with LocalCluster(n_workers=2, **options) as cluster, Client(cluster) as client:
+        client.register_plugin(_AskedWorkers())
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_job, spec, scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+            while not any(line.startswith("Computing") for line in lines) and not running.done():
+                time.sleep(0.1)
+            assert "up to 2 at once" in lines[-1], lines[-1]
+            while not client.run_on_scheduler(_asked_and_held)[0]:  # a first task is running: the job holds once it is done
+                time.sleep(0.1)
+            leaving = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+            client.retire_workers([leaving])
+            before = len(client.run_on_scheduler(_asked_and_held)[0])
+            release.touch()
+            result = running.result(timeout=600)
+        tasks, _ = client.run_on_scheduler(_asked_and_held)
+    expected = result.written_tiles * -(-len(result.plan.output_days) // result.task_dates)
+    assert expected <= len(tasks) <= expected + 1 and expected >= 16  # + the task the retired worker was running, run again
+    assert result.written_tiles == len(result.plan.windows)
+    after = tasks[before:]
+    assert after and all(ran != leaving for _, _, ran in after), after
+    # None asked for it, but the task it may have been running, asked for before it left and started again elsewhere.
+    assert sum(asked == [leaving] for asked, _, _ in after) <= 1, after
+    assert any(line.startswith("Workers changed: 1 now run super-resolution (1 slot), up to 1 task at once") for line in lines), lines
+
+
 def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slot() -> None:
     spread = job_module.TaskSpread({"a": 1, "b": 2})
     asked = [spread.place(k)["workers"][0] for k in range(6)]
