@@ -249,7 +249,7 @@ def run_job(
                 tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
                 keep_annotations(bool(on_gpus)),
             ):
-                joining = None if on_gpus else cpu_workers_joining(client, work, layout, pinned_in_flight=in_flight is not None)
+                joining = None if on_gpus else current_cpu_workers(client, work, layout, pinned_in_flight=in_flight is not None)
                 try:
                     written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers, joining)
                 except KilledWorker as died:
@@ -497,10 +497,10 @@ def commit_dates(
     return manifest, added
 
 
-def super_resolution_workers(client: Client, on_gpus: list[str]) -> dict[str, int]:
+def super_resolution_workers(client: Client, on_gpus: list[str], workers: dict[str, Any] | None = None) -> dict[str, int]:
     """The workers that run super-resolution, and how many tasks each runs at once: its GPU slots, or
-    else its threads."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    else its threads. `workers`: the scheduler's record of them, where the caller has it."""
+    workers = workers if workers is not None else client.scheduler_info(n_workers=-1)["workers"]
     if on_gpus:
         return {address: _gpu_slots(workers[address]) for address in on_gpus if address in workers}
     return {address: max(1, int(info.get("nthreads", 1))) for address, info in sorted(workers.items())}
@@ -577,7 +577,7 @@ def write_pending(
     layout: TaskLayout,
     echo: Echo,
     sr_workers: dict[str, int] | None = None,
-    joining: JoiningWorkers | None = None,
+    joining: CurrentWorkers | None = None,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns.
     `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`), unless
@@ -757,7 +757,7 @@ def _compute(
     echo: Echo,
     on_done: Callable[[Unit, Any], None],
     spread: TaskSpread | None = None,
-    joining: JoiningWorkers | None = None,
+    joining: CurrentWorkers | None = None,
 ) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
     spreads them: TaskSpread.window; `joining` adds the workers that join meanwhile), time slab by time slab, in
@@ -838,10 +838,11 @@ WORKERS_LOOK_S = 2.0
 
 
 @dataclass(frozen=True)
-class JoiningWorkers:
-    """How a CPU job takes in workers that join the cluster while it runs (a cluster scaled up, workers
-    of a batch queue arriving one by one): the job's window, its reads ahead and its placement were
-    sized from the workers at the start, and would leave a newcomer idle for the rest of the job."""
+class CurrentWorkers:
+    """The workers a CPU job runs on, as they change while it runs (a cluster scaled up or down, workers
+    of a batch queue arriving one by one and leaving when their time is up): the job's window, its reads
+    ahead and its placement, sized from the workers at the start, would leave a newcomer idle for the
+    rest of the job and keep asking for a worker that left."""
 
     current: Callable[[], dict[str, int]]
     """The workers that would run super-resolution now, with their slots."""
@@ -866,20 +867,20 @@ def _count_of(number: int, thing: str) -> str:
     return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
-def cpu_workers_joining(client: Client, plan: Plan, layout: TaskLayout, pinned_in_flight: bool) -> JoiningWorkers:
-    """The rule of a CPU job for the workers that join it: any worker a task fits (the check the job
-    made of the workers at its start), one slot per thread."""
+def current_cpu_workers(client: Client, plan: Plan, layout: TaskLayout, pinned_in_flight: bool) -> CurrentWorkers:
+    """The workers of a CPU job as they change: any worker a task fits (the check the job made of the
+    workers at its start), one slot per thread."""
     needed = task_memory_bytes(plan, layout.dates, on_gpu=False, tiles=layout.tiles)
 
     def current() -> dict[str, int]:
-        fitting = {}
-        for address, info in sorted(client.scheduler_info(n_workers=-1)["workers"].items()):
-            slots, limit = max(1, int(info.get("nthreads", 1))), info.get("memory_limit") or 0
-            if not limit or needed <= MEMORY_SHARE * limit / slots:
-                fitting[address] = slots
-        return fitting
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        return {
+            address: slots
+            for address, slots in super_resolution_workers(client, [], workers).items()
+            if needed <= MEMORY_SHARE * (workers[address].get("memory_limit") or float("inf")) / slots
+        }
 
-    return JoiningWorkers(current, None if pinned_in_flight else tasks_in_flight)
+    return CurrentWorkers(current, None if pinned_in_flight else tasks_in_flight)
 
 
 class TaskSpread:
@@ -891,7 +892,7 @@ class TaskSpread:
     twelfth CPU measurement). The block travels to the worker instead, a transfer between workers that
     a task's compute outweighs many times. The worker is a preference, not a rule (allow_other_workers):
     a task whose worker left runs elsewhere, and Dask's work stealing may still give a queued task to an
-    idle worker. A CPU job looks at the workers again as it runs (JoiningWorkers): one that joins gets
+    idle worker. A CPU job looks at the workers again as it runs (CurrentWorkers): one that joins gets
     tasks of its own, and none is asked for one that left."""
 
     def __init__(self, slots: dict[str, int]) -> None:
