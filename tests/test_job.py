@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,37 +225,57 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
 
 
-def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cluster scaled up while a job runs, or workers of a batch queue arriving one by one: a job that
-    started on one worker keeps one task per slot of the workers there now, so the newcomer is asked for
-    tasks of its own instead of waiting for work to steal. The job is held after its first task
-    (SR_BATCH_TEST_HOLD_UNTIL) until the second worker has joined."""
+@dataclass
+class _HeldJob:
+    cluster: LocalCluster
+    client: Client
+    running: Future
+    lines: list[str]
+    release: Path
+
+
+@contextlib.contextmanager
+def _a_job_held_after_its_first_task(tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch, workers: int) -> Iterator[_HeldJob]:
+    """A job of 32 small tasks on a LocalCluster of `workers` single-threaded processes, run in a thread
+    that holds after its first task (SR_BATCH_TEST_HOLD_UNTIL) until `release` exists, and looks at the
+    cluster's workers after every task; the scheduler records where each task was asked for and ran."""
     release = tmp_path / "release"
     monkeypatch.setenv("SR_BATCH_TEST_HOLD_UNTIL", str(release))
     monkeypatch.setattr(job_module, "WORKERS_LOOK_S", 0.0)
     period = {"start": "2019-07-01", "end": "2019-07-31"}
-    spec = parse_spec(make_job(stac_url, tmp_path / "joined.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
+    spec = parse_spec(make_job(stac_url, tmp_path / "held.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
     lines: list[str] = []
     options = {"threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0", "env": {"SR_BATCH_TORCH_THREADS": "1"}}
-    with LocalCluster(n_workers=1, **options) as cluster, Client(cluster) as client:
-        (first,) = client.scheduler_info(n_workers=-1)["workers"]
+    with LocalCluster(n_workers=workers, **options) as cluster, Client(cluster) as client, ThreadPoolExecutor(1) as pool:
         client.register_plugin(_AskedWorkers())
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(run_job, spec, scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+        running = pool.submit(run_job, spec, scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
+        try:
             while not any(line.startswith("Computing") for line in lines) and not running.done():  # the job has sized its window
                 time.sleep(0.1)
-            assert "up to 1 at once" in lines[-1], lines[-1]
-            cluster.scale(2)
-            client.wait_for_workers(2, timeout=120)
-            release.touch()
-            result = running.result(timeout=600)
-        tasks, held = client.run_on_scheduler(_asked_and_held)
+            yield _HeldJob(cluster, client, running, lines, release)
+        finally:
+            release.touch()  # a failed test must not leave the job held, and the pool waiting for it
+
+
+def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster scaled up while a job runs, or workers of a batch queue arriving one by one: a job that
+    started on one worker keeps one task per slot of the workers there now, so the newcomer is asked for
+    tasks of its own instead of waiting for work to steal. The job is held after its first task until
+    the second worker has joined."""
+    with _a_job_held_after_its_first_task(tmp_path, stac_url, catalog, monkeypatch, workers=1) as job:
+        (first,) = job.client.scheduler_info(n_workers=-1)["workers"]
+        assert "up to 1 at once" in job.lines[-1], job.lines[-1]
+        job.cluster.scale(2)
+        job.client.wait_for_workers(2, timeout=120)
+        job.release.touch()
+        result = job.running.result(timeout=600)
+        tasks, held = job.client.run_on_scheduler(_asked_and_held)
     (joined,) = {ran for _, _, ran in tasks} - {first}
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
     assert asked[joined] >= len(tasks) // 4 and asked[first] >= len(tasks) // 4, asked
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
-    assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in lines), lines
+    assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in job.lines), job.lines
 
 
 def test_a_cpu_job_whose_worker_leaves_finishes_on_the_others_and_asks_no_task_of_it(
@@ -262,28 +284,16 @@ def test_a_cpu_job_whose_worker_leaves_finishes_on_the_others_and_asks_no_task_o
     """A worker retired while a job runs (a cluster scaled down, a batch-queue worker out of time): the
     job's window shrinks to the slots left, no later task is asked for the worker that left, and the
     job writes every tile."""
-    release = tmp_path / "release"
-    monkeypatch.setenv("SR_BATCH_TEST_HOLD_UNTIL", str(release))
-    monkeypatch.setattr(job_module, "WORKERS_LOOK_S", 0.0)
-    period = {"start": "2019-07-01", "end": "2019-07-31"}
-    spec = parse_spec(make_job(stac_url, tmp_path / "left.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
-    lines: list[str] = []
-    options = {"threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0", "env": {"SR_BATCH_TORCH_THREADS": "1"}}
-    with LocalCluster(n_workers=2, **options) as cluster, Client(cluster) as client:
-        client.register_plugin(_AskedWorkers())
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(run_job, spec, scheduler=cluster.scheduler_address, show_progress=False, echo=lines.append)
-            while not any(line.startswith("Computing") for line in lines) and not running.done():
-                time.sleep(0.1)
-            assert "up to 2 at once" in lines[-1], lines[-1]
-            while not client.run_on_scheduler(_asked_and_held)[0]:  # a first task is running: the job holds once it is done
-                time.sleep(0.1)
-            leaving = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
-            client.retire_workers([leaving])
-            before = len(client.run_on_scheduler(_asked_and_held)[0])
-            release.touch()
-            result = running.result(timeout=600)
-        tasks, _ = client.run_on_scheduler(_asked_and_held)
+    with _a_job_held_after_its_first_task(tmp_path, stac_url, catalog, monkeypatch, workers=2) as job:
+        assert "up to 2 at once" in job.lines[-1], job.lines[-1]
+        while not job.client.run_on_scheduler(_asked_and_held)[0]:  # a first task is running: the job holds once it is done
+            time.sleep(0.1)
+        leaving = sorted(job.client.scheduler_info(n_workers=-1)["workers"])[0]
+        job.client.retire_workers([leaving])
+        before = len(job.client.run_on_scheduler(_asked_and_held)[0])
+        job.release.touch()
+        result = job.running.result(timeout=600)
+        tasks, _ = job.client.run_on_scheduler(_asked_and_held)
     expected = result.written_tiles * -(-len(result.plan.output_days) // result.task_dates)
     assert expected <= len(tasks) <= expected + 1 and expected >= 16  # + the task the retired worker was running, run again
     assert result.written_tiles == len(result.plan.windows)
@@ -291,7 +301,7 @@ def test_a_cpu_job_whose_worker_leaves_finishes_on_the_others_and_asks_no_task_o
     assert after and all(ran != leaving for _, _, ran in after), after
     # None asked for it, but the task it may have been running, asked for before it left and started again elsewhere.
     assert sum(asked == [leaving] for asked, _, _ in after) <= 1, after
-    assert any(line.startswith("Workers changed: 1 now run super-resolution (1 slot), up to 1 task at once") for line in lines), lines
+    assert any(line.startswith("Workers changed: 1 now run super-resolution (1 slot), up to 1 task at once") for line in job.lines), job.lines
 
 
 def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slot() -> None:
