@@ -249,9 +249,9 @@ def run_job(
                 tile_progress(client, spec.output.uri, _count(pending), show_progress, echo),
                 keep_annotations(bool(on_gpus)),
             ):
-                joining = None if on_gpus else current_cpu_workers(client, work, layout, pinned_in_flight=in_flight is not None)
+                workers_now = None if on_gpus else current_cpu_workers(client, work, layout, pinned_in_flight=in_flight is not None)
                 try:
-                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers, joining)
+                    written = write_pending(client, store, increment.plan, pending, manifest, lock, ref, bool(on_gpus), layout, echo, sr_workers, workers_now)
                 except KilledWorker as died:
                     memory = task_memory_note(work, layout, bool(on_gpus))
                     raise SrBatchError(
@@ -577,7 +577,7 @@ def write_pending(
     layout: TaskLayout,
     echo: Echo,
     sr_workers: dict[str, int] | None = None,
-    joining: CurrentWorkers | None = None,
+    workers_now: CurrentWorkers | None = None,
 ) -> Pending:
     """Super-resolve and write the pending windows; record each tile's windows as its task returns.
     `sr_workers` (worker: slots) spreads the tasks over the workers that run them (`TaskSpread`), unless
@@ -606,7 +606,7 @@ def write_pending(
         recorded(records.write_if_due())
 
     try:
-        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread({} if gpu_workers_only else sr_workers or {}), joining)
+        _compute(client, tasks, layout.in_flight, echo, record, TaskSpread({} if gpu_workers_only else sr_workers or {}), workers_now)
     finally:
         # Also when the run fails: the windows whose tasks returned are kept (but not without the lock).
         if not lock.lost:
@@ -757,10 +757,10 @@ def _compute(
     echo: Echo,
     on_done: Callable[[Unit, Any], None],
     spread: TaskSpread | None = None,
-    joining: CurrentWorkers | None = None,
+    workers_now: CurrentWorkers | None = None,
 ) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
-    spreads them: TaskSpread.window; `joining` adds the workers that join meanwhile), time slab by time slab, in
+    spreads them: TaskSpread.window; `workers_now` follows the workers that join or leave meanwhile), time slab by time slab, in
     each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
     `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
     events (progress.py).
@@ -824,8 +824,8 @@ def _compute(
             if not users[block, strip[unit]]:
                 held.pop((block, strip[unit])).release()
         on_done(unit, result)
-        if spread and joining and time.monotonic() >= next_look:
-            in_flight = joining.follow(spread, in_flight, echo)  # the reads ahead follow it too
+        if spread and workers_now and time.monotonic() >= next_look:
+            in_flight = workers_now.follow(spread, in_flight, echo)  # the reads ahead follow it too
             window = spread.window(in_flight)
             next_look = time.monotonic() + WORKERS_LOOK_S
         # One more for the one done; more where workers joined, none while a window that shrank drains.
