@@ -60,7 +60,7 @@ def usable_reflectance_tensor(block: torch.Tensor, dilate_pixels: int) -> torch.
     network runs, so a GPU worker's CPU is not the bottleneck. `block` holds uint16 DN viewed as int16
     (torch's uint16 is not usable on every device), shape (days, 4 bands + SCL, y, x).
 
-    The tests run on those int16 bit patterns, which equal the DN for the SCL classes; DN 0 (no data)
+    The comparisons run on those int16 bit patterns, which equal the DN for the SCL classes; DN 0 (no data)
     and 65535 (saturated: no uint16 is above it) are 0 and -1. Only the reflectance is converted."""
     import torch
 
