@@ -23,7 +23,8 @@
    kernel's record, read when the job ends: no peak is missed between samples), and on a GPU the
    peak its CUDA allocator reserved; it should not grow with the region. A small job splits its
    dates over smaller tasks, so where the 1x job chose fewer dates per task it runs once more with
-   the 4x job's, and the target compares those.
+   the 4x job's, and the target compares those. Each job also reports its read windows' shapes: a
+   task's memory follows its window, so where the two jobs' windows differ their peaks do too.
 
 Throughput is in 10 m input megapixels per second per output date, and km² of one output date per
 second (1 Mpx = 100 km²). The numbers go to stdout and to a JSON file.
@@ -64,7 +65,7 @@ from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
 from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, auto_precision, cpu_has_bf16_matrix_units, load_model, pick_autocast, pick_device, prepare_windows
-from sr_batch.tiles import TILE_TOPIC
+from sr_batch.tiles import TILE_TOPIC, read_windows
 
 KM2_PER_MPX = 100.0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -497,6 +498,7 @@ def end_to_end(
         "pixels": plan.grid.width * plan.grid.height,
         "tile_dates": result.written_windows,
         "halo": plan.halo,
+        "read_windows": _window_shapes(plan, model.get("compile", "off")),
         "dates_per_task": result.task_dates,
         "tiles_per_task": result.task_tiles,
         "tasks": len(events),
@@ -520,6 +522,14 @@ def end_to_end(
         "task_seconds_by_kind": task_seconds_by_kind(stream.data),
         "sr_phase_gpu_utilisation": gpus.mean_between(first, last),
     }
+
+
+def _window_shapes(plan: Any, compile_mode: str) -> list[list[int]]:
+    """The distinct (height, width) of the job's read windows, largest first: a task's memory follows its
+    window, so two jobs' peaks compare only as their windows do."""
+    windows = read_windows(plan, same_shape=compile_mode != "off").values()
+    shapes = {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in windows}
+    return [list(shape) for shape in sorted(shapes, key=lambda shape: (-shape[0] * shape[1], shape))]
 
 
 def nightly_run(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, in_flight: int | None = None) -> dict[str, Any]:
@@ -824,6 +834,11 @@ def main(argv: list[str] | None = None) -> int:
         f"peak worker memory 4x ÷ 1x area, tasks alike: {report['ratio_memory_4x_over_1x_same_tasks']:.2f}   (target ≤ 1.2); "
         f"as each job chose its tasks: {report['ratio_memory_4x_over_1x']:.2f}"
     )
+    largest = {name: "×".join(map(str, row["read_windows"][0])) for name, row in (("1x", alike), ("4x", report["end_to_end_4x"]))}
+    if largest["1x"] != largest["4x"]:
+        # A pass's large tensors (a feature map is 64 channels of the window) come in jemalloc's size classes, 4 to a
+        # doubling: a window just past a power of two keeps up to 25 % more than its pixels (bench/RESULTS.md).
+        print(f"  (largest read windows: 1x {largest['1x']} px, 4x {largest['4x']} px: the peaks differ as their passes do, not as the regions)")
     if alike["tasks"] < 2 * alike["sr_workers"]:
         # A worker's peak over one task is that task's; over several it also holds the next read and the last write.
         print(

@@ -43,6 +43,9 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         kinds = row["task_seconds_by_kind"]
         assert "superresolve" in kinds and 0 < sum(kinds.values()) <= row["worker_thread_seconds"], kinds
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
+    # Each job's read windows: the 1x region's one tile has no neighbour to take a halo from; the 4x region's
+    # tiles take the 22 px halo from theirs, widened to a multiple of 16 px (tiles.aligned_window).
+    assert report["end_to_end_1x"]["read_windows"] == [[48, 48]] and report["end_to_end_4x"]["read_windows"] == [[80, 80]]
     # A nightly run on the 4x region computes its last date only (one tile per task on CPU workers).
     nightly = report["end_to_end_nightly"]
     assert nightly["tile_dates"] == report["end_to_end_4x"]["tile_dates"] // 2 == 4 and nightly["tiles_per_task"] == 1
@@ -63,6 +66,7 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
     assert "end to end ÷ best model only" in printed and "worker threads, " in printed and "tile task   alone: measured on a GPU only" in printed
     # Its 1x job with the 4x job's tasks is one task: the memory ratio says it compares one task with a steady state.
     assert "(the 1x job ran 1 tile task(s) on 1 worker(s): its peak is one task's" in printed
+    assert "(largest read windows: 1x 48×48 px, 4x 80×80 px: the peaks differ as their passes do" in printed
     # It starts its processes with the CPU workers' allocator settings, and leaves the caller's environment as it was.
     assert {name: os.environ.get(name) for name in cpu_allocator_env()} == {name: environment.get(name) for name in cpu_allocator_env()}
     # Each job row says how its workers allocated: jemalloc where it is installed (the `jemalloc` fixture).
