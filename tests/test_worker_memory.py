@@ -48,13 +48,13 @@ def test_tasks_too_big_for_the_workers_are_refused_before_writing(tmp_path: Path
 
 def test_a_tile_too_large_for_any_task_is_refused_before_the_clouds_are_scored(tmp_path: Path, stac_url: str, catalog) -> None:
     """A worker of 2.4 GB running 64 tasks at once has 0.04 GB per task: too little even for a task of one
-    date with one frame of this tile (0.04 GB, with the worker's other needs). No reading of clouds can change that, so the run stops
+    date with one frame of this tile (0.03 GB, with the worker's other needs). No reading of clouds can change that, so the run stops
     before scoring them: the workers run no task."""
     job = _job(tmp_path, stac_url, catalog, tiling={"tile": 128, "halo": 18})
     run, tasks_run = _run_on_cluster(job, workers=1, threads=64, memory_limit="2400MB", timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.04 GB"), run.stderr
+    assert len(lines) == 1 and lines[0].startswith("sr-batch: error: tiling.tile: even a super-resolution task of one date needs about 0.03 GB"), run.stderr
     assert "0.04 GB per running task" in lines[0] and "lower tiling.tile, or give the workers more memory" in lines[0]
     assert tasks_run == 0, "the clouds were scored before the refusal"
     assert not (tmp_path / "out.zarr").exists()
