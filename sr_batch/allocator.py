@@ -32,8 +32,12 @@ GLIBC_ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 
 cost is that the process keeps its largest pass's memory, plus what fragmentation adds. Set as well
 under jemalloc (which ignores them): a process where the preload fails still allocates well."""
 
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-"""jemalloc: keep freed pages (dirty or advised-away) until the process asks for a purge."""
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:1"
+"""jemalloc: keep freed pages (dirty or advised-away) until the process asks for a purge, in one arena
+for every thread (as glibc's MALLOC_ARENA_MAX=1): a worker's threads (its task, Dask's event loop
+receiving data) otherwise each keep their own freed pages, which no other thread can reuse. A 2-worker
+job of 8 tasks per worker peaked at 2.83–2.87 GB per worker with one arena against 3.09–3.12 GB with
+jemalloc's 8 on 2 cores, at the same speed (bench/RESULTS.md)."""
 
 ALLOCATOR_SETTING = "SR_BATCH_CPU_ALLOCATOR"
 """Environment variable: `jemalloc` (the default where installed) or `glibc`."""
