@@ -266,6 +266,27 @@ def test_one_frame_at_a_time_computes_what_the_frames_together_do(
         assert not one_frame_at_a_time(x), "training (autograd) keeps the frames together: the in-place sums would break it"
 
 
+@pytest.mark.parametrize("real", range(1, 9))
+def test_a_cpu_pass_encodes_and_fuses_only_real_frames(real: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window of `real` frames padded to 8 costs what its own frames do, one frame at a time: `real`
+    encoder calls and `real - 1` fusions (a padding partner's gate adds exactly nothing), where the frames
+    together encode and fuse all 8. The output is still the together path's, bit for bit."""
+    net = network(SMALL).to(memory_format=torch.channels_last)  # as a job's runner places it (oneDNN's float32 sums then match across batch sizes)
+    x = torch.randn(1, 8, 4, 12, 10, generator=torch.Generator().manual_seed(real))
+    x[:, real:] = float("nan")  # as a gather leaves padding before it is filled: never read one at a time
+    alphas = torch.tensor([[1.0] * real + [0.0] * (8 - real)])
+    calls = {"encoder": 0, "fusion": 0}
+    for name in calls:
+        getattr(net, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    with torch.inference_mode():
+        one_at_a_time = net(x, alphas)
+        counted = dict(calls)
+        monkeypatch.setattr(highresnet, "one_frame_at_a_time", lambda frames: False)
+        together = net(x.nan_to_num(), alphas)
+    assert counted == {"encoder": real, "fusion": real - 1}
+    assert torch.equal(one_at_a_time, together)
+
+
 PASS_MEMORY = """
 import contextlib, resource, sys, torch
 from sr_batch.model import highresnet
