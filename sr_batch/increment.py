@@ -21,7 +21,7 @@ import numpy as np
 from sr_batch.cube import choose_grid
 from sr_batch.errors import SearchError
 from sr_batch.manifest import Manifest
-from sr_batch.plan import Plan, Window, causal_windows, score_clouds, tile_grid
+from sr_batch.plan import Plan, Window, causal_windows, first_output_day, score_clouds, tile_grid
 from sr_batch.search import SearchResult, SolarDay
 from sr_batch.spec import JobSpec
 
@@ -91,7 +91,7 @@ def plan_increment(spec: JobSpec, found: SearchResult, manifest: Manifest | None
     if new and score_new:
         new_cloud = score_clouds(replace(plan, found=replace(found, days=new)))
     plan.cloud = np.concatenate([known_cloud, new_cloud.astype(np.float32)])
-    plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames)
+    plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames, first_output_day(days, spec))
     first_new = len(days) - len(new)
     return Increment(plan=plan, new_days=list(range(first_new, len(days))), late=late, vanished=vanished)
 

@@ -75,6 +75,8 @@ def settings_of(job: dict[str, Any]) -> dict[str, Any]:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    if not data.get("time", {}).get("history_days", 1):
+        del data["time"]["history_days"]  # no history is what outputs made before the setting existed did
     return data
 
 

@@ -90,7 +90,7 @@ def make_plan(spec: JobSpec, radius: int | None = None) -> Plan:
     empty = np.zeros((0, len(rows), len(cols)), np.float32)
     plan = Plan(spec=spec, found=found, grid=grid, crs_note=crs_note, rows=rows, cols=cols, cloud=empty, radius=radius)
     plan.cloud = score_clouds(plan)
-    plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames)
+    plan.windows = causal_windows(plan.cloud, spec.cloud.max_cloud_fraction, spec.model.frames, first_output_day(found.days, spec))
     return plan
 
 
@@ -158,14 +158,25 @@ def _score_block(block: np.ndarray, depths: dict[int, int], shape: tuple[int, in
     return cloudy_fraction(block, dilate, core)[:, None, None]
 
 
-def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int) -> dict[tuple[int, int], list[Window]]:
-    """Per tile, one window per cloudless day: that day and up to frames-1 earlier cloudless days."""
+def causal_windows(cloud: np.ndarray, max_fraction: float, frames: int, first_target: int = 0) -> dict[tuple[int, int], list[Window]]:
+    """Per tile, one window per cloudless day from `first_target` on: that day and up to frames-1 earlier
+    cloudless days (history days before `first_target` are frames only)."""
     windows: dict[tuple[int, int], list[Window]] = {}
     for row in range(cloud.shape[1]):
         for col in range(cloud.shape[2]):
             clear = [int(day) for day in np.flatnonzero(cloud[:, row, col] <= max_fraction)]
-            windows[(row, col)] = [Window(target=day, frames=tuple(clear[max(0, k - frames + 1) : k + 1])) for k, day in enumerate(clear)]
+            windows[(row, col)] = [
+                Window(target=day, frames=tuple(clear[max(0, k - frames + 1) : k + 1])) for k, day in enumerate(clear) if day >= first_target
+            ]
     return windows
+
+
+def first_output_day(days: list[SolarDay], spec: JobSpec) -> int:
+    """The first of `days` (in time order) that gets outputs: the first on or after `time.start` when the
+    job searches history before it; else the first searched (a solar day may fall just before `start`'s UTC day)."""
+    if not spec.time.history_days:
+        return 0
+    return next((index for index, day in enumerate(days) if day.date >= spec.time.start), len(days))
 
 
 def seamless_halo(spec: JobSpec, radius: int) -> int:
@@ -183,7 +194,8 @@ def _summary(plan: Plan) -> str:
     lr_pixels = sum(len(ws) * (r[1] - r[0]) * (c[1] - c[0]) for (i, j), ws in plan.windows.items() for r, c in [(plan.rows[i], plan.cols[j])])
     per_tile = [len(ws) for ws in plan.windows.values()]
     lines = [
-        f"Job {spec.name}: {plan.found.found} items found at {spec.stac.url} ({spec.stac.collection}), {spec.time.as_interval()}",
+        f"Job {spec.name}: {plan.found.found} items found at {spec.stac.url} ({spec.stac.collection}), {spec.time.as_interval()}"
+        + (f" ({first_output_day(days, spec)} days of history before {spec.time.start}: frames only)" if spec.time.history_days else ""),
         f"  kept {len(plan.found.items)} items on {len(days)} solar days"
         + (f" ({days[0].date} … {days[-1].date})" if days else "")
         + f"; dropped {len(plan.found.duplicates)} duplicates, {plan.found.outside_aoi} outside the AOI, "

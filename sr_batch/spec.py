@@ -157,6 +157,10 @@ class TimeRange(_Strict):
     start: dt.date
     end: dt.date | None = None
     """Empty (or "now") means now: each nightly run searches up to the present and picks up whatever is new."""
+    history_days: int = Field(0, ge=0, le=366)
+    """Days before `start` searched for earlier cloudless frames, which get no output of their own: the
+    first dates' windows then hold the model's frames as later dates' do (0: a window reaches back to
+    `start` only, so the period's first dates are super-resolved from fewer frames)."""
 
     @field_validator("end", mode="before")
     @classmethod
@@ -174,10 +178,15 @@ class TimeRange(_Strict):
             raise ValueError(f"end {self.end} is in the future (today is {today} UTC); leave end empty to mean 'up to now'")
         return self
 
+    @property
+    def search_start(self) -> dt.date:
+        """The first day searched: `start`, less the history."""
+        return self.start - dt.timedelta(days=self.history_days)
+
     def as_interval(self) -> str:
-        """The STAC datetime interval, both ends inclusive (whole days)."""
+        """The STAC datetime interval searched (history included), both ends inclusive (whole days)."""
         end = f"{self.end.isoformat()}T23:59:59Z" if self.end else ".."
-        return f"{self.start.isoformat()}T00:00:00Z/{end}"
+        return f"{self.search_start.isoformat()}T00:00:00Z/{end}"
 
 
 class Cloud(_Strict):

@@ -199,6 +199,7 @@ CASES: dict[str, Case] = {
     "end-in-the-future": Case(put("time", {"start": "2019-05-01", "end": days_from_today(30)}), "time", also=("future",)),
     "huge-aoi-without-yes": Case(put("aoi", {"bbox": [20.0, 40.0, 24.0, 44.0]}), "aoi", also=("--yes", "km²")),
     "checkpoint-wrong-bands": Case(checkpoint_wrong_bands, "model.checkpoint", also=("B05",)),
+    "history-days-negative": Case(put("time", {"start": "2019-05-01", "end": "2019-06-01", "history_days": -30}), "time.history_days"),
     "stac-retries-above-10": Case(put("stac.retries", 100), "stac.retries"),
     "stac-timeout-zero": Case(put("stac.timeout_s", 0), "stac.timeout_s"),
     "name-with-a-path": Case(put("name", "../../etc/cron.d/job"), "name"),

@@ -25,7 +25,7 @@ from distributed.utils import key_split
 from sr_batch import job as job_module
 from sr_batch import superres as superres_module
 from sr_batch import tiles as tiles_module
-from sr_batch.errors import CheckpointError
+from sr_batch.errors import CheckpointError, OutputError
 from sr_batch.job import JobResult, TaskLayout, model_ref, plan_job, run_job, task_layout, tasks_in_flight, write_tasks
 from sr_batch.manifest import Manifest, grid_record
 from sr_batch.sink import check_location
@@ -126,6 +126,35 @@ def test_later_dates_never_change_earlier_outputs(summer: JobResult, tmp_path: P
     assert 0 < part.sizes["time"] < full.sizes["time"]
     common = full.sel(time=part.time)
     np.testing.assert_array_equal(common.sr.values, part.sr.values)
+
+
+def test_history_days_give_the_first_dates_their_earlier_frames_and_no_output_of_their_own(
+    summer: JobResult, tmp_path: Path, stac_url: str, catalog, scheduler: str, capsys
+) -> None:
+    """A job from July with 61 days of history (back to May) writes for its dates exactly what the
+    May–August job wrote for them: the same windows, reaching into June, and the same pixels. The
+    history's dates get no output; without the history the first July dates have fewer frames."""
+    july = np.datetime64("2019-07-01")
+    history = parse_spec(make_job(stac_url, tmp_path / "july.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31", "history_days": 61}))
+    late = run_job(history, scheduler=scheduler, show_progress=False)
+    assert "days of history before 2019-07-01: frames only" in capsys.readouterr().out
+    full, part = open_output(summer.output), open_output(late.output)
+    expected = full.sel(time=full.time >= july)
+    np.testing.assert_array_equal(part.time.values, expected.time.values)
+    assert (expected.window_start.values < july).any(), "some July window reaches back into June: the history is used"
+    for name in ("sr", "frames_used", "window_start"):
+        np.testing.assert_array_equal(part[name].values, expected[name].values, err_msg=name)
+
+    plain = parse_spec(make_job(stac_url, tmp_path / "plain.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31"}))
+    windows = plan_job(plain, scheduler, echo=lambda _: None).windows
+    first = {tile: ws[0] for tile, ws in windows.items() if ws}
+    used = part.frames_used.sel(time=part.time[0]).values
+    assert all(len(window.frames) == 1 for window in first.values()) and used.max() > 1, used
+
+    # The history decides pixels: an output is extended only with the history it was made with.
+    shorter = parse_spec(make_job(stac_url, tmp_path / "july.zarr", catalog, time={"start": "2019-07-01", "end": "2019-08-31", "history_days": 30}))
+    with pytest.raises(OutputError, match=r"other settings \(time.history_days: 61 → 30\)"):
+        run_job(shorter, scheduler=scheduler, show_progress=False)
 
 
 def test_all_cloudy_period_writes_an_empty_in_time_output(tmp_path: Path, stac_url: str, catalog, scheduler: str, source_cube: xr.Dataset, capsys) -> None:
