@@ -11,9 +11,12 @@
    One task is then profiled (torch's profiler): host and GPU time per stage of the task, and a
    Chrome trace next to the JSON, so that a gap between task and network shows where it lies.
 3. End to end: a job on a region built from the real sample (its clearest dates, mirrored to
-   `--size` x `--size` pixels) served by a local STAC API and run on the cluster `sr-batch run` makes
-   (with a GPU worker per GPU), from search to Zarr; its throughput ÷ the best model-only figure says
-   how much the pipeline costs. Tiling is a job's default: `--tile` and `halo: auto`, the model's seam-free halo.
+   `--size` x `--size` pixels, dated at Sentinel-2's 5-day revisit) served by a local STAC API and run
+   on the cluster `sr-batch run` makes (with a GPU worker per GPU), from search to Zarr; its throughput
+   ÷ the best model-only figure says how much the pipeline costs. The job's `--dates` dates follow the
+   model's frames - 1 dates of history (`time.history_days`), so every window holds all its frames as
+   model only's do: a window of fewer frames costs less, and would flatter the pipeline. Tiling is a
+   job's default: `--tile` and `halo: auto`, the model's seam-free halo.
    Each job also reports its worker threads' seconds by kind of task, and the best model-only variant
    is read again after the jobs: the ratios take the mean of both readings, as a machine's speed drifts.
    On a GPU the job also reports the GPU's utilisation (NVML) in its super-resolution phase. On a GPU
@@ -68,6 +71,8 @@ from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, auto_precision, cp
 from sr_batch.tiles import TILE_TOPIC, read_windows
 
 KM2_PER_MPX = 100.0
+REVISIT_DAYS = 5
+"""Days between the benchmark catalogue's dates: Sentinel-2's revisit with two satellites."""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc's mallopt parameters (malloc.h)."""
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024
@@ -399,7 +404,9 @@ def _write_rate(block: np.ndarray, store: str, threads: int, seconds: float = 2.
 
 
 def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
-    """The sample's `dates` clearest days, mirrored to size x size pixels, as COGs + STAC items."""
+    """The sample's `dates` clearest days, mirrored to size x size pixels, as COGs + STAC items dated
+    REVISIT_DAYS apart up to the last one's date (the clearest days span years: a job's history could
+    not reach back over them)."""
     import xarray as xr
     from affine import Affine
 
@@ -409,14 +416,24 @@ def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
     x0, y0 = float(cube.x[0]) - 5, float(cube.y[0]) + 5
     transform = Affine(10.0, 0.0, x0, 0.0, -10.0, y0)
 
-    def write(index: int) -> dict[str, Any]:
+    last = cube.time.values[chosen[-1]].astype("datetime64[D]")
+    dated = [last - np.timedelta64(REVISIT_DAYS * (len(chosen) - 1 - k), "D") for k in range(len(chosen))]
+
+    def write(index: int, date: np.datetime64) -> dict[str, Any]:
         scene = cube.isel(time=int(index))
         mirrored = {name: (("y", "x"), _mirror(scene[name].values, reps)[:size, :size]) for name in ("B2", "B3", "B4", "B8", "SCL")}
-        return write_date(xr.Dataset(mirrored, coords={"time": scene.time}), transform, root / "scenes")
+        return write_date(xr.Dataset(mirrored, coords={"time": date}), transform, root / "scenes")
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # GDAL releases the GIL while writing COGs
-        items = list(pool.map(write, chosen))
+        items = list(pool.map(write, chosen, dated))
     return SampleCatalog(collection=collection_for(items), items=items, root=root)
+
+
+def history_before(catalog: SampleCatalog, frames: int) -> dict[str, Any]:
+    """`time.start` at the catalogue's `frames`-th date and `time.history_days` back to its first."""
+    dates = sorted({dt.date.fromisoformat(item["properties"]["datetime"][:10]) for item in catalog.items})
+    start = dates[min(frames, len(dates)) - 1]
+    return {"start": start.isoformat(), "history_days": (start - dates[0]).days}
 
 
 def clearest_days(cube: Any, count: int) -> np.ndarray:
@@ -447,12 +464,14 @@ def end_to_end(
     task_dates: int | None = None,
     in_flight: int | None = None,
     end: str = "2021-12-31",
+    frames: int = 1,
 ) -> dict[str, Any]:
     """A whole job (search → Zarr) on the cluster a plain `sr-batch run` makes here (GPU workers included),
     started for it; throughput, and the peak memory of the largest worker process (and GPU allocator).
     The job's clock starts once the cluster is up, as a job on an existing cluster's would: the
     LocalCluster's start is reported beside it. An existing output at `out` is extended, as a nightly
-    run extends it; throughput counts what this run wrote."""
+    run extends it; throughput counts what this run wrote. The catalogue's first `frames` - 1 dates are
+    the job's history: its first output date's window holds `frames` frames."""
     from sr_batch.cluster import dask_client
     from sr_batch.job import run_job
     from sr_batch.spec import parse_spec
@@ -463,7 +482,7 @@ def end_to_end(
             "name": "bench",
             "stac": {"url": url, "collection": COLLECTION_ID},
             "aoi": {"geometry": sample_aoi(catalog)},
-            "time": {"start": "2015-01-01", "end": end},
+            "time": {**history_before(catalog, frames), "end": end},
             "cloud": {"max_cloud_fraction": 1.0},
             "model": model,
             "tiling": {"tile": tile},  # and halo: auto, the model's seam-free halo, as a job gets by default
@@ -499,6 +518,7 @@ def end_to_end(
         "tile_dates": result.written_windows,
         "halo": plan.halo,
         "read_windows": _window_shapes(plan, model.get("compile", "off")),
+        "window_frames": sorted({len(window.frames) for windows in plan.windows.values() for window in windows}),
         "dates_per_task": result.task_dates,
         "tiles_per_task": result.task_tiles,
         "tasks": len(events),
@@ -532,13 +552,15 @@ def _window_shapes(plan: Any, compile_mode: str) -> list[list[int]]:
     return [list(shape) for shape in sorted(shapes, key=lambda shape: (-shape[0] * shape[1], shape))]
 
 
-def nightly_run(catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, in_flight: int | None = None) -> dict[str, Any]:
+def nightly_run(
+    catalog: SampleCatalog, out: Path, model: dict[str, Any], workers: int | None, tile: int, in_flight: int | None = None, frames: int = 1
+) -> dict[str, Any]:
     """A nightly run: the job up to the day before the catalogue's last date (not counted), then the same
     job once that date is there, which computes one new date per tile (end_to_end's row for it). On
     GPU workers its tasks take runs of tiles (job.tiles_per_task), whose windows share passes."""
     last = max(dt.date.fromisoformat(item["properties"]["datetime"][:10]) for item in catalog.items)
-    end_to_end(catalog, out, model, workers, tile, in_flight=in_flight, end=(last - dt.timedelta(days=1)).isoformat())
-    return end_to_end(catalog, out, model, workers, tile, in_flight=in_flight)
+    end_to_end(catalog, out, model, workers, tile, in_flight=in_flight, end=(last - dt.timedelta(days=1)).isoformat(), frames=frames)
+    return end_to_end(catalog, out, model, workers, tile, in_flight=in_flight, frames=frames)
 
 
 def task_seconds_by_kind(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -644,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sr_batch.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--size", type=int, default=512, help="edge of the 1x region in 10 m pixels (the 4x region is twice that)")
-    parser.add_argument("--dates", type=int, default=8, help="dates in the region")
+    parser.add_argument("--dates", type=int, default=8, help="output dates of the end-to-end jobs (after the model's frames - 1 dates of history)")
     parser.add_argument("--tile", type=int, default=Tiling().tile, help="tiling.tile of the end-to-end jobs (default: a job's)")
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass (model only) and dates per task (end to end)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -742,14 +764,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_end_to_end:
         return 0
     model = {"checkpoint": args.checkpoint, "batch_size": args.batch, "precision": args.precision, "compile": args.compile}
+    frames = loaded.info.frames  # every window of the jobs holds them, as model only's do
     with tempfile.TemporaryDirectory(prefix="sr-batch-bench-") as tmp:
         catalogs = {}
         for factor, size in (("1x", args.size), ("4x", 2 * args.size)):
-            catalog = catalogs[factor] = mirrored_catalog(Path(tmp) / f"catalog-{factor}", size, args.dates)
-            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile, in_flight=args.in_flight)
+            catalog = catalogs[factor] = mirrored_catalog(Path(tmp) / f"catalog-{factor}", size, args.dates + frames - 1)
+            row = end_to_end(catalog, Path(tmp) / f"{factor}.zarr", model, args.workers, args.tile, in_flight=args.in_flight, frames=frames)
             report[f"end_to_end_{factor}"] = row
             print(
-                f"end to end  {factor} ({size}² px, {args.dates} dates)  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
+                f"end to end  {factor} ({size}² px, {args.dates} dates of {frames} frames)  "
+                f"{row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s  "
                 f"peak worker memory {row['peak_worker_memory_mb']:.0f} MB ({'/'.join(row['worker_allocators'])})  "
                 f"({row['seconds']:.1f} s on {', '.join(row['devices'])}; "
                 f"the LocalCluster started in {row['cluster_start_seconds']:.1f} s before)"
@@ -770,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
         # memory grows with its dates: the memory target compares jobs whose tasks are alike.
         same = report["end_to_end_4x"]["dates_per_task"]
         if report["end_to_end_1x"]["dates_per_task"] != same:
-            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, task_dates=same, in_flight=args.in_flight)
+            like_4x = dict(task_dates=same, in_flight=args.in_flight, frames=frames)
+            row = end_to_end(catalogs["1x"], Path(tmp) / "1x-same-tasks.zarr", model, args.workers, args.tile, **like_4x)
             report["end_to_end_1x_same_tasks"] = row
             print(
                 f"end to end  1x again with the 4x job's {same} dates per task: "
@@ -778,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             _write(report, args.out)
         if args.nightly == "on" or (args.nightly == "auto" and device.type == "cuda"):
-            row = report["end_to_end_nightly"] = nightly_run(catalogs["4x"], Path(tmp) / "nightly.zarr", model, args.workers, args.tile, args.in_flight)
+            row = report["end_to_end_nightly"] = nightly_run(catalogs["4x"], Path(tmp) / "nightly.zarr", model, args.workers, args.tile, args.in_flight, frames)
             print(
                 f"end to end  nightly, one new date on the 4x region  {row['lr_mpx_per_s']:9.4f} LR Mpx/s  ({row['seconds']:.1f} s; "
                 f"{row['tile_dates']} tile-dates in {row['tasks']} tasks of {row['tiles_per_task']} tile(s)); "

@@ -43,6 +43,8 @@ def test_benchmark_writes_every_number(tmp_path: Path, capsys) -> None:
         kinds = row["task_seconds_by_kind"]
         assert "superresolve" in kinds and 0 < sum(kinds.values()) <= row["worker_thread_seconds"], kinds
     assert report["end_to_end_4x"]["pixels"] == 4 * report["end_to_end_1x"]["pixels"]
+    # Every window holds the model's 8 frames, as model only's do: the first dates take theirs from the history.
+    assert all(report[f"end_to_end_{factor}"]["window_frames"] == [8] for factor in ("1x", "4x", "nightly")), report["end_to_end_1x"]["window_frames"]
     # Each job's read windows: the 1x region's one tile has no neighbour to take a halo from; the 4x region's
     # tiles take the 22 px halo from theirs, widened to a multiple of 16 px (tiles.aligned_window).
     assert report["end_to_end_1x"]["read_windows"] == [[48, 48]] and report["end_to_end_4x"]["read_windows"] == [[80, 80]]
