@@ -287,8 +287,25 @@ def test_a_cpu_pass_encodes_and_fuses_only_real_frames(real: int, monkeypatch: p
     assert torch.equal(one_at_a_time, together)
 
 
+def test_a_compiled_cpu_pass_is_one_graph_whatever_its_real_frames() -> None:
+    """A compiled pass does not read its alphas to skip padding: that would break its graph and compile
+    it again for each count of real frames (a job's first dates have 1 to 7), minutes on a cold cache."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    net = network(SMALL).eval()
+    compiled = torch.compile(net, dynamic=False)
+    x = torch.randn(1, 8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for real in (8, 5, 1):
+            alphas = torch.tensor([[1.0] * real + [0.0] * (8 - real)])
+            torch.testing.assert_close(compiled(x, alphas), net(x, alphas), rtol=1e-4, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and not torch._dynamo.utils.counters["graph_break"]
+
+
 PASS_MEMORY = """
-import contextlib, resource, sys, torch
+import resource, sys, torch
 from sr_batch.model import highresnet
 from sr_batch.superres import ModelRef, load_runner, window_activation_bytes
 torch.set_num_threads(1)
@@ -296,8 +313,7 @@ if sys.argv[1] == "together":
     highresnet.one_frame_at_a_time = lambda frames: False
 network = load_runner(ModelRef("default", device="cpu")).loaded.network
 x, alphas = torch.rand(1, 8, 4, 400, 400), torch.ones(1, 8)
-precision = torch.autocast("cpu", dtype=torch.bfloat16) if sys.argv[1].endswith("bf16") else contextlib.nullcontext()
-with torch.inference_mode(), precision:
+with torch.inference_mode():
     network(x[..., :32, :32], alphas)
     resident = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     network(x, alphas)
@@ -310,17 +326,18 @@ print(grown, window_activation_bytes(torch.device("cpu"), 64, 8, 400, 400))
 
 def test_one_frame_at_a_time_holds_half_the_memory_and_no_more_than_its_estimate() -> None:
     """What the CPU pass is for, measured: the growth of a fresh process's peak resident memory over
-    one pass of a 400 px window, each way, and one at a time under bf16 autocast. A CPU task's memory
+    one pass of a 400 px window, each way (bf16's share: test_a_cpu_pass_holds_about_half_its_frames_features). A CPU task's memory
     estimate (superres.window_activation_bytes) counts the float32 one-at-a-time pass, so it must cover it."""
     grown = {}
-    for way in ("one at a time", "together", "one at a time in bf16"):
-        done = subprocess.run([sys.executable, "-c", PASS_MEMORY, way], capture_output=True, text=True, check=True, timeout=300)
-        grown[way], estimate = map(int, done.stdout.split())
+    for way, runs in (("one at a time", 3), ("together", 1)):
+        # The least of a few runs: glibc's heap places a pass's blocks differently from run to run, and a
+        # peak resident size read once varied by up to 0.35x of the growth here (255-343 MB in float32).
+        for _ in range(runs):
+            done = subprocess.run([sys.executable, "-c", PASS_MEMORY, way], capture_output=True, text=True, check=True, timeout=300)
+            measured, estimate = map(int, done.stdout.split())
+            grown[way] = min(grown.get(way, measured), measured)
     assert grown["one at a time"] < 0.6 * grown["together"], grown
     assert grown["one at a time"] <= estimate, (grown, estimate)
-    # The frames' features in bf16 under autocast: 0.76–0.91x measured here (0.90x of the peak at 1056 px, where
-    # a float32 pass also holds the frames' float32 features and bf16 casts of the fused pairs).
-    assert grown["one at a time in bf16"] < 0.95 * grown["one at a time"], grown
 
 
 PASS_PEAK = """
@@ -329,9 +346,9 @@ from sr_batch.superres import ModelRef, load_runner
 torch.set_num_threads(1)  # every allocation of the pass on this thread, whose peak jemalloc keeps
 mallctl = ctypes.CDLL(None).mallctl
 network = load_runner(ModelRef("default", device="cpu")).loaded.network
-for frames in (8, 16):
+for frames, precision in ((8, None), (16, None), (8, torch.bfloat16)):
     x, alphas = torch.rand(1, frames, 4, 400, 400), torch.ones(1, frames)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
         network(x[..., :32, :32], alphas)
         assert mallctl(b"thread.peak.reset", None, None, None, ctypes.c_size_t(0)) == 0
         network(x, alphas)
@@ -345,12 +362,14 @@ def test_a_cpu_pass_holds_about_half_its_frames_features(jemalloc: str | None) -
     """One frame at a time, a frame is encoded only when the first level of fusion takes it, and let go once
     fused into its partner: a float32 pass's peak allocation (jemalloc's own count of the thread's bytes, the
     same in every run) is under 6.5 feature maps for 8 frames and grows by about a quarter of a map per frame.
-    Encoding every frame first held them all: 7.3 maps for 8 frames, 11.4 for 16."""
+    Encoding every frame first held them all: 7.3 maps for 8 frames, 11.4 for 16. Under bf16 autocast the
+    frames' features stay bf16: about 0.7x of the float32 pass's peak."""
     library = needs_jemalloc(jemalloc)
     environment = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
     done = subprocess.run([sys.executable, "-c", PASS_PEAK], capture_output=True, text=True, check=True, timeout=300, env=environment)
-    eight, sixteen = map(float, done.stdout.split())
+    eight, sixteen, eight_in_bf16 = map(float, done.stdout.split())
     assert eight < 6.5 and (sixteen - eight) / 8 < 0.35, (eight, sixteen)  # 5.8 and 7.8 measured
+    assert eight_in_bf16 < 0.8 * eight, (eight_in_bf16, eight)  # the frames' features stay bf16 under autocast: 4.0 measured
     assert eight <= peak_feature_maps(8, torch.device("cpu")) and sixteen <= peak_feature_maps(16, torch.device("cpu"))  # the estimate covers it
 
 

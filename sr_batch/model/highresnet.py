@@ -188,7 +188,9 @@ class HighResNet(nn.Module):
             return known if known is not None else self.encoder(torch.cat([frames[frame : frame + 1], reference], dim=1))
 
         alphas = alphas.clone()
-        gated = (alphas > 0).tolist()  # on the host: which frames' fusions count
+        # Which frames' fusions count, on the host. A compiled pass computes them all: reading the alphas
+        # would break its graph, and it would compile again for each count of real frames.
+        gated = [True] * count if torch.compiler.is_compiling() else (alphas > 0).tolist()
         level = count
         while level > 1:
             half = level // 2
