@@ -35,7 +35,7 @@ import dask
 import torch
 from dask._task_spec import GraphNode, convert_legacy_graph  # as distributed's scheduler converts graphs
 from dask.base import tokenize
-from dask.core import flatten, get_dependencies
+from dask.core import get_dependencies
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, KilledWorker, as_completed
@@ -620,25 +620,25 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     (tiles.time_slabs). A unit is the run, named by its first tile."""
     slabs = time_slabs(work, slab_days(work), per_task)
     per_unit: dict[Unit, list[Delayed]] = {}
-    blocks: dict[Unit, Delayed] = {}
+    pieces: dict[tuple[Unit, Unit], list[Delayed]] = {}
     reads_of: dict[Unit, list[Unit]] = {}
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_blocks, reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
+        tasks, slab_pieces, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
-        blocks |= {(s, *tile): block for tile, (_, block) in slab_blocks.items()}
-        block_of = {key: (s, *tile) for tile, (key, _) in slab_blocks.items()}
-        reads_of |= {(s, *tile): sorted(block_of[key] for key in keys) for tile, keys in reads.items()}
-    return WriteTasks(per_unit, blocks, reads_of, [len(slab.frame_days) for slab in slabs])
+        pieces |= {((s, *block), (s, *user)): taken for (block, user), taken in slab_pieces.items()}
+    for block, user in pieces:
+        reads_of.setdefault(user, []).append(block)
+    return WriteTasks(per_unit, pieces, {unit: sorted(blocks) for unit, blocks in reads_of.items()}, [len(slab.frame_days) for slab in slabs])
 
 
 def _slab_write_tasks(
     store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int, tiles: int
-) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], tuple[Any, Delayed]], dict[tuple[int, int], set[Any]], int]:
-    """One slab's write tasks per run of tiles (by its first tile), its read blocks per tile (their key
-    and each as a Delayed), the keys of the blocks each run's tasks take (its own and its halo's), and
-    its number of groups of dates."""
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[tuple[int, int], tuple[int, int]], list[Delayed]], int]:
+    """One slab's write tasks per run of tiles (by its first tile); per (read block, run that takes
+    pieces of it), those pieces as Delayeds (a run's own blocks and its halo's, by their tile and the
+    run's first tile); and its number of groups of dates."""
     graph_of_tiles = superresolve_plan(work, ref, per_task, gpu_workers_only=gpu_workers_only, first_group=first_group, tiles_per_task=tiles)
     sizes = graph_of_tiles.output.chunks[0]
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -666,16 +666,22 @@ def _slab_write_tasks(
     dependencies = {layer: needs for layer, needs in sr_layers.dependencies.items() if layer != per_tile}
     dependencies[name] = {key[0] for key, _ in graph_of_tiles.tasks.values()}
     whole = Subgraphs(HighLevelGraph(layers, dependencies))
-    reads = graph_of_tiles.reads
-    keys = [] if reads is None else [key for key in flatten(reads.__dask_keys__()) if key in whole.tasks]  # (name, day, band, row, col)
-    # `_compute` submits a tile's read blocks before its tasks: a task refers to its blocks by key.
-    submitted_first = set(keys)
+    # `_compute` submits the pieces cut from each read block before the tasks that take them: a task
+    # refers to its pieces by key, and a block is let go once cut (its own tile's piece keeps it read).
+    cut_from = {key: (block, user) for block, cut in graph_of_tiles.pieces.items() for key, user in cut if key in whole.tasks}
     tasks: dict[tuple[int, int], list[Delayed]] = {}
-    blocks_taken: dict[tuple[int, int], set[Any]] = {}
     for key, run_start in runs.items():
-        tasks.setdefault(run_start, []).append(whole.delayed(key, held=submitted_first))
-        blocks_taken.setdefault(run_start, set()).update(whole.refers_to[key])
-    return tasks, {(key[3], key[4]): (key, whole.delayed(key)) for key in keys}, blocks_taken, len(sizes)
+        tasks.setdefault(run_start, []).append(whole.delayed(key, held=cut_from.keys()))
+    # A block's pieces share one graph: those of a strip are computed together, the block read once.
+    taken = {key: (block, (row, col - col % tiles)) for key, (block, (row, col)) in cut_from.items() if (row, col - col % tiles) in tasks}
+    of_block: dict[tuple[int, int], list[Any]] = {}
+    for key, (block, _) in taken.items():  # a tile with nothing to compute in this slab takes nothing
+        of_block.setdefault(block, []).append(key)
+    pieces: dict[tuple[tuple[int, int], tuple[int, int]], list[Delayed]] = {}
+    for keys in of_block.values():
+        for key, piece in zip(keys, whole.delayed_together(keys)):
+            pieces.setdefault(taken[key], []).append(piece)
+    return tasks, pieces, len(sizes)
 
 
 class Subgraphs:
@@ -709,7 +715,17 @@ class Subgraphs:
     def delayed(self, key: Any, held: Set[Any] = frozenset()) -> Delayed:
         """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers,
         but for the `held` keys and what they need."""
-        needed, todo, outside = {key}, [key], set()
+        (task,) = self.delayed_together([key], held)
+        return task
+
+    def delayed_together(self, keys: list[Any], held: Set[Any] = frozenset()) -> list[Delayed]:
+        """Each of `keys` as a Delayed, all of them on one graph (as `delayed` makes it, of every task they
+        need). Computed together, Dask culls that graph to the ones asked for; Delayeds with graphs of their
+        own would not merge, as their layers share names but not tasks."""
+        needed, todo = set(keys), list(keys)
+        for key in keys:
+            self.refers_to[key] = set()
+        outside = set()
         while todo:
             for dependency in self.dependencies[todo.pop()]:
                 if dependency in held:
@@ -717,14 +733,16 @@ class Subgraphs:
                 elif dependency not in needed:
                     needed.add(dependency)
                     todo.append(dependency)
-        self.refers_to[key] = outside
+        if len(keys) == 1:
+            self.refers_to[keys[0]] = outside
         by_layer: dict[str, dict[Any, Any]] = {}
         for needed_key in needed:
             task = self._spec(needed_key) if held and not held.isdisjoint(self.dependencies[needed_key]) else self.tasks[needed_key]
             by_layer.setdefault(self.layer_of[needed_key], {})[needed_key] = task
         layers = {name: MaterializedLayer(tasks, annotations=self.graph.layers[name].annotations) for name, tasks in by_layer.items()}
         dependencies = {name: self.graph.dependencies[name] & by_layer.keys() for name in by_layer}
-        return Delayed(key, HighLevelGraph(layers, dependencies), layer=self.layer_of[key])
+        graph = HighLevelGraph(layers, dependencies)
+        return [Delayed(key, graph, layer=self.layer_of[key]) for key in keys]
 
     def _spec(self, key: Any) -> GraphNode:
         """The task of `key` in Dask's task spec, each key of the graph it names a reference."""
@@ -735,11 +753,14 @@ class Subgraphs:
 
 @dataclass(frozen=True)
 class WriteTasks:
-    """A job's tasks per unit (time slab, tile row, tile col), and the read block of each unit (the
-    tile with every day its slab reads: its own input and its neighbours' halo source)."""
+    """A job's tasks per unit (time slab, tile row, tile col), and the pieces each unit takes from the
+    read blocks (a block is a tile with every day its slab reads: its own input and its neighbours'
+    halo source)."""
 
     per_unit: dict[Unit, list[Delayed]]
-    blocks: dict[Unit, Delayed]
+    pieces: dict[tuple[Unit, Unit], list[Delayed]]
+    """Per (read block, unit that takes from it), the pieces cut from the block for the unit's window:
+    the whole block for its own tile, halo strips (copies) for its neighbours."""
     reads_of: dict[Unit, list[Unit]]
     """The blocks each unit's tasks take (its own and its halo's)."""
     slab_days: list[int]
@@ -771,9 +792,13 @@ def _compute(
     A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` units
     (tiles, or runs of tiles: task_layout keeps fewer runs in flight) with their halo sources (the next
     row's blocks), so that a task's input is there when a slot is free. A tile's read block is also its
-    neighbours' halo: within a strip the job holds each block from the first task that needs it until
-    the last of those is done, so no tile is read twice in a strip. What stays read is about a strip's row of tiles plus the read-ahead, each block at most a
-    slab's days: memory follows the tile, not the region's height, width or time range. The price of
+    neighbours' halo: within a strip the job cuts each block, as soon as it is read, into its own tile's
+    piece (the whole block) and the halo strips (copies) of the neighbours that take one, so no tile is
+    read twice in a strip. Each piece is held until the last task of the unit that takes it is done: a
+    block is let go with its own tile, and only its strips wait for the neighbours after it. What stays
+    read is about a strip's row of tiles ahead (their halo is read early) plus the strips of the row
+    behind, each block at most a slab's days: memory follows the tile, not the region's height, width
+    or time range. The price of
     strips is that the two tile columns along a strip's edge are read once for each strip (2 of 16
     columns read twice, for regions wider than a strip); holding them instead would hold a column of
     the region's height."""
@@ -789,9 +814,14 @@ def _compute(
     first_task: dict[Unit, int] = {}
     for position, (unit, _) in enumerate(flat):
         first_task.setdefault(unit, position)
-    # A block is held per strip that reads it: (block, strip).
-    users = Counter((block, strip[unit]) for unit, _ in flat for block in tasks.reads_of[unit])
-    held: dict[tuple[Unit, tuple[int, int]], Any] = {}
+    # A block is read once per strip that takes from it, and cut at once into the pieces of each unit of
+    # the strip that takes one; a piece is held until its unit's last task is done: (block, unit).
+    takers: dict[tuple[Unit, tuple[int, int]], list[Unit]] = {}
+    for block, user in tasks.pieces:
+        takers.setdefault((block, strip[user]), []).append(user)
+    users = Counter((block, unit) for unit, _ in flat for block in tasks.reads_of[unit])
+    held: dict[tuple[Unit, Unit], list[Any]] = {}
+    cut: set[tuple[Unit, tuple[int, int]]] = set()
     unit_of: dict[str, Unit] = {}
     pending = iter(enumerate(flat))
 
@@ -799,8 +829,12 @@ def _compute(
         # Each block is asked for once per strip, with the place of the first task that needs it as its priority.
         for upcoming in units[place[unit] : place[unit] + in_flight + 1]:
             for block in tasks.reads_of[upcoming]:
-                if (block, strip[upcoming]) not in held:
-                    (held[block, strip[upcoming]],) = client.compute([tasks.blocks[block]], priority=-first_task[upcoming])
+                if (block, strip[upcoming]) not in cut:
+                    cut.add((block, strip[upcoming]))
+                    takes = takers[block, strip[upcoming]]
+                    futures = iter(client.compute([piece for user in takes for piece in tasks.pieces[block, user]], priority=-first_task[upcoming]))
+                    for user in takes:
+                        held[block, user] = [next(futures) for _ in tasks.pieces[block, user]]
 
     def submit(count: int) -> list[Any]:
         # One submission per task, its place in the order as its priority: the cluster reads and
@@ -820,9 +854,10 @@ def _compute(
         if spread:
             spread.done(future.key)
         for block in tasks.reads_of[unit]:
-            users[block, strip[unit]] -= 1
-            if not users[block, strip[unit]]:
-                held.pop((block, strip[unit])).release()
+            users[block, unit] -= 1
+            if not users[block, unit]:
+                for piece in held.pop((block, unit)):
+                    piece.release()
         on_done(unit, result)
         if spread and workers_now and time.monotonic() >= next_look:
             in_flight = workers_now.follow(spread, in_flight, echo)  # the reads ahead follow it too

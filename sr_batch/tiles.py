@@ -78,6 +78,8 @@ class TileGraph:
     reads: da.Array | None
     """(day, band+scl, y, x) as read: one block per tile with every day, the source of its own and its
     neighbours' halos (None when there is no output date)."""
+    pieces: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = field(default_factory=dict)
+    """Per read block (its tile), the pieces cut from it: each piece's key and the tile whose window takes it."""
     tasks: dict[tuple[int, int, int], tuple[Any, list[tuple[int, int]]]] = field(default_factory=dict)
     """Per (group of dates, row, first column) of a run of tiles: its super-resolution task's key and
     the run's tiles that have a window in the group, in the order of the task's results (`output`
@@ -105,7 +107,7 @@ def superresolve_plan(
     assets = spec.stac.assets.in_model_order()
     cube = load_cube([plan.days[d] for d in frame_days], plan.grid, assets, [*BANDS, SCL], plan.chunks()).data
     reads = read_windows(plan, same_shape=model.compile != "off")
-    blocks = window_blocks(cube, plan, reads)
+    blocks, pieces = window_blocks(cube, plan, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
     pass_windows = windows_per_pass(model, dates_per_task, tiles_per_task)
     runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -153,7 +155,7 @@ def superresolve_plan(
     output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
-    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, keys)
+    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, tasks=keys, pieces=pieces)
 
 
 def slab_days(plan: Plan) -> int:
@@ -309,12 +311,18 @@ def aligned_window(pixels: int) -> int:
     return -(-pixels // WINDOW_ALIGN) * WINDOW_ALIGN
 
 
-def window_blocks(cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tuple[Span, Span]]) -> da.Array:
-    """The tiles' read windows cut from the cube's tile chunks, a block per tile. Each piece is cut
-    where its chunk is held and only the piece travels to the tile's task (the halo strip of a
-    neighbour, not its whole block), then the pieces are joined."""
+def window_blocks(
+    cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tuple[Span, Span]]
+) -> tuple[da.Array, dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]]]:
+    """The tiles' read windows cut from the cube's tile chunks, a block per tile, and per chunk the
+    pieces cut from it (key, and the tile that takes it). Each piece is cut where its chunk is held and
+    only the piece travels to the tile's task (the halo strip of a neighbour, not its whole block), then
+    the pieces are joined. A tile's own piece is its whole chunk; a halo strip is a copy, so that once
+    the chunk's own tile is done a job can let the chunk go and keep only the strips its neighbours
+    still need (job._compute)."""
     name = f"tile-windows-{tokenize(cube.name, windows)}"
     graph: dict[Any, Any] = {}
+    pieces_of: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = {}
     for (row, col), (ys, xs) in windows.items():
         pieces = []
         for r, (top, bottom) in enumerate(plan.rows):
@@ -331,13 +339,19 @@ def window_blocks(cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tup
                     slice(max(xs[0], left) - left, min(xs[1], right) - left),
                 )
                 line.append((f"{name}-piece", row, col, r, c))
-                graph[line[-1]] = (operator.getitem, (cube.name, 0, 0, r, c), cut)
+                graph[line[-1]] = (operator.getitem if (r, c) == (row, col) else _halo_strip, (cube.name, 0, 0, r, c), cut)
+                pieces_of.setdefault((r, c), []).append((line[-1], (row, col)))
             pieces.append(line)
         graph[(name, 0, 0, row, col)] = (np.block, pieces)
     heights = tuple(windows[(row, 0)][0][1] - windows[(row, 0)][0][0] for row in range(len(plan.rows)))
     widths = tuple(windows[(0, col)][1][1] - windows[(0, col)][1][0] for col in range(len(plan.cols)))
     layers = HighLevelGraph.from_collections(name, graph, dependencies=[cube])
-    return da.Array(layers, name, (cube.chunks[0], cube.chunks[1], heights, widths), dtype=cube.dtype)
+    return da.Array(layers, name, (cube.chunks[0], cube.chunks[1], heights, widths), dtype=cube.dtype), pieces_of
+
+
+def _halo_strip(block: np.ndarray, cut: tuple[slice, ...]) -> np.ndarray:
+    """A neighbour's halo strip, copied: a view would keep its whole block alive as long as the strip."""
+    return block[cut].copy()
 
 
 def _crop(plan: Plan, window: tuple[Span, Span], row: int, col: int) -> tuple[int, int, int, int]:

@@ -189,18 +189,21 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             gpu = [layer.annotations for name, layer in task.dask.layers.items() if name.startswith("superresolve")]
             assert gpu == [{"resources": {"GPU": 1}}]
     assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_unit.values())
-    block_keys = {block.key for block in tasks.blocks.values()}
-    for unit, block in tasks.blocks.items():
-        assert {tuple(key[-2:]) for key in dict(block.dask) if isinstance(key, tuple) and len(key) >= 4} == {unit[1:]}
-    # The read blocks are submitted on their own, before the tasks that take them: a task refers to its
-    # blocks (its tile's and its neighbours') without carrying their graphs.
+    # A read block is cut into pieces as it is read: its own tile's, and its neighbours' halo strips. A
+    # piece's graph reads its block only.
+    cut_from = {piece.key: (block, user) for (block, user), pieces in tasks.pieces.items() for piece in pieces}
+    for (block, _), pieces in tasks.pieces.items():
+        for piece in pieces:
+            assert {tuple(key[-2:]) for key in dict(piece.dask) if isinstance(key, tuple) and len(key) >= 4} == {block[1:]}
+    # The pieces are submitted on their own, before the tasks that take them: a task refers to its pieces
+    # (of its tile's block and its neighbours') without carrying their graphs.
     for unit, per_tile in tasks.per_unit.items():
         for task in per_tile:
             graph = dict(task.dask)
-            assert not block_keys & graph.keys()
+            assert not cut_from.keys() & graph.keys()
             referred = {key for node in graph.values() if isinstance(node, GraphNode) for key in node.dependencies} - graph.keys()
-            assert referred <= block_keys and {tasks.blocks[unit].key} <= referred
-            assert {tasks.blocks[read].key for read in tasks.reads_of[unit]} >= referred
+            assert referred <= cut_from.keys() and {cut_from[key][1] for key in referred} == {unit}
+            assert unit in {cut_from[key][0] for key in referred} <= set(tasks.reads_of[unit])
 
 
 class _AskedWorkers(SchedulerPlugin):
