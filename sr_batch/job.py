@@ -709,8 +709,6 @@ class Subgraphs:
                 self.layer_of[key] = name
         self.dependencies = {key: get_dependencies(self.tasks, task=task) for key, task in self.tasks.items()}
         self._specs: dict[Any, GraphNode] = {}
-        self.refers_to: dict[Any, set[Any]] = {}
-        """Per key made a Delayed, the held keys its graph refers to."""
 
     def delayed(self, key: Any, held: Set[Any] = frozenset()) -> Delayed:
         """`key` as a Delayed whose graph holds that task and every task it needs, by their own layers,
@@ -723,18 +721,11 @@ class Subgraphs:
         need). Computed together, Dask culls that graph to the ones asked for; Delayeds with graphs of their
         own would not merge, as their layers share names but not tasks."""
         needed, todo = set(keys), list(keys)
-        for key in keys:
-            self.refers_to[key] = set()
-        outside = set()
         while todo:
             for dependency in self.dependencies[todo.pop()]:
-                if dependency in held:
-                    outside.add(dependency)
-                elif dependency not in needed:
+                if dependency not in held and dependency not in needed:
                     needed.add(dependency)
                     todo.append(dependency)
-        if len(keys) == 1:
-            self.refers_to[keys[0]] = outside
         by_layer: dict[str, dict[Any, Any]] = {}
         for needed_key in needed:
             task = self._spec(needed_key) if held and not held.isdisjoint(self.dependencies[needed_key]) else self.tasks[needed_key]
@@ -798,10 +789,9 @@ def _compute(
     block is let go with its own tile, and only its strips wait for the neighbours after it. What stays
     read is about a strip's row of tiles ahead (their halo is read early) plus the strips of the row
     behind, each block at most a slab's days: memory follows the tile, not the region's height, width
-    or time range. The price of
-    strips is that the two tile columns along a strip's edge are read once for each strip (2 of 16
-    columns read twice, for regions wider than a strip); holding them instead would hold a column of
-    the region's height."""
+    or time range. The price of strips is that the two tile columns along a strip's edge are read once
+    for each strip (2 of 16 columns read twice, for regions wider than a strip); holding them instead
+    would hold a column of the region's height."""
     strip = {unit: (unit[0], unit[2] // STRIP_TILES) for unit in tasks.per_unit}
     units = sorted(tasks.per_unit, key=lambda unit: (*strip[unit], unit[1], unit[2]))
     flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]

@@ -64,26 +64,24 @@ TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 READ_BLOCK_BYTES = 256e6
 """The read block (a tile with its halo and the days of a time slab, 4 bands + SCL) a job aims at. The
-job holds about a row of blocks of a strip of tiles (job.STRIP_TILES), and a block of a whole
+job holds about two rows of blocks of a strip of tiles (job.STRIP_TILES), and a block of a whole
 multi-year history would grow with the time range: past this size the days are read in time slabs
 (one group of a task's dates may need more)."""
 
 
 @dataclass(frozen=True)
 class TileGraph:
-    """The lazy output, the tasks that compute it and the lazy read it comes from."""
+    """The lazy output, the tasks that compute it and the pieces of the reads they take."""
 
     output: da.Array
     """(output date, band, y, x) at 2.5 m, uint16 as the sink stores it (reflectance x 10000; 0 where nothing was computed)."""
-    reads: da.Array | None
-    """(day, band+scl, y, x) as read: one block per tile with every day, the source of its own and its
-    neighbours' halos (None when there is no output date)."""
-    pieces: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = field(default_factory=dict)
-    """Per read block (its tile), the pieces cut from it: each piece's key and the tile whose window takes it."""
     tasks: dict[tuple[int, int, int], tuple[Any, list[tuple[int, int]]]] = field(default_factory=dict)
     """Per (group of dates, row, first column) of a run of tiles: its super-resolution task's key and
     the run's tiles that have a window in the group, in the order of the task's results (`output`
     cuts each tile's block from them). A run with no window in a group has no task."""
+    pieces: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = field(default_factory=dict)
+    """Per read block (a tile with every day, 4 bands + SCL, as read), the pieces cut from it: each
+    piece's key and the tile whose window takes it (window_blocks)."""
 
 
 SUPER_RESOLUTION_PREFIX = "superresolve"
@@ -101,7 +99,7 @@ def superresolve_plan(
     hr_chunks = (len(BANDS),), tuple(SCALE * c for c in ychunks), tuple(SCALE * c for c in xchunks)
     outputs = plan.output_days
     if not outputs:
-        return TileGraph(da.zeros((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), dtype=np.uint16, chunks=((0,), *hr_chunks)), None)
+        return TileGraph(da.zeros((0, len(BANDS), SCALE * plan.grid.height, SCALE * plan.grid.width), dtype=np.uint16, chunks=((0,), *hr_chunks)))
     frame_days = plan.frame_days
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
@@ -155,7 +153,7 @@ def superresolve_plan(
     output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
-    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), cube, tasks=keys, pieces=pieces)
+    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), keys, pieces)
 
 
 def slab_days(plan: Plan) -> int:
