@@ -195,7 +195,7 @@ def _summary(plan: Plan) -> str:
     per_tile = [len(ws) for ws in plan.windows.values()]
     lines = [
         f"Job {spec.name}: {plan.found.found} items found at {spec.stac.url} ({spec.stac.collection}), {spec.time.as_interval()}"
-        + (f" ({first_output_day(days, spec)} days of history before {spec.time.start}: frames only)" if spec.time.history_days else ""),
+        + (f" (history: {first_output_day(days, spec)} solar days before {spec.time.start}, frames only)" if spec.time.history_days else ""),
         f"  kept {len(plan.found.items)} items on {len(days)} solar days"
         + (f" ({days[0].date} … {days[-1].date})" if days else "")
         + f"; dropped {len(plan.found.duplicates)} duplicates, {plan.found.outside_aoi} outside the AOI, "

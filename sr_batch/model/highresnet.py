@@ -166,10 +166,10 @@ class HighResNet(nn.Module):
         frames' feature maps are alive at once, and the fusion's temporaries (`peak_feature_maps`),
         where the frames together hold 3 x frames. A pair whose second partner is padding (alpha 0, whose
         gate adds exactly nothing) is skipped, so a window of n real frames costs n encodings and n - 1
-        fusions, not the padded count's: a series' first dates are that much cheaper. A CPU task of one 1056 px window of 8 frames in bf16
-        allocates 1.77 GB at its peak, against 2.70 GB when every frame was encoded first; on a CPU it
-        also runs a little faster (python -m sr_batch.bench), so a CPU job can afford larger tiles and
-        less halo.
+        fusions, not the padded count's: a series' first dates are that much cheaper. A CPU task of one
+        1056 px window of 8 frames in bf16 allocates 1.77 GB at its peak, against 2.70 GB when every
+        frame was encoded first; on a CPU it also runs a little faster (python -m sr_batch.bench), so a
+        CPU job can afford larger tiles and less halo.
 
         The features are kept in the encoder's type. In float32 the output is the together path's bit
         for bit. Under bf16 autocast they stay bf16 where the together path's sums are float32: a fusion
