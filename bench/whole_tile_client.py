@@ -41,7 +41,7 @@ from sr_batch.storage import location
 
 CRS = 3035
 SUBMITTED = 300
-"""Tasks submitted for the per-task figure (with the pieces of their read blocks first, as a job does)."""
+"""Tasks submitted for the per-task figure (each unit's reads with its first task, as a job does)."""
 
 
 def sparse_catalog(root: Path, size: int, days: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
@@ -87,7 +87,7 @@ def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 
 def submission_ms(tasks: Any, count: int) -> tuple[float, float]:
-    """Time per task to submit `count` tasks in a job's order, each after its read blocks' pieces, until the
+    """Time per task to submit `count` tasks in a job's order, each unit's reads with its first task, until the
     scheduler (in the client's process, as in a job's LocalCluster) holds them all; and the CPU time
     of that process per task (what the submissions take from the client's and scheduler's core)."""
     units = sorted(tasks.per_unit)
@@ -97,16 +97,12 @@ def submission_ms(tasks: Any, count: int) -> tuple[float, float]:
         Client(cluster) as client,
         keep_annotations(False),
     ):
-        of_block: dict[Any, list[Any]] = {}  # a block's pieces, cut from it as soon as it is read (job._compute)
-        for (block, _), pieces in tasks.pieces.items():
-            of_block.setdefault(block, []).extend(pieces)
         held: dict[Any, Any] = {}
         futures = []
         started, started_cpu = time.perf_counter(), time.process_time()
         for position, (unit, task) in enumerate(flat):
-            for block in tasks.reads_of[unit]:
-                if block not in held:
-                    held[block] = client.compute(of_block[block], priority=-position)
+            if unit not in held:  # a unit's reads, with its first task (job._compute)
+                held[unit] = client.compute(tasks.reads[unit], priority=-position)
             (future,) = client.compute([task], priority=-position)
             futures.append(future)
         keys = [future.key for future in futures]

@@ -543,12 +543,11 @@ def task_layout(
 def tiles_per_task(plan: Plan, batch_size: int, per_task: int, slots: int) -> int:
     """Tiles of a row per GPU task, so that a task of fewer dates than a batch still fills its passes: a
     nightly run of one new date would otherwise pass one tile's window at a time, a small fraction of
-    what a GPU computes at once. A power of two that divides STRIP_TILES (a run never crosses a strip),
-    at most `batch_size` windows per task, and as long as every slot still gets a task. On a CPU a
+    what a GPU computes at once. A power of two, at most `batch_size` windows per task, and as long as every slot still gets a task. On a CPU a
     pass's speed does not grow with its windows, and a task of several tiles would only hold more."""
     groups = -(-len(plan.output_days) // per_task)
     tiles = 1
-    while 2 * tiles * per_task <= batch_size and STRIP_TILES % (2 * tiles) == 0 and 2 * tiles <= len(plan.cols):
+    while 2 * tiles * per_task <= batch_size and 2 * tiles <= len(plan.cols):
         runs = {(row, col // (2 * tiles)) for (row, col), windows in plan.windows.items() if windows}
         if groups * len(runs) < slots:
             break
@@ -620,25 +619,21 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     (tiles.time_slabs). A unit is the run, named by its first tile."""
     slabs = time_slabs(work, slab_days(work), per_task)
     per_unit: dict[Unit, list[Delayed]] = {}
-    pieces: dict[tuple[Unit, Unit], list[Delayed]] = {}
-    reads_of: dict[Unit, list[Unit]] = {}
+    reads: dict[Unit, list[Delayed]] = {}
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_pieces, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
+        tasks, slab_reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
-        pieces |= {((s, *block), (s, *user)): taken for (block, user), taken in slab_pieces.items()}
-    for block, user in pieces:
-        reads_of.setdefault(user, []).append(block)
-    return WriteTasks(per_unit, pieces, {unit: sorted(blocks) for unit, blocks in reads_of.items()}, [len(slab.frame_days) for slab in slabs])
+        reads |= {(s, *tile): taken for tile, taken in slab_reads.items()}
+    return WriteTasks(per_unit, reads, [len(slab.frame_days) for slab in slabs])
 
 
 def _slab_write_tasks(
     store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int, tiles: int
-) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[tuple[int, int], tuple[int, int]], list[Delayed]], int]:
-    """One slab's write tasks per run of tiles (by its first tile); per (read block, run that takes
-    pieces of it), those pieces as Delayeds (a run's own blocks and its halo's, by their tile and the
-    run's first tile); and its number of groups of dates."""
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], list[Delayed]], int]:
+    """One slab's write tasks per run of tiles (by its first tile); per run, the reads of its tiles'
+    windows as Delayeds; and its number of groups of dates."""
     graph_of_tiles = superresolve_plan(work, ref, per_task, gpu_workers_only=gpu_workers_only, first_group=first_group, tiles_per_task=tiles)
     sizes = graph_of_tiles.output.chunks[0]
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -647,6 +642,7 @@ def _slab_write_tasks(
     name = f"write-sr-{tokenize(graph_of_tiles.output.name, str(store))}"
     graph: dict[Any, Any] = {}
     runs: dict[Any, tuple[int, int]] = {}
+    read_by: dict[tuple[int, int], set[tuple[int, int]]] = {}
     for (g, row, first), (key, run) in graph_of_tiles.tasks.items():
         group = outputs[starts[g] : starts[g] + sizes[g]]
         writes = []
@@ -660,28 +656,20 @@ def _slab_write_tasks(
         if writes:
             graph[(name, g, row, first)] = (write_tiles_dates, key, str(store), writes)
             runs[(name, g, row, first)] = (row, first)
+            read_by.setdefault((row, first), set()).update(run)
     # The writes take the runs' results, not the output's per-tile blocks cut from them: that layer is left out.
     sr_layers, per_tile = graph_of_tiles.output.dask, graph_of_tiles.output.name
     layers = {layer: tasks for layer, tasks in sr_layers.layers.items() if layer != per_tile} | {name: MaterializedLayer(graph)}
     dependencies = {layer: needs for layer, needs in sr_layers.dependencies.items() if layer != per_tile}
     dependencies[name] = {key[0] for key, _ in graph_of_tiles.tasks.values()}
     whole = Subgraphs(HighLevelGraph(layers, dependencies))
-    # `_compute` submits the pieces cut from each read block before the tasks that take them: a task
-    # refers to its pieces by key, and a block is let go once cut (its own tile's piece keeps it read).
-    cut_from = {key: (block, user) for block, cut in graph_of_tiles.pieces.items() for key, user in cut if key in whole.tasks}
+    # `_compute` submits a run's reads before its tasks, which refer to them by key.
+    read_keys = set(graph_of_tiles.reads.values())
     tasks: dict[tuple[int, int], list[Delayed]] = {}
     for key, run_start in runs.items():
-        tasks.setdefault(run_start, []).append(whole.delayed(key, held=cut_from.keys()))
-    # A block's pieces share one graph: those of a strip are computed together, the block read once.
-    taken = {key: (block, (row, col - col % tiles)) for key, (block, (row, col)) in cut_from.items() if (row, col - col % tiles) in tasks}
-    of_block: dict[tuple[int, int], list[Any]] = {}
-    for key, (block, _) in taken.items():  # a tile with nothing to compute in this slab takes nothing
-        of_block.setdefault(block, []).append(key)
-    pieces: dict[tuple[tuple[int, int], tuple[int, int]], list[Delayed]] = {}
-    for keys in of_block.values():
-        for key, piece in zip(keys, whole.delayed_together(keys)):
-            pieces.setdefault(taken[key], []).append(piece)
-    return tasks, pieces, len(sizes)
+        tasks.setdefault(run_start, []).append(whole.delayed(key, held=read_keys))
+    reads = {run_start: whole.delayed_together([graph_of_tiles.reads[tile] for tile in sorted(run)]) for run_start, run in read_by.items()}
+    return tasks, reads, len(sizes)
 
 
 class Subgraphs:
@@ -744,22 +732,13 @@ class Subgraphs:
 
 @dataclass(frozen=True)
 class WriteTasks:
-    """A job's tasks per unit (time slab, tile row, tile col), and the pieces each unit takes from the
-    read blocks (a block is a tile with every day its slab reads: its own input and its neighbours'
-    halo source)."""
+    """A job's tasks per unit (time slab, tile row, first tile col of a run), and each unit's reads: the
+    windows of its tiles, a block each of every day its slab reads."""
 
     per_unit: dict[Unit, list[Delayed]]
-    pieces: dict[tuple[Unit, Unit], list[Delayed]]
-    """Per (read block, unit that takes from it), the pieces cut from the block for the unit's window:
-    the whole block for its own tile, halo strips (copies) for its neighbours."""
-    reads_of: dict[Unit, list[Unit]]
-    """The blocks each unit's tasks take (its own and its halo's)."""
+    reads: dict[Unit, list[Delayed]]
     slab_days: list[int]
     """Days each time slab reads, in time order."""
-
-
-STRIP_TILES = 16
-"""Tile columns of a strip: a job goes through a slab strip by strip, row-major inside each strip."""
 
 
 def _compute(
@@ -772,67 +751,51 @@ def _compute(
     workers_now: CurrentWorkers | None = None,
 ) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
-    spreads them: TaskSpread.window; `workers_now` follows the workers that join or leave meanwhile), time slab by time slab, in
-    each strip of STRIP_TILES tile columns by strip, and in a strip tile by tile in row-major order;
-    `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own
-    events (progress.py).
+    spreads them: TaskSpread.window; `workers_now` follows the workers that join or leave meanwhile),
+    time slab by time slab, tile by tile in row-major order; `on_done(unit, result)` as each returns, in
+    completion order. Progress comes from the tasks' own events (progress.py).
 
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
     GPU worker gathers the input of every task assigned to it, so memory would grow with the region.
-    A window of tasks slides over the tiles instead, and the reads run ahead of it by `in_flight` units
-    (tiles, or runs of tiles: task_layout keeps fewer runs in flight) with their halo sources (the next
-    row's blocks), so that a task's input is there when a slot is free. A tile's read block is also its
-    neighbours' halo: within a strip the job cuts each block, as soon as it is read, into its own tile's
-    piece (the whole block) and the halo strips (copies) of the neighbours that take one, so no tile is
-    read twice in a strip. Each piece is held until the last task of the unit that takes it is done: a
-    block is let go with its own tile, and only its strips wait for the neighbours after it. What stays
-    read is about a strip's row of tiles ahead (their halo is read early) plus the strips of the row
-    behind, each block at most a slab's days: memory follows the tile, not the region's height, width
-    or time range. The price of strips is that the two tile columns along a strip's edge are read once
-    for each strip (2 of 16 columns read twice, for regions wider than a strip); holding them instead
-    would hold a column of the region's height."""
-    strip = {unit: (unit[0], unit[2] // STRIP_TILES) for unit in tasks.per_unit}
-    units = sorted(tasks.per_unit, key=lambda unit: (*strip[unit], unit[1], unit[2]))
+    A window of tasks slides over the tiles instead. A unit's reads (its tiles' windows with their halo,
+    tiles.window_reads) are submitted with its first task and held until its last task is done, and no
+    other unit takes them: what a job holds read is the units in flight, whatever the region's height,
+    width or time range. Where the job places its tasks on CPU workers (`spread`), a unit's reads are
+    asked of its first task's worker, which reads them just before it computes: such a worker runs one
+    task per thread, so a read ahead would only wait for a thread there, or be read on another worker
+    and travel. GPU workers do not read: the other workers read `in_flight` units ahead of the tasks,
+    so that a GPU task's input is there when its slot is free."""
+    units = sorted(tasks.per_unit)
     flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]
-    strips = len({column for _, column in strip.values()})
     split = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
-    split += f" in {strips} strips of {STRIP_TILES} tile columns" if strips > 1 else ""
     window = spread.window(in_flight) if spread else in_flight
     echo(f"Computing {len(flat)} tile tasks{split}, up to {min(window, len(flat))} at once … (dashboard: {client.dashboard_link})")
     place = {unit: k for k, unit in enumerate(units)}
     first_task: dict[Unit, int] = {}
     for position, (unit, _) in enumerate(flat):
         first_task.setdefault(unit, position)
-    # A block is read once per strip that takes from it, and cut at once into the pieces of each unit of
-    # the strip that takes one; a piece is held until its unit's last task is done: (block, unit).
-    takers: dict[tuple[Unit, tuple[int, int]], list[Unit]] = {}
-    for block, user in tasks.pieces:
-        takers.setdefault((block, strip[user]), []).append(user)
-    users = Counter((block, unit) for unit, _ in flat for block in tasks.reads_of[unit])
-    held: dict[tuple[Unit, Unit], list[Any]] = {}
-    cut: set[tuple[Unit, tuple[int, int]]] = set()
+    remaining = Counter(unit for unit, _ in flat)
+    held: dict[Unit, list[Any]] = {}
     unit_of: dict[str, Unit] = {}
     pending = iter(enumerate(flat))
 
-    def read_ahead(unit: Unit) -> None:
-        # Each block is asked for once per strip, with the place of the first task that needs it as its priority.
-        for upcoming in units[place[unit] : place[unit] + in_flight + 1]:
-            for block in tasks.reads_of[upcoming]:
-                if (block, strip[upcoming]) not in cut:
-                    cut.add((block, strip[upcoming]))
-                    takes = takers[block, strip[upcoming]]
-                    futures = iter(client.compute([piece for user in takes for piece in tasks.pieces[block, user]], priority=-first_task[upcoming]))
-                    for user in takes:
-                        held[block, user] = [next(futures) for _ in tasks.pieces[block, user]]
+    def read(unit: Unit, options: dict[str, Any]) -> None:
+        # Each unit's reads are asked for once, with the place of its first task as their priority.
+        if unit not in held:
+            held[unit] = client.compute(tasks.reads[unit], priority=-first_task[unit], **options)
 
     def submit(count: int) -> list[Any]:
         # One submission per task, its place in the order as its priority: the cluster reads and
         # computes the tiles in that order, which one submission of many tasks would not keep.
         futures = []
         for _, (position, (unit, task)) in zip(range(count), pending):
-            read_ahead(unit)
-            (future,) = client.compute([task], priority=-position, **(spread.place(task.key) if spread else {}))
+            options = spread.place(task.key) if spread else {}
+            read(unit, options)
+            if not (spread and spread.slots):
+                for upcoming in units[place[unit] + 1 : place[unit] + 1 + in_flight]:
+                    read(upcoming, {})
+            (future,) = client.compute([task], priority=-position, **options)
             unit_of[future.key] = unit
             futures.append(future)
         return futures
@@ -843,14 +806,13 @@ def _compute(
         unit = unit_of.pop(future.key)
         if spread:
             spread.done(future.key)
-        for block in tasks.reads_of[unit]:
-            users[block, unit] -= 1
-            if not users[block, unit]:
-                for piece in held.pop((block, unit)):
-                    piece.release()
+        remaining[unit] -= 1
+        if not remaining[unit]:
+            for read_future in held.pop(unit):
+                read_future.release()
         on_done(unit, result)
         if spread and workers_now and time.monotonic() >= next_look:
-            in_flight = workers_now.follow(spread, in_flight, echo)  # the reads ahead follow it too
+            in_flight = workers_now.follow(spread, in_flight, echo)
             window = spread.window(in_flight)
             next_look = time.monotonic() + WORKERS_LOOK_S
         # One more for the one done; more where workers joined, none while a window that shrank drains.

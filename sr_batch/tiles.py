@@ -1,10 +1,12 @@
 """Stage 5, super-resolution per tile: the Dask graph that turns the lazy cube into the lazy output.
 
-Strategy: the cube holds only the days some window reads, chunked by tile with every day in one
-chunk. Each tile is read with a halo cut from its neighbours' chunks (`read_windows`,
-`window_blocks`; no padding at the region's edge, exactly as a whole-image run sees it; for a
-compiled model the windows at the edge reach further inward, so that every window has one shape).
-A job over years would make that chunk as long as its
+Strategy: each tile is read with its halo as one chunk of a lazy cube, by a task of its own
+(`read_windows`, `window_reads`): no padding at the region's edge, exactly as a whole-image run sees it;
+for a compiled model the windows at the edge reach further inward, so that every window has one shape.
+A window holds every day its tile's windows use (4 bands + SCL), and nothing of it is shared with the
+neighbours' reads: the halo is read again by each window that takes it (an inner tile's window has
+10-20 % more pixels than the tile at 1024-512 px), so a job holds a read only while its own tile's
+tasks run, whatever the region's width. A job over years would make that chunk as long as its
 history, so the job splits its windows by output date into time slabs (`time_slabs`) whose days fit
 READ_BLOCK_BYTES per tile, a cube each: a slab re-reads only the few earlier frames its first windows
 need. One task super-resolves one tile for a group of output dates (on GPU workers, a job of fewer
@@ -32,7 +34,6 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from sr_batch.allocator import allocator_in_use, give_back_freed_memory
 from sr_batch.clouds import usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, load_cube
 from sr_batch.plan import SCALE, Plan
+from sr_batch.search import SolarDay
 from sr_batch.sink import encode_reflectance_tensor
 from sr_batch.superres import (
     STAGE_PREFIX,
@@ -64,14 +66,14 @@ TILE_TOPIC = "sr-batch-tile"
 """Dask event topic: one event per finished super-resolution task."""
 READ_BLOCK_BYTES = 256e6
 """The read block (a tile with its halo and the days of a time slab, 4 bands + SCL) a job aims at. The
-job holds about two rows of blocks of a strip of tiles (job.STRIP_TILES), and a block of a whole
-multi-year history would grow with the time range: past this size the days are read in time slabs
-(one group of a task's dates may need more)."""
+job holds the blocks of the tiles it is computing, and a block of a whole multi-year history would
+grow with the time range: past this size the days are read in time slabs (one group of a task's
+dates may need more)."""
 
 
 @dataclass(frozen=True)
 class TileGraph:
-    """The lazy output, the tasks that compute it and the pieces of the reads they take."""
+    """The lazy output, the tasks that compute it and the reads they take."""
 
     output: da.Array
     """(output date, band, y, x) at 2.5 m, uint16 as the sink stores it (reflectance x 10000; 0 where nothing was computed)."""
@@ -79,9 +81,8 @@ class TileGraph:
     """Per (group of dates, row, first column) of a run of tiles: its super-resolution task's key and
     the run's tiles that have a window in the group, in the order of the task's results (`output`
     cuts each tile's block from them). A run with no window in a group has no task."""
-    pieces: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = field(default_factory=dict)
-    """Per read block (a tile with every day, 4 bands + SCL, as read), the pieces cut from it: each
-    piece's key and the tile whose window takes it (window_blocks)."""
+    reads: dict[tuple[int, int], Any] = field(default_factory=dict)
+    """Per tile, the key of its read window (the tile with its halo and every day, 4 bands + SCL: window_reads)."""
 
 
 SUPER_RESOLUTION_PREFIX = "superresolve"
@@ -103,23 +104,23 @@ def superresolve_plan(
     frame_days = plan.frame_days
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
-    cube = load_cube([plan.days[d] for d in frame_days], plan.grid, assets, [*BANDS, SCL], plan.chunks()).data
     reads = read_windows(plan, same_shape=model.compile != "off")
-    blocks, pieces = window_blocks(cube, plan, reads)
+    blocks = window_reads([plan.days[d] for d in frame_days], plan, assets, reads)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
     pass_windows = windows_per_pass(model, dates_per_task, tiles_per_task)
     runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for row, col in sorted(plan.windows):
         runs.setdefault((row, col - col % tiles_per_task), []).append((row, col))
-    tasks = {}
+    tasks, members_of = {}, {}
     for g, group in enumerate(groups):
         slot = {day: k for k, day in enumerate(group)}
         for (row, first), run in runs.items():
             selected = {tile: [(slot[w.target], tuple(position[f] for f in w.frames)) for w in plan.windows[tile] if w.target in slot] for tile in run}
             members = [tile for tile in run if selected[tile]]  # a tile with no window here is not read for this task
             if members:
+                members_of[(g, row, first)] = members
                 tasks[(g, row, first)] = (
-                    [(blocks.name, 0, 0, *tile) for tile in members],
+                    [blocks.key_of[tile] for tile in members],
                     [selected[tile] for tile in members],
                     len(group),
                     [_crop(plan, reads[tile], *tile) for tile in members],
@@ -133,17 +134,17 @@ def superresolve_plan(
     # every nested tuple of every task, 6 s of client time for a whole Sentinel-2 tile's 16,641 tasks.
     name = f"{SUPER_RESOLUTION_PREFIX}-{tokenize(model, repr({key: args[:5] + args[6:] for key, args in tasks.items()}))}"  # args[5] is the model
     graph = {(name, g, row, first): (superresolve_tiles, *args) for (g, row, first), args in tasks.items()}
-    annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else {}
-    with dask.annotate(**annotations):
-        layers = HighLevelGraph.from_collections(name, graph, dependencies=[blocks])
+    annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else None
+    layers = HighLevelGraph(
+        {**blocks.graph.layers, name: MaterializedLayer(graph, annotations=annotations)}, {**blocks.graph.dependencies, name: set(blocks.graph.layers)}
+    )
     # The output, a block per tile cut from its run's results, zeros where a tile has no window in a
     # group (only the Dask array needs these tasks: a job writes each run's results from its task).
     tiled = f"{name}-tile"
     per_tile: dict[Any, Any] = {}
     for g, group in enumerate(groups):
         for (row, first), run in runs.items():
-            blocks_taken = tasks[(g, row, first)][0] if (g, row, first) in tasks else []
-            at = {tuple(block[3:]): k for k, block in enumerate(blocks_taken)}
+            at = {tile: k for k, tile in enumerate(members_of.get((g, row, first), []))}
             for tile in run:
                 if tile in at:
                     per_tile[(tiled, g, 0, *tile)] = (operator.getitem, (name, g, row, first), at[tile])
@@ -152,8 +153,8 @@ def superresolve_plan(
                     per_tile[(tiled, g, 0, *tile)] = (np.zeros, (len(group), len(BANDS), height, width), np.uint16)
     output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
-    keys = {key: ((name, *key), [tuple(block[3:]) for block in args[0]]) for key, args in tasks.items()}
-    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), keys, pieces)
+    keys = {key: ((name, *key), members_of[key]) for key in tasks}
+    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), keys, blocks.key_of)
 
 
 def slab_days(plan: Plan) -> int:
@@ -309,47 +310,75 @@ def aligned_window(pixels: int) -> int:
     return -(-pixels // WINDOW_ALIGN) * WINDOW_ALIGN
 
 
-def window_blocks(
-    cube: da.Array, plan: Plan, windows: dict[tuple[int, int], tuple[Span, Span]]
-) -> tuple[da.Array, dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]]]:
-    """The tiles' read windows cut from the cube's tile chunks, a block per tile, and per chunk the
-    pieces cut from it (key, and the tile that takes it). Each piece is cut where its chunk is held and
-    only the piece travels to the tile's task (the halo strip of a neighbour, not its whole block), then
-    the pieces are joined. A tile's own piece is its whole chunk; a halo strip is a copy, so that once
-    the chunk's own tile is done a job can let the chunk go and keep only the strips its neighbours
-    still need (job._compute)."""
-    name = f"tile-windows-{tokenize(cube.name, windows)}"
-    graph: dict[Any, Any] = {}
-    pieces_of: dict[tuple[int, int], list[tuple[Any, tuple[int, int]]]] = {}
-    for (row, col), (ys, xs) in windows.items():
-        pieces = []
-        for r, (top, bottom) in enumerate(plan.rows):
-            if bottom <= ys[0] or top >= ys[1]:
-                continue
-            line = []
-            for c, (left, right) in enumerate(plan.cols):
-                if right <= xs[0] or left >= xs[1]:
-                    continue
-                cut = (
-                    slice(None),
-                    slice(None),
-                    slice(max(ys[0], top) - top, min(ys[1], bottom) - top),
-                    slice(max(xs[0], left) - left, min(xs[1], right) - left),
-                )
-                line.append((f"{name}-piece", row, col, r, c))
-                graph[line[-1]] = (operator.getitem if (r, c) == (row, col) else _halo_strip, (cube.name, 0, 0, r, c), cut)
-                pieces_of.setdefault((r, c), []).append((line[-1], (row, col)))
-            pieces.append(line)
-        graph[(name, 0, 0, row, col)] = (np.block, pieces)
-    heights = tuple(windows[(row, 0)][0][1] - windows[(row, 0)][0][0] for row in range(len(plan.rows)))
-    widths = tuple(windows[(0, col)][1][1] - windows[(0, col)][1][0] for col in range(len(plan.cols)))
-    layers = HighLevelGraph.from_collections(name, graph, dependencies=[cube])
-    return da.Array(layers, name, (cube.chunks[0], cube.chunks[1], heights, widths), dtype=cube.dtype), pieces_of
+@dataclass(frozen=True)
+class WindowReads:
+    """Each tile's read window (tile and halo, every day of the plan, 4 bands + SCL) as one whole chunk of
+    a lazy cube, read by one task of its own."""
+
+    graph: HighLevelGraph
+    """The read tasks and what they need (stackstac's asset and reader tables), culled to the windows."""
+    key_of: dict[tuple[int, int], Any]
+    """Per tile, the key of its window's chunk."""
 
 
-def _halo_strip(block: np.ndarray, cut: tuple[slice, ...]) -> np.ndarray:
-    """A neighbour's halo strip, copied: a view would keep its whole block alive as long as the strip."""
-    return block[cut].copy()
+def window_reads(days: list[SolarDay], plan: Plan, assets: list[str], windows: dict[tuple[int, int], tuple[Span, Span]]) -> WindowReads:
+    """The tiles' read windows, each read whole from the assets by one task: the halo is read again by
+    each window that takes it, not cut from the neighbours' reads, so a task needs no other tile's read
+    and a job holds a read only as long as its own tile's tasks run (job._compute). Windows overlap, so
+    they cannot all be chunks of one cube: they are split into classes whose windows do not overlap
+    along either axis (about two per axis: every other row or column), and each pair of classes is one
+    cube chunked at its windows' edges (the gaps between them are chunks no task reads)."""
+    row_classes = _disjoint_classes([windows[(row, 0)][0] for row in range(len(plan.rows))])
+    col_classes = _disjoint_classes([windows[(0, col)][1] for col in range(len(plan.cols))])
+    tasks: dict[Any, Any] = {}
+    key_of: dict[tuple[int, int], Any] = {}
+    for rows in row_classes:
+        ychunks, ychunk_of = _chunks_at(rows, [windows[(row, 0)][0] for row in rows], plan.grid.height)
+        for cols in col_classes:
+            xchunks, xchunk_of = _chunks_at(cols, [windows[(0, col)][1] for col in cols], plan.grid.width)
+            cube = load_cube(days, plan.grid, assets, [*BANDS, SCL], (ychunks, xchunks)).data
+            keys = {(row, col): (cube.name, 0, 0, ychunk_of[row], xchunk_of[col]) for row in rows for col in cols}
+            # Only the windows' chunks and what they need (a few tasks per window): the gaps' chunks are never read.
+            tasks |= dict(cube.__dask_graph__().cull(set(keys.values())))
+            key_of |= keys
+    # One layer: the cubes share their asset and reader tables, and a layer's dependencies on others must be
+    # declared for Dask to cull them in order (Dask's own cull also renames the layers it keeps).
+    name = f"window-reads-{tokenize(sorted(map(str, key_of.values())))}"
+    return WindowReads(HighLevelGraph({name: MaterializedLayer(tasks)}, {name: set()}), key_of)
+
+
+def _disjoint_classes(spans: list[Span]) -> list[list[int]]:
+    """The indices of `spans` in the fewest classes whose spans do not overlap (greedy by start, which is
+    optimal for intervals): a region's windows overlap only their neighbours', so that is every other one."""
+    classes: list[list[int]] = []
+    ends: list[int] = []
+    for index in sorted(range(len(spans)), key=lambda k: spans[k]):
+        start, end = spans[index]
+        free = next((k for k, last in enumerate(ends) if last <= start), None)
+        if free is None:
+            classes.append([])
+            ends.append(0)
+            free = len(classes) - 1
+        classes[free].append(index)
+        ends[free] = end
+    return classes
+
+
+def _chunks_at(indices: list[int], spans: list[Span], size: int) -> tuple[tuple[int, ...], dict[int, int]]:
+    """Chunks of an axis of `size` pixels with the (disjoint) `spans` as chunks, and the gaps between them;
+    per index, the number of its span's chunk."""
+    chunks: list[int] = []
+    chunk_of: dict[int, int] = {}
+    at = 0
+    for index, (start, end) in sorted(zip(indices, spans), key=lambda pair: pair[1]):
+        if start > at:
+            chunks.append(start - at)
+        chunk_of[index] = len(chunks)
+        chunks.append(end - start)
+        at = end
+    if at < size:
+        chunks.append(size - at)
+    return tuple(chunks), chunk_of
 
 
 def _crop(plan: Plan, window: tuple[Span, Span], row: int, col: int) -> tuple[int, int, int, int]:

@@ -173,7 +173,7 @@ def test_all_cloudy_period_writes_an_empty_in_time_output(tmp_path: Path, stac_u
 def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
     """A job submits its tasks one at a time; with the whole region's graph every submission would make
     Dask cull that graph again, and the client's time would grow with the square of the tasks. Each
-    task carries only its tile's work and the reads of its halo, and keeps the GPU annotation."""
+    task carries only its tile's work, refers to its own tile's read, and keeps the GPU annotation."""
     spec = parse_spec(make_job(stac_url, tmp_path / "graphs.zarr", catalog, time={"start": "2019-07-01", "end": "2019-07-31"}, tiling={"tile": 20, "halo": 18}))
     plan = plan_job(spec, scheduler, echo=lambda _: None)
     manifest = Manifest(model_sha256="-", settings={}, grid=grid_record(plan.grid), rows=[list(r) for r in plan.rows], cols=[list(c) for c in plan.cols])
@@ -190,21 +190,19 @@ def test_each_task_is_submitted_with_its_own_tiles_graph_only(tmp_path: Path, st
             gpu = [layer.annotations for name, layer in task.dask.layers.items() if name.startswith("superresolve")]
             assert gpu == [{"resources": {"GPU": 1}}]
     assert whole < 40 * sum(len(per_tile) for per_tile in tasks.per_unit.values())
-    # A read block is cut into pieces as it is read: its own tile's, and its neighbours' halo strips. A
-    # piece's graph reads its block only.
-    cut_from = {piece.key: (block, user) for (block, user), pieces in tasks.pieces.items() for piece in pieces}
-    for (block, _), pieces in tasks.pieces.items():
-        for piece in pieces:
-            assert {tuple(key[-2:]) for key in dict(piece.dask) if isinstance(key, tuple) and len(key) >= 4} == {block[1:]}
-    # The pieces are submitted on their own, before the tasks that take them: a task refers to its pieces
-    # (of its tile's block and its neighbours') without carrying their graphs.
+    # A unit's reads are its tiles' windows (here one tile's), each read whole by a task of its own from the
+    # assets (a few tasks of stackstac's), no other unit's: submitted with the unit's first task, which
+    # refers to them without carrying their graphs.
+    read_keys = {unit: {read.key for read in reads} for unit, reads in tasks.reads.items()}
+    assert read_keys.keys() == tasks.per_unit.keys() and all(len(keys) == 1 for keys in read_keys.values())
+    assert len(set().union(*read_keys.values())) == len(read_keys)
+    assert all(len(dict(read.dask)) <= 8 for reads in tasks.reads.values() for read in reads)
     for unit, per_tile in tasks.per_unit.items():
         for task in per_tile:
             graph = dict(task.dask)
-            assert not cut_from.keys() & graph.keys()
+            assert not read_keys[unit] & graph.keys()
             referred = {key for node in graph.values() if isinstance(node, GraphNode) for key in node.dependencies} - graph.keys()
-            assert referred <= cut_from.keys() and {cut_from[key][1] for key in referred} == {unit}
-            assert unit in {cut_from[key][0] for key in referred} <= set(tasks.reads_of[unit])
+            assert referred == read_keys[unit]
 
 
 class _AskedWorkers(SchedulerPlugin):
@@ -306,7 +304,14 @@ def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Pa
     (joined,) = {ran for _, _, ran in tasks} - {first}
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
-    assert asked[joined] >= len(tasks) // 4 and asked[first] >= len(tasks) // 4, asked
+    print("ASKED", asked, "ORDER", "".join("J" if ran == joined else "f" for _, _, ran in tasks))
+    # The newcomer is asked for one of the first tasks once it has joined. Its first task is slow (a new
+    # process starts PyTorch, the network and its readers), meanwhile the first worker runs many of these
+    # small tasks; from then on the two share the rest, a task per slot each.
+    ran = [worker for _, _, worker in tasks]
+    assert joined in ran[1:3], ran
+    second = ran.index(joined, ran.index(joined) + 1)
+    assert len(ran) - second >= 6 and ran[second:].count(joined) >= (len(ran) - second) // 3, (asked, ran)
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
     assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in job.lines), job.lines
 
@@ -362,10 +367,9 @@ def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResu
     assert task_layout(plan, compiled, slots, task_dates=2, in_flight=3) == TaskLayout(2, 1, 3)
 
 
-def test_gpu_tasks_of_few_dates_take_runs_of_tiles_within_a_strip_while_every_slot_has_one(summer: JobResult, monkeypatch) -> None:
+def test_gpu_tasks_of_few_dates_take_runs_of_tiles_while_every_slot_has_one(summer: JobResult) -> None:
     """A task of fewer dates than a batch takes several tiles of a row on GPU workers (a power of two,
-    up to a batch of windows), never on CPU workers, never across a strip, and never so many that a
-    slot is left without a task."""
+    up to a batch of windows), never on CPU workers, and never so many that a slot is left without a task."""
     plan = summer.plan
     model = plan.spec.model.model_copy(update={"batch_size": 8})
     one_date = replace(plan, windows={tile: windows[-1:] for tile, windows in plan.windows.items()})
@@ -382,8 +386,6 @@ def test_gpu_tasks_of_few_dates_take_runs_of_tiles_within_a_strip_while_every_sl
     fits_two = task_layout(one_date, model, 1, on_gpu=True, memory_limit=two)
     assert fits_two.tiles == 2 and fits_two.in_flight == max(2, -(-tasks_in_flight(1) // 2)) < tasks_in_flight(1)
     assert task_layout(one_date, model, 1, on_gpu=True, memory_limit=one) == TaskLayout(1, 1, tasks_in_flight(1))
-    monkeypatch.setattr(job_module, "STRIP_TILES", 1)
-    assert task_layout(one_date, model, 1, on_gpu=True).tiles == 1
 
 
 def test_a_cpu_task_estimate_counts_a_whole_window_where_one_exceeds_the_pass_budget(summer: JobResult, monkeypatch) -> None:

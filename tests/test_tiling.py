@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from distributed import Client, LocalCluster, SchedulerPlugin, get_task_stream, wait
+from distributed import Client, LocalCluster, SchedulerPlugin, wait
 from distributed.utils import key_split
 
 from sr_batch import job as job_module
 from sr_batch import superres
+from sr_batch import tiles as tiles_module
 from sr_batch.job import model_ref, plan_job, run_job
 from sr_batch.plan import Plan
 from sr_batch.sample import cache_dir
@@ -200,73 +201,74 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_a_region_read_strip_by_strip_writes_what_one_strip_writes(tmp_path: Path, stac_url: str, catalog, scheduler: str, monkeypatch) -> None:
-    """A job goes through strips of job.STRIP_TILES tile columns, so what it holds read follows a strip's
-    width, not the region's. With strips of 2 columns over 5 × 5 tiles (and a window of 2 tasks, so that
-    the blocks along a strip's edge are released before the next strip), the output is the one-strip
-    output, bit for bit; only blocks next to a strip's edge are read again, and at most twice."""
-    period = {"start": "2019-07-01", "end": "2019-07-31"}
-    outputs, one_strip = {}, job_module.STRIP_TILES
-    for strip in (one_strip, 2):
-        monkeypatch.setattr(job_module, "STRIP_TILES", strip)
-        job = make_job(stac_url, tmp_path / f"strip-{strip}.zarr", catalog, time=period, tiling={"tile": 20, "halo": "auto"})
-        lines: list[str] = []
-        with Client(scheduler) as client, get_task_stream(client=client) as stream:
-            result = run_job(parse_spec(job), scheduler=scheduler, show_progress=False, echo=lines.append, in_flight=2)
-        assert len(result.plan.rows) == len(result.plan.cols) == 5
-        assert any(line.startswith("Computing") and ("in 3 strips of 2 tile columns" in line) == (strip == 2) for line in lines), lines
-        with xr.open_zarr(result.output, consolidated=False) as ds:
-            outputs[strip] = ds.sr.values
-    computed = {(str(record["key"]), span["start"]) for record in stream.data for span in record["startstops"] if span["action"] == "compute"}
-    reads = Counter(key for key, _ in computed if "fetch_raster_window" in key)  # keys end with the block's (row, col)
-    again = [key for key, count in reads.items() if count > 1]
-    assert again and max(reads.values()) == 2, reads
-    assert {int(key.rstrip(")").rsplit(",", 1)[1]) for key in again} <= {1, 2, 3, 4}, again  # strips: columns 0-1, 2-3, 4
-    assert outputs[2].shape[0] > 0
-    np.testing.assert_array_equal(outputs[2], outputs[one_strip])
-
-
 class _ReadsHeld(SchedulerPlugin):
-    """At each super-resolution task's end, the read blocks held in memory whole (a block not yet cut, or a
-    tile's own piece: the whole block) and the neighbours' halo strips (pieces cut for another tile)."""
+    """In the scheduler: the size of each read (a task that super-resolution takes) as it is computed, and
+    at each super-resolution task's end the reads held in memory."""
 
     name = "sr-batch-reads-held"
 
     def __init__(self) -> None:
-        self.samples: list[tuple[int, int]] = []
+        self.read_bytes: list[tuple[str, int]] = []
+        self.held: list[int] = []
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if finish != "memory" or key_split(key) != "superresolve":
+        if finish != "memory":
             return
-        held = [k for k, task in self.scheduler.tasks.items() if task.state == "memory" and isinstance(k, tuple)]
-        pieces = [k for k in held if str(k[0]).startswith("tile-windows-") and str(k[0]).endswith("-piece")]
-        whole = sum(1 for k in held if key_split(k) == "fetch_raster_window") + sum(1 for k in pieces if k[1:3] == k[3:5])
-        self.samples.append((whole, len(pieces) - sum(1 for k in pieces if k[1:3] == k[3:5])))
+        task = self.scheduler.tasks[key]
+        if any(key_split(dependent.key) == "superresolve" for dependent in task.dependents):
+            self.read_bytes.append((str(key), task.nbytes))
+        if key_split(key) == "superresolve":
+            reads = [t for t in self.scheduler.tasks.values() if t.state == "memory" and any(key_split(d.key) == "superresolve" for d in t.dependents)]
+            self.held.append(len(reads))
 
 
-def _reads_held(dask_scheduler: Any) -> list[tuple[int, int]]:
-    return dask_scheduler.plugins[_ReadsHeld.name].samples
+def _reads_held(dask_scheduler: Any) -> tuple[list[tuple[str, int]], list[int]]:
+    plugin = dask_scheduler.plugins[_ReadsHeld.name]
+    return plugin.read_bytes, plugin.held
 
 
-def test_a_read_block_is_held_whole_until_its_own_tile_is_done_then_only_its_halo_strips(tmp_path: Path, stac_url: str, catalog) -> None:
-    """A tile's read block is also its neighbours' halo source. It is cut into pieces as it is read, and
-    held whole only until its own tile is done; then only the strips its later neighbours take are held.
-    On 5 x 5 tiles, what is held whole is the rest of the row being computed and the next row, read early
-    for its halo: 10-11 blocks measured at most. Holding each block until its last neighbour was done
-    also held the row above: 16."""
+def test_each_tile_reads_its_own_window_once_and_a_job_holds_only_the_reads_of_its_tasks_in_flight(tmp_path: Path, stac_url: str, catalog) -> None:
+    """A tile's window (the tile and its halo, every day of the job, 4 bands + SCL) is read whole by one
+    task of its own, once, and taken by that tile's tasks only: the halo is read again for each window
+    that takes it, not cut from the neighbours' reads. So a job holds a read only while its own tile's
+    tasks run: on 5 x 5 tiles and 2 workers running a task each, at most the reads of 3 tiles at a
+    task's end (cutting the neighbours' halo from shared reads held two rows of tiles: 10-11 of them)."""
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     job = make_job(stac_url, tmp_path / "held.zarr", catalog, time=period, tiling={"tile": 20, "halo": "auto"})
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         client.register_plugin(_ReadsHeld())
         result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lambda _: None, in_flight=2)
-        samples = client.run_on_scheduler(_reads_held)
-    columns = len(result.plan.cols)
-    assert len(result.plan.rows) == columns == 5 and len(samples) >= 25
-    whole, strips = max(w for w, _ in samples), max(s for _, s in samples)
-    assert strips > 0 and whole <= 2 * columns + 2, samples  # two rows, and blocks read but not yet cut
+        read_bytes, held = client.run_on_scheduler(_reads_held)
+    plan = result.plan
+    assert len(plan.rows) == len(plan.cols) == 5 and len(held) >= 25
+    windows = read_windows(plan)
+    assert len({(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in windows.values()}) > 1
+    expected = Counter(len(plan.frame_days) * 5 * (ys[1] - ys[0]) * (xs[1] - xs[0]) * 2 for ys, xs in windows.values())
+    assert len({key for key, _ in read_bytes}) == len(read_bytes) == 25, "each window read once"
+    assert Counter(size for _, size in read_bytes) == expected, "each read is its window, every day, 4 bands + SCL, uint16"
+    assert max(held) <= 3, held
+
+
+@pytest.mark.parametrize("tile, halo", [(20, 18), (24, 18), (20, 4), (100, 18), (7, 18)])
+def test_read_windows_are_split_into_cubes_whose_chunks_are_the_windows(tile: int, halo: int) -> None:
+    """Windows overlap their neighbours' (and, with a halo wider than a tile, tiles further away): each
+    axis's windows go into classes whose windows do not overlap, and each is one chunk of its class's
+    axis, the gaps between them chunks of their own."""
+    size = 100
+    tiles = [(start, min(size, start + tile)) for start in range(0, size, tile)]
+    spans = [(max(0, start - halo), min(size, end + halo)) for start, end in tiles]
+    classes = tiles_module._disjoint_classes(spans)
+    assert sorted(k for members in classes for k in members) == list(range(len(spans)))
+    assert len(classes) == max(sum(1 for s, e in spans if s <= x < e) for x in range(size)), "as few classes as windows over one pixel"
+    for members in classes:
+        chunks, chunk_of = tiles_module._chunks_at(members, [spans[k] for k in members], size)
+        assert sum(chunks) == size and min(chunks) > 0
+        for k in members:
+            start = sum(chunks[: chunk_of[k]])
+            assert (start, start + chunks[chunk_of[k]]) == spans[k]
 
 
 def test_the_tasks_name_follows_everything_they_compute(tmp_path: Path, stac_url: str, catalog, scheduler: str) -> None:
