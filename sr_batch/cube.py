@@ -24,7 +24,7 @@ import xarray as xr
 from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
-from stackstac.rio_reader import AutoParallelRioReader, exception_matches, nodata_for_window
+from stackstac.rio_reader import DEFAULT_GDAL_ENV, AutoParallelRioReader, exception_matches, nodata_for_window
 
 from sr_batch.clouds import SATURATED_DN
 from sr_batch.errors import SearchError
@@ -40,6 +40,12 @@ READ_ERRORS_AS_NODATA = (
 checked before the cube was built (sr_batch.assets), so these are rare, local defects; each one is
 reported on the Dask event topic READ_ERROR_TOPIC, and the job counts them (job.py)."""
 READ_ERROR_TOPIC = "sr-batch-read-error"
+READ_CACHE_BYTES = 64 * 2**20
+"""GDAL's cache of decoded COG blocks while a window is read (GDAL's default: 5 % of the machine's
+memory). A window's read decodes each block it needs once, and a job's readers (stackstac's reader
+table) are made again for each read, so a larger cache only kept earlier windows' blocks while some
+reader stayed open: a worker's memory grew with what it had read, up to that 5 %. At 256 px tiles of
+a 2048² px region its peak was 0.12 GB lower with this cache, reading as fast (bench/RESULTS.md)."""
 BANDS = ("blue", "green", "red", "nir")
 SCL = "scl"
 
@@ -186,6 +192,7 @@ def load_cube(
         sortby_date=False,
         errors_as_nodata=tuple(RasterioIOError(pattern) for pattern in READ_ERRORS_AS_NODATA),
         reader=ReportingReader,
+        gdal_env=DEFAULT_GDAL_ENV.updated(read={"GDAL_CACHEMAX": READ_CACHE_BYTES}),  # in bytes, as rasterio.Env takes it
     )
     _check_grid(stack, grid)
     stack = stack.assign_coords(band=band_names)

@@ -196,3 +196,27 @@ def test_a_job_on_days_split_across_granules_writes_what_whole_scenes_give(catal
             outputs.append(ds.sr.values)
     assert [len(day.items) for day in result.plan.days] == [1, 2, 2, 1, 1]
     np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
+def test_a_window_is_read_with_a_bounded_block_cache(catalog, tmp_path: Path, monkeypatch) -> None:
+    """GDAL keeps decoded blocks of open datasets up to 5 % of the machine's memory by default, and a
+    worker's memory then grew with what it had read: every read runs with cube.READ_CACHE_BYTES instead
+    (rasterio takes it in bytes), and the cache outside the reads is left as it was."""
+    import rasterio
+    from stackstac.rio_reader import SelfCleaningDatasetReader
+
+    from sr_batch.cube import READ_CACHE_BYTES
+
+    seen: list[str | None] = []
+    original = SelfCleaningDatasetReader.read
+
+    def read(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        seen.append(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfCleaningDatasetReader, "read", read)
+    with rasterio.Env():
+        outside = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    cube, found = cube_for(summer_items(catalog)[:2], catalog, tmp_path)
+    assert cube.shape[0] == 2 and len(seen) == 2 * 5
+    assert set(seen) == {READ_CACHE_BYTES} != {outside}
