@@ -543,8 +543,9 @@ def task_layout(
 def tiles_per_task(plan: Plan, batch_size: int, per_task: int, slots: int) -> int:
     """Tiles of a row per GPU task, so that a task of fewer dates than a batch still fills its passes: a
     nightly run of one new date would otherwise pass one tile's window at a time, a small fraction of
-    what a GPU computes at once. A power of two, at most `batch_size` windows per task, and as long as every slot still gets a task. On a CPU a
-    pass's speed does not grow with its windows, and a task of several tiles would only hold more."""
+    what a GPU computes at once. A power of two, at most `batch_size` windows per task, and as long as
+    every slot still gets a task. On a CPU a pass's speed does not grow with its windows, and a task of
+    several tiles would only hold more."""
     groups = -(-len(plan.output_days) // per_task)
     tiles = 1
     while 2 * tiles * per_task <= batch_size and 2 * tiles <= len(plan.cols):

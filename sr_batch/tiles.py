@@ -104,8 +104,8 @@ def superresolve_plan(
     frame_days = plan.frame_days
     position = {day: k for k, day in enumerate(frame_days)}
     assets = spec.stac.assets.in_model_order()
-    reads = read_windows(plan, same_shape=model.compile != "off")
-    blocks = window_reads([plan.days[d] for d in frame_days], plan, assets, reads)
+    spans = read_windows(plan, same_shape=model.compile != "off")
+    reads = window_reads([plan.days[d] for d in frame_days], plan, assets, spans)
     groups = [outputs[i : i + dates_per_task] for i in range(0, len(outputs), dates_per_task)]
     pass_windows = windows_per_pass(model, dates_per_task, tiles_per_task)
     runs: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -120,10 +120,10 @@ def superresolve_plan(
             if members:
                 members_of[(g, row, first)] = members
                 tasks[(g, row, first)] = (
-                    [blocks.key_of[tile] for tile in members],
+                    [reads.key_of[tile] for tile in members],
                     [selected[tile] for tile in members],
                     len(group),
-                    [_crop(plan, reads[tile], *tile) for tile in members],
+                    [_crop(plan, spans[tile], *tile) for tile in members],
                     spec.cloud.dilate_pixels,
                     model,
                     (spec.output.uri, members, first_group + g),
@@ -136,7 +136,7 @@ def superresolve_plan(
     graph = {(name, g, row, first): (superresolve_tiles, *args) for (g, row, first), args in tasks.items()}
     annotations = {"resources": {GPU_RESOURCE: 1}} if gpu_workers_only else None
     layers = HighLevelGraph(
-        {**blocks.graph.layers, name: MaterializedLayer(graph, annotations=annotations)}, {**blocks.graph.dependencies, name: set(blocks.graph.layers)}
+        {**reads.graph.layers, name: MaterializedLayer(graph, annotations=annotations)}, {**reads.graph.dependencies, name: set(reads.graph.layers)}
     )
     # The output, a block per tile cut from its run's results, zeros where a tile has no window in a
     # group (only the Dask array needs these tasks: a job writes each run's results from its task).
@@ -154,7 +154,7 @@ def superresolve_plan(
     output = HighLevelGraph({**layers.layers, tiled: MaterializedLayer(per_tile)}, {**layers.dependencies, tiled: {name}})
     chunks = (tuple(len(g) for g in groups), *hr_chunks)
     keys = {key: ((name, *key), members_of[key]) for key in tasks}
-    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), keys, blocks.key_of)
+    return TileGraph(da.Array(output, tiled, chunks, dtype=np.uint16), keys, reads.key_of)
 
 
 def slab_days(plan: Plan) -> int:
