@@ -202,32 +202,35 @@ def _compiled_graphs() -> int:
 
 
 class _ReadsHeld(SchedulerPlugin):
-    """In the scheduler: the size of each read (a task that super-resolution takes) as it is computed, and
-    at each super-resolution task's end the reads held in memory."""
+    """In the scheduler: each task computed (its key and size), the reads (what super-resolution tasks
+    take) and at each super-resolution task's end how many reads are held in memory."""
 
     name = "sr-batch-reads-held"
 
     def __init__(self) -> None:
-        self.read_bytes: list[tuple[str, int]] = []
+        self.computed: list[tuple[str, int]] = []
+        self.reads: set[str] = set()
         self.held: list[int] = []
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if finish != "memory":
+        if start != "processing" or finish != "memory":
             return
-        task = self.scheduler.tasks[key]
-        if any(key_split(dependent.key) == "superresolve" for dependent in task.dependents):
-            self.read_bytes.append((str(key), task.nbytes))
+        self.computed.append((str(key), self.scheduler.tasks[key].nbytes))
         if key_split(key) == "superresolve":
-            reads = [t for t in self.scheduler.tasks.values() if t.state == "memory" and any(key_split(d.key) == "superresolve" for d in t.dependents)]
-            self.held.append(len(reads))
+            self.reads.update(str(dependency.key) for dependency in self.scheduler.tasks[key].dependencies)
+            held = [task for task in self.scheduler.tasks.values() if task.state == "memory" and self._is_read(task)]
+            self.held.append(len(held))
+
+    def _is_read(self, task: Any) -> bool:
+        return str(task.key) in self.reads or any(key_split(dependent.key) == "superresolve" for dependent in task.dependents)
 
 
-def _reads_held(dask_scheduler: Any) -> tuple[list[tuple[str, int]], list[int]]:
+def _reads_held(dask_scheduler: Any) -> tuple[list[tuple[str, int]], list[str], list[int]]:
     plugin = dask_scheduler.plugins[_ReadsHeld.name]
-    return plugin.read_bytes, plugin.held
+    return plugin.computed, sorted(plugin.reads), plugin.held
 
 
 def test_each_tile_reads_its_own_window_once_and_a_job_holds_only_the_reads_of_its_tasks_in_flight(tmp_path: Path, stac_url: str, catalog) -> None:
@@ -241,14 +244,15 @@ def test_each_tile_reads_its_own_window_once_and_a_job_holds_only_the_reads_of_i
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         client.register_plugin(_ReadsHeld())
         result = run_job(parse_spec(job), scheduler=cluster.scheduler_address, show_progress=False, echo=lambda _: None, in_flight=2)
-        read_bytes, held = client.run_on_scheduler(_reads_held)
+        computed, reads, held = client.run_on_scheduler(_reads_held)
     plan = result.plan
     assert len(plan.rows) == len(plan.cols) == 5 and len(held) >= 25
     windows = read_windows(plan)
     assert len({(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in windows.values()}) > 1
     expected = Counter(len(plan.frame_days) * 5 * (ys[1] - ys[0]) * (xs[1] - xs[0]) * 2 for ys, xs in windows.values())
-    assert len({key for key, _ in read_bytes}) == len(read_bytes) == 25, "each window read once"
-    assert Counter(size for _, size in read_bytes) == expected, "each read is its window, every day, 4 bands + SCL, uint16"
+    times = Counter(key for key, _ in computed)
+    assert len(reads) == 25 and all(times[key] == 1 for key in reads), "each window read once"
+    assert Counter(size for key, size in computed if key in reads) == expected, "each read is its window, every day, 4 bands + SCL, uint16"
     assert max(held) <= 3, held
 
 
