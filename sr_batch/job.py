@@ -914,9 +914,10 @@ class TaskSpread:
 
 
 def tasks_in_flight(slots: int) -> int:
-    """Write tasks a job keeps submitted at once (and tiles its reads run ahead of them): four per
-    super-resolution slot and two more, so that no slot waits for its next tile's input, and no more,
-    so that memory does not grow with the region."""
+    """Write tasks a job keeps submitted at once (on CPU workers TaskSpread.window keeps one per slot)
+    and tiles its reads run ahead of them on GPU workers: four per super-resolution slot and two more,
+    so that no GPU slot waits for its next tile's input, and no more, so that memory does not grow
+    with the region."""
     return 4 * slots + 2
 
 
