@@ -6,8 +6,9 @@ items), so nothing is resampled when the items are already on it. Values stay ui
 baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
 item from its metadata, never guessed from the date.
 
-Chunks are whole tiles with every date and band in one chunk, which keeps the graph small; the plan
-reads only the SCL band, the super-resolution only the dates its windows use.
+Every band is in one chunk, and the callers choose the spatial chunks: the plan reads only the SCL
+band, by tile; the super-resolution reads each tile's window (tile and halo) as one chunk, with
+only the dates its windows use (tiles.window_reads).
 """
 
 from __future__ import annotations
