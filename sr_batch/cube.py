@@ -24,8 +24,18 @@ import shapely
 import xarray as xr
 from affine import Affine
 from pyproj import CRS, Transformer
+from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
-from stackstac.rio_reader import DEFAULT_GDAL_ENV, AutoParallelRioReader, exception_matches, nodata_for_window
+from stackstac.rio_reader import (
+    DEFAULT_GDAL_ENV,
+    MULTITHREADED_DRIVER_ALLOWLIST,
+    AutoParallelRioReader,
+    SelfCleaningDatasetReader,
+    SingleThreadedRioDataset,
+    ThreadLocalRioDataset,
+    exception_matches,
+    nodata_for_window,
+)
 
 from sr_batch.clouds import SATURATED_DN
 from sr_batch.errors import SearchError
@@ -192,7 +202,7 @@ def load_cube(
         properties=False,
         sortby_date=False,
         errors_as_nodata=tuple(RasterioIOError(pattern) for pattern in READ_ERRORS_AS_NODATA),
-        reader=ReportingReader,
+        reader=AssetReader,
         gdal_env=DEFAULT_GDAL_ENV.updated(read={"GDAL_CACHEMAX": READ_CACHE_BYTES}),  # in bytes, as rasterio.Env takes it
     )
     _check_grid(stack, grid)
@@ -203,9 +213,20 @@ def load_cube(
     return stack.drop_vars([c for c in stack.coords if c not in ("time", "band", "y", "x")])
 
 
-class ReportingReader(AutoParallelRioReader):
-    """stackstac's reader, except that a read error it turns into no data is also reported: stackstac
-    only warns in the worker's log, where no one counts."""
+class AssetReader(AutoParallelRioReader):
+    """stackstac's reader of one asset, with two changes.
+
+    An asset on the job's pixel lattice is read straight from its file. stackstac warps any asset whose
+    grid is not exactly the job's (a WarpedVRT, nearest neighbour), and a job's grid is the AOI's block
+    of the scene's pixels, never a whole scene: every real read went through GDAL's warper, 3-6x slower
+    than reading the same window (bench/RESULTS.md). Where the asset has the grid's CRS and its pixels
+    are whole multiples of the grid's, edges on the grid's lattice (Sentinel-2's 10 m bands, and its
+    20 m SCL, which nearest-neighbour warping only repeats), the window is read from the file and its
+    pixels repeated: the values warping gives, pixel for pixel (test_search_cube). Any other asset
+    (another UTM zone, a shifted lattice, rescaled values) is warped as before.
+
+    A read error stackstac would turn into no data is also reported: stackstac only warns in the
+    worker's log, where no one counts."""
 
     def __init__(self, *, errors_as_nodata: tuple[Exception, ...] = (), **options: Any) -> None:
         super().__init__(errors_as_nodata=(), **options)  # stackstac raises; read() decides
@@ -214,15 +235,106 @@ class ReportingReader(AutoParallelRioReader):
     def __getstate__(self) -> dict[str, Any]:  # stackstac pickles a reader as its __init__ arguments
         return {**super().__getstate__(), "errors_as_nodata": self.as_nodata}
 
+    def _open(self) -> Any:
+        """The asset's dataset as read on the lattice where it is on it, else as stackstac opens it (warped)."""
+        with self.gdal_env.open:
+            try:
+                dataset = SelfCleaningDatasetReader(self.url, sharing=False)
+            except Exception as err:
+                raise RuntimeError(f"Error opening {self.url!r}: {err!r}") from err
+        lattice = asset_lattice(dataset, self.spec.epsg, self.spec.transform) if dataset.count == 1 and self.scale_offset == (1, 0) else None
+        if lattice is None:
+            dataset.close()
+            return super()._open()
+        threads = ThreadLocalRioDataset if dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST else SingleThreadedRioDataset
+        return OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width)
+
     def read(self, window: Any, **options: Any) -> np.ndarray:
         try:
-            return super().read(window, **options)
-        except RuntimeError as err:  # stackstac wraps the error of an open or a read
+            opened = self.dataset
+            if not isinstance(opened, OnLattice):
+                return super().read(window, **options)
+            try:
+                return opened.read(window, self.dtype, self.fill_value)
+            except Exception as err:
+                raise RuntimeError(f"Error reading {window} from {self.url!r}: {err!r}") from err
+        except RuntimeError as err:  # an open or a read failed
             cause = err.__cause__
             if cause is None or not exception_matches(cause, self.as_nodata):
                 raise
             report_read_error(self.url, cause)
             return nodata_for_window(window, self.fill_value, self.dtype)
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """How an asset's pixels sit on the job's grid: each is `factor` x `factor` grid pixels, and grid
+    pixel (row, col) lies in asset pixel ((row + row_offset) // factor, (col + col_offset) // factor)."""
+
+    factor: int
+    row_offset: int
+    col_offset: int
+
+    def source(self, start: int, length: int, offset: int, size: int) -> tuple[slice, slice] | None:
+        """Along one axis, for grid pixels [start, start + length): the asset pixels to read (clipped to
+        the asset's `size`), and where their repeated pixels land in the window; None if none do."""
+        first = max(start, -offset)  # the window's first grid pixel inside the asset ...
+        last = min(start + length, size * self.factor - offset)  # ... and its end
+        if first >= last:
+            return None
+        return slice((first + offset) // self.factor, (last - 1 + offset) // self.factor + 1), slice(first - start, last - start)
+
+
+def asset_lattice(dataset: Any, epsg: int, grid: Affine, tolerance: float = 1e-6) -> Lattice | None:
+    """The asset's Lattice on the grid (a north-up `grid` transform in CRS `epsg`), or None where its
+    pixels are not whole blocks of the grid's: another CRS, a rotation, a finer or fractional pixel, a
+    shifted edge."""
+    source = dataset.transform
+    if dataset.crs is None or source.b or source.d or grid.b or grid.d or source.a <= 0 or grid.a <= 0:
+        return None
+    if abs(source.e + source.a) > tolerance * source.a or abs(grid.e + grid.a) > tolerance * grid.a:  # square pixels, north up
+        return None
+    factor, columns, rows = source.a / grid.a, (grid.c - source.c) / grid.a, (source.f - grid.f) / grid.a
+    if any(abs(value - round(value)) > tolerance for value in (factor, columns, rows)) or round(factor) < 1:
+        return None
+    if dataset.crs.to_epsg() != epsg:
+        return None
+    return Lattice(round(factor), round(rows), round(columns))
+
+
+@dataclass
+class OnLattice:
+    """An asset's dataset read on the job's lattice: its window's pixels, each repeated `factor` times
+    along both axes, the fill value where the window leaves the asset (as a warp would give)."""
+
+    dataset: Any
+    """stackstac's thread-safe wrapper of the file's dataset (a dataset per thread for GeoTIFFs)."""
+    lattice: Lattice
+    height: int
+    width: int
+
+    def read(self, window: Any, dtype: np.dtype, fill_value: int | float) -> np.ndarray:
+        window_rows, window_cols = int(window.row_off), int(window.col_off)
+        rows = self.lattice.source(window_rows, int(window.height), self.lattice.row_offset, self.height)
+        cols = self.lattice.source(window_cols, int(window.width), self.lattice.col_offset, self.width)
+        out = np.full((int(window.height), int(window.width)), fill_value, dtype)
+        if rows is None or cols is None:
+            return out
+        (source_rows, out_rows), (source_cols, out_cols) = rows, cols
+        read = Window.from_slices(source_rows, source_cols)
+        values = np.ma.filled(self.dataset.read(read, indexes=1, out_dtype=dtype, masked=True), fill_value)
+        factor = self.lattice.factor
+        if factor > 1:
+            # The grid pixels of the asset's first row and column that fall before the window are dropped.
+            skip_rows = window_rows + out_rows.start + self.lattice.row_offset - factor * source_rows.start
+            skip_cols = window_cols + out_cols.start + self.lattice.col_offset - factor * source_cols.start
+            values = values.repeat(factor, axis=0)[skip_rows : skip_rows + out_rows.stop - out_rows.start]
+            values = values.repeat(factor, axis=1)[:, skip_cols : skip_cols + out_cols.stop - out_cols.start]
+        out[out_rows, out_cols] = values
+        return out
+
+    def close(self) -> None:
+        self.dataset.close()
 
 
 def report_read_error(url: str, error: BaseException) -> None:

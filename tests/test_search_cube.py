@@ -13,6 +13,7 @@ import rasterio
 import torch
 import xarray as xr
 from affine import Affine
+from rasterio.windows import Window
 
 from sr_batch.clouds import usable_reflectance, usable_reflectance_tensor
 from sr_batch.cube import BANDS, SCL, choose_grid, dn_offset, load_cube
@@ -218,3 +219,68 @@ def test_a_window_is_read_with_a_bounded_block_cache(catalog, tmp_path: Path, mo
     cube, found = cube_for(summer_items(catalog)[:2], catalog, tmp_path)
     assert cube.shape[0] == 2 and len(seen) == 2 * 5
     assert set(seen) == {READ_CACHE_BYTES}
+
+
+def write_asset(path: Path, values: np.ndarray, transform: Affine, epsg: int = 3035) -> str:
+    """A COG (512 px blocks, deflate) of one uint16 band, nodata 0, as a catalogue serves an asset."""
+    profile = dict(driver="COG", dtype="uint16", nodata=0, width=values.shape[1], height=values.shape[0], count=1, crs=f"EPSG:{epsg}", transform=transform)
+    with rasterio.open(path, "w", compress="deflate", **profile) as dst:
+        dst.write(values.astype(np.uint16), 1)
+    return path.as_uri()
+
+
+GRID_WEST, GRID_NORTH = 5_000_000.0, 3_000_000.0
+"""The job grid of the lattice tests: 80 x 90 pixels of 10 m from this corner, in EPSG:3035."""
+
+
+@pytest.mark.parametrize(
+    "case, metres, west_px, north_px, rows, cols, epsg, on_lattice",
+    [
+        ("10 m, larger than the grid", 10, -7, -5, 140, 130, 3035, True),
+        ("10 m, covering part of the grid", 10, 31, 44, 140, 130, 3035, True),
+        ("10 m, inside the grid", 10, 23, 17, 41, 29, 3035, True),
+        ("20 m (SCL), even offset", 20, -10, -4, 140, 130, 3035, True),
+        ("20 m (SCL), odd offset", 20, 13, -9, 140, 130, 3035, True),
+        ("20 m, inside the grid, odd offset", 20, 23, 17, 42, 30, 3035, True),
+        ("60 m, odd offset", 60, -17, 7, 140, 130, 3035, True),
+        ("10 m, shifted half a pixel", 10, -7.5, -5, 140, 130, 3035, False),
+        ("20 m, shifted a quarter pixel", 20, -10.25, -4, 140, 130, 3035, False),
+        ("another CRS (UTM 34N)", 10, -7, -5, 140, 130, 32634, False),
+    ],
+)
+def test_an_asset_on_the_grids_lattice_is_read_from_its_file_as_warping_reads_it(
+    source_cube: xr.Dataset, tmp_path: Path, case: str, metres: int, west_px: float, north_px: float, rows: int, cols: int, epsg: int, on_lattice: bool
+) -> None:
+    """stackstac warps (GDAL's WarpedVRT, nearest) any asset not exactly on the job's grid: every real
+    read, as a job's grid is the AOI's block of a scene. An asset whose pixels are whole blocks of the
+    grid's is read from its file instead: every window (inside, across the asset's edges, outside it)
+    must give what stackstac's warped read gives, pixel for pixel; any other asset is still warped."""
+    from rasterio.enums import Resampling
+    from stackstac.raster_spec import RasterSpec
+    from stackstac.rio_reader import AutoParallelRioReader
+
+    from sr_batch.cube import AssetReader, OnLattice
+
+    factor = metres // 10
+    scene = source_cube.SCL if factor > 1 else source_cube.B4
+    values = np.nan_to_num(scene.values[7])[::factor, ::factor]  # real DN: a forest, a river, clouds
+    values = np.tile(values, (2, 2))[: rows // factor, : cols // factor]  # rows x cols grid pixels
+    values[3:6, 4:9] = 0  # some nodata inside the asset
+    west, north = GRID_WEST + 10 * west_px, GRID_NORTH - 10 * north_px
+    if epsg != 3035:  # the same corner in the other CRS, so that the asset covers the grid
+        from pyproj import Transformer
+
+        west, north = Transformer.from_crs(3035, epsg, always_xy=True).transform(west, north)
+    transform = Affine(metres, 0, west, 0, -metres, north)
+    url = write_asset(tmp_path / "asset.tif", values, transform, epsg)
+    spec = RasterSpec(epsg=3035, bounds=(GRID_WEST, GRID_NORTH - 900, GRID_WEST + 800, GRID_NORTH), resolutions_xy=(10.0, 10.0))
+    options = dict(url=url, spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+    ours, warped = AssetReader(**options), AutoParallelRioReader(**options)
+
+    windows = [Window(0, 0, 80, 90), Window(3, 5, 24, 21), Window(37, 41, 43, 49), Window(50, 60, 30, 30), Window(1, 2, 1, 1), Window(79, 89, 1, 1)]
+    windows += [Window(col, row, min(17, 80 - col), min(13, 90 - row)) for row in range(0, 90, 11) for col in range(0, 80, 9)]  # a tiling, with its halos
+    for window in windows:
+        np.testing.assert_array_equal(ours.read(window), warped.read(window), err_msg=f"{case}: window {window}")
+    assert isinstance(ours.dataset, OnLattice) is on_lattice
+    assert (ours.read(Window(0, 0, 80, 90)) > 0).any()
+
