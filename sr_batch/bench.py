@@ -406,14 +406,16 @@ def _write_rate(block: np.ndarray, store: str, threads: int, seconds: float = 2.
 def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
     """The sample's `dates` clearest days, mirrored to size x size pixels, as COGs + STAC items dated
     REVISIT_DAYS apart up to the last one's date (the clearest days span years: a job's history could
-    not reach back over them)."""
+    not reach back over them). As a real catalogue serves Sentinel-2, the scenes reach SCENE_MARGIN
+    pixels beyond the region (a job's grid is a block of a scene's pixels) and the SCL is 20 m."""
     import xarray as xr
     from affine import Affine
 
     cube = open_sample_cube()
     chosen = clearest_days(cube, dates)
-    reps = int(np.ceil(size / cube.sizes["x"]))
-    x0, y0 = float(cube.x[0]) - 5, float(cube.y[0]) + 5
+    edge = size + 2 * SCENE_MARGIN
+    reps = int(np.ceil(edge / cube.sizes["x"]))
+    x0, y0 = float(cube.x[0]) - 5 - 10 * SCENE_MARGIN, float(cube.y[0]) + 5 + 10 * SCENE_MARGIN
     transform = Affine(10.0, 0.0, x0, 0.0, -10.0, y0)
 
     last = cube.time.values[chosen[-1]].astype("datetime64[D]")
@@ -421,12 +423,25 @@ def mirrored_catalog(root: Path, size: int, dates: int) -> SampleCatalog:
 
     def write(index: int, date: np.datetime64) -> dict[str, Any]:
         scene = cube.isel(time=int(index))
-        mirrored = {name: (("y", "x"), _mirror(scene[name].values, reps)[:size, :size]) for name in ("B2", "B3", "B4", "B8", "SCL")}
-        return write_date(xr.Dataset(mirrored, coords={"time": date}), transform, root / "scenes")
+        # Mirrored around the region's corner, so the region holds what it held without the margin.
+        names = ("B2", "B3", "B4", "B8", "SCL")
+        mirrored = {name: (("y", "x"), _around_corner(_mirror(scene[name].values, reps), SCENE_MARGIN)[:edge, :edge]) for name in names}
+        return write_date(xr.Dataset(mirrored, coords={"time": date}), transform, root / "scenes", coarser={"scl": 2})
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # GDAL releases the GIL while writing COGs
         items = list(pool.map(write, chosen, dated))
-    return SampleCatalog(collection=collection_for(items), items=items, root=root)
+    return SampleCatalog(collection=collection_for(items), items=items, root=root, margin=SCENE_MARGIN)
+
+
+SCENE_MARGIN = 64
+"""10 m pixels of the bench's scenes beyond its region on every side (an even number: the 20 m SCL's
+pixels stay on the region's lattice)."""
+
+
+def _around_corner(mirrored: np.ndarray, margin: int) -> np.ndarray:
+    """The mirrored image shifted by `margin` down and right: it repeats, so what leaves one edge comes in
+    at the other without a seam, and the region (from the margin on) holds what it held without one."""
+    return np.roll(mirrored, margin, axis=(0, 1))
 
 
 def history_before(catalog: SampleCatalog, frames: int) -> dict[str, Any]:

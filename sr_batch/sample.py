@@ -39,6 +39,9 @@ class SampleCatalog:
     collection: dict[str, Any]
     items: list[dict[str, Any]]
     root: Path
+    margin: int = 0
+    """10 m pixels of the scenes around the catalogue's region (`sample_aoi`): a job's grid is then a
+    block of the scenes' pixels, as it is of a real scene's."""
 
 
 def cache_dir() -> Path:
@@ -103,10 +106,13 @@ def _grid_transform(cube: Any) -> Any:
     return Affine(res_x, 0.0, float(x[0]) - res_x / 2, 0.0, res_y, float(y[0]) - res_y / 2)
 
 
-def write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
-    """One date: a COG per band, and the STAC item that describes them."""
+def write_date(scene: Any, transform: Any, scenes_dir: Path, coarser: dict[str, int] | None = None) -> dict[str, Any]:
+    """One date: a COG per band, and the STAC item that describes them. `coarser` names assets written
+    with pixels that many times larger (every so many 10 m pixels, as nearest-neighbour resampling
+    takes them), stated in their own proj:shape and proj:transform: Sentinel-2's SCL is 20 m."""
     import pystac
     import rasterio
+    from affine import Affine
     from rio_stac import create_stac_item
 
     when = dt.datetime.fromisoformat(str(scene.time.values)[:19]).replace(tzinfo=dt.UTC, hour=9, minute=30)
@@ -116,10 +122,14 @@ def write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
     size = {"width": scene.sizes["x"], "height": scene.sizes["y"]}
     profile = dict(driver="COG", dtype="uint16", nodata=0, count=1, crs="EPSG:3035", transform=transform, compress="deflate", **size)
     assets = {}
+    coarser = coarser or {}
     for variable, key in ASSETS.items():
         path = folder / f"{key}.tif"
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(np.nan_to_num(scene[variable].values).astype("uint16"), 1)
+        factor = coarser.get(key, 1)
+        values = np.nan_to_num(scene[variable].values).astype("uint16")[::factor, ::factor]
+        grid = {"width": values.shape[1], "height": values.shape[0], "transform": transform * Affine.scale(factor)}
+        with rasterio.open(path, "w", **(profile | grid)) as dst:
+            dst.write(values, 1)
         role = "data" if key != "scl" else "classification"
         assets[key] = pystac.Asset(href=path.resolve().as_uri(), media_type=pystac.MediaType.COG, roles=[role], title=variable)
     scl = scene["SCL"].values
@@ -147,6 +157,10 @@ def write_date(scene: Any, transform: Any, scenes_dir: Path) -> dict[str, Any]:
     ]
     for asset in item["assets"].values():
         asset["raster:bands"] = [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": 0.0}]
+    for key, factor in coarser.items():
+        asset = item["assets"][key]
+        asset["proj:shape"] = [-(-size["height"] // factor), -(-size["width"] // factor)]
+        asset["proj:transform"] = list(transform * Affine.scale(factor))[:6]
     return item
 
 
@@ -168,7 +182,8 @@ def collection_for(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sample_aoi(catalog: SampleCatalog) -> dict[str, Any]:
-    """The sample's footprint, half a pixel inside its grid, as a lon/lat polygon.
+    """The sample's footprint (without the catalogue's `margin`), half a pixel inside its grid, as a
+    lon/lat polygon.
 
     Half a pixel in, so that snapping outward onto the 10 m lattice lands exactly on the 100 x 100
     grid despite the curvature that reprojection adds to the polygon's edges.
@@ -178,6 +193,7 @@ def sample_aoi(catalog: SampleCatalog) -> dict[str, Any]:
     from pyproj import Transformer
 
     west, south, east, north = catalog.items[0]["properties"]["proj:bbox"]
-    inner = shapely.geometry.box(west + 5, south + 5, east - 5, north - 5).segmentize(10)
+    inset = 10 * catalog.margin + 5
+    inner = shapely.geometry.box(west + inset, south + inset, east - inset, north - inset).segmentize(10)
     to_lonlat = Transformer.from_crs(3035, 4326, always_xy=True)
     return shapely.geometry.mapping(shapely.transform(inner, to_lonlat.transform, interleaved=False))

@@ -284,3 +284,41 @@ def test_an_asset_on_the_grids_lattice_is_read_from_its_file_as_warping_reads_it
     assert isinstance(ours.dataset, OnLattice) is on_lattice
     assert (ours.read(Window(0, 0, 80, 90)) > 0).any()
 
+
+def test_scenes_served_as_real_sentinel2_are_read_on_their_lattice(tmp_path: Path, monkeypatch) -> None:
+    """A real catalogue's scenes are wider than a job's region, and their SCL is 20 m: stackstac would
+    warp every asset. The cube reads each straight from its file (none is warped), and holds the scenes'
+    10 m pixels and each 20 m SCL pixel repeated over its 2 x 2 block of the grid."""
+    from stackstac.rio_reader import AutoParallelRioReader
+
+    from sr_batch.bench import mirrored_catalog
+    from sr_batch.cube import OnLattice
+
+    catalog = mirrored_catalog(tmp_path / "catalog", 96, 2)
+    opened: list[Any] = []
+    original = AutoParallelRioReader.dataset.fget
+
+    def dataset(self: AutoParallelRioReader) -> Any:
+        opened.append(result := original(self))
+        return result
+
+    monkeypatch.setattr(AutoParallelRioReader, "dataset", property(dataset))
+    with serve_items(catalog.collection, catalog.items) as url:
+        spec = parse_spec(make_job(url, tmp_path / "unused.zarr", catalog, time={"start": "2000-01-01", "end": "2025-12-31"}))
+        found = search(spec)
+    grid, _ = choose_grid(found.days, spec.aoi.shape())
+    assert (grid.height, grid.width) == (96, 96)
+    cube = load_cube(found.days, grid, spec.stac.assets.in_model_order(), [*BANDS, SCL], ((48, 48), (96,))).compute()
+
+    assert opened and all(isinstance(dataset, OnLattice) for dataset in opened)
+    margin = catalog.margin
+    for day, item in enumerate(sorted(catalog.items, key=lambda item: item["properties"]["datetime"])):
+        for band, key in enumerate(spec.stac.assets.in_model_order()):
+            with rasterio.open(item["assets"][key]["href"]) as source:
+                scene = source.read(1)
+            if key == "scl":
+                assert scene.shape == (96 // 2 + margin, 96 // 2 + margin)
+                scene = scene.repeat(2, axis=0).repeat(2, axis=1)
+            expected = scene[margin : margin + 96, margin : margin + 96]
+            np.testing.assert_array_equal(cube.values[day, band], expected, err_msg=f"day {day}, {key}")
+    assert (cube.values > 0).all()
