@@ -14,8 +14,10 @@ only the dates its windows use (tiles.window_reads).
 from __future__ import annotations
 
 import math
+import threading
+import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,7 +238,11 @@ class AssetReader(AutoParallelRioReader):
         return {**super().__getstate__(), "errors_as_nodata": self.as_nodata}
 
     def _open(self) -> Any:
-        """The asset's dataset as read on the lattice where it is on it, else as stackstac opens it (warped)."""
+        """The asset's dataset as read on the lattice where it is on it (kept open for the next reads of
+        this process: KEPT_DATASETS), else as stackstac opens it (warped)."""
+        key = (self.url, self.spec.epsg, tuple(self.spec.transform))
+        if (kept := KEPT_DATASETS.get(key)) is not None:
+            return kept
         with self.gdal_env.open:
             try:
                 dataset = SelfCleaningDatasetReader(self.url, sharing=False)
@@ -247,7 +253,14 @@ class AssetReader(AutoParallelRioReader):
             dataset.close()
             return super()._open()
         threads = ThreadLocalRioDataset if dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST else SingleThreadedRioDataset
-        return OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width)
+        return KEPT_DATASETS.keep(key, OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width))
+
+    def close(self) -> None:
+        """Let go of the dataset; one read on the lattice stays open in KEPT_DATASETS for the next reader."""
+        with self._dataset_lock:
+            if self._dataset is not None and not isinstance(self._dataset, OnLattice):
+                self._dataset.close()
+            self._dataset = None
 
     def read(self, window: Any, **options: Any) -> np.ndarray:
         try:
@@ -264,6 +277,54 @@ class AssetReader(AutoParallelRioReader):
                 raise
             report_read_error(self.url, cause)
             return nodata_for_window(window, self.fill_value, self.dtype)
+
+
+class KeptDatasets:
+    """Assets read on the lattice, kept open between reads in this process, the most recently used first.
+
+    A job reads each tile's window in a task of its own, and stackstac makes a task's readers afresh, so
+    every read opened its file again: half of a read's time at 256 px tiles (bench/RESULTS.md), and on
+    object storage a request for the file's header. The next window of the same days reads the same
+    files. At most `capacity` stay open (a dataset per reading thread: file descriptors, and GDAL's
+    block cache, cube.READ_CACHE_BYTES, holds blocks of open datasets only), each for `seconds` at most,
+    so a file replaced in place is opened again within that time."""
+
+    def __init__(self, capacity: int, seconds: float) -> None:
+        self.capacity, self.seconds = capacity, seconds
+        self._open: OrderedDict[Any, tuple[float, OnLattice]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> OnLattice | None:
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] > self.seconds:
+                del self._open[key]
+                entry[1].close()
+                return None
+            self._open.move_to_end(key)
+            return entry[1]
+
+    def keep(self, key: Any, opened: OnLattice) -> OnLattice:
+        with self._lock:
+            if (earlier := self._open.pop(key, None)) is not None:
+                earlier[1].close()
+            self._open[key] = (time.monotonic(), opened)
+            while len(self._open) > self.capacity:
+                self._open.popitem(last=False)[1][1].close()
+        return opened
+
+    def clear(self) -> None:
+        with self._lock:
+            for _, opened in self._open.values():
+                opened.close()
+            self._open.clear()
+
+
+KEPT_DATASETS = KeptDatasets(capacity=128, seconds=300.0)
+"""This process's assets kept open: 128, enough for the 8 days x 5 assets of a window of 8 frames
+several times over, few enough for a process's file descriptors with a few reading threads."""
 
 
 @dataclass(frozen=True)

@@ -322,3 +322,51 @@ def test_scenes_served_as_real_sentinel2_are_read_on_their_lattice(tmp_path: Pat
             expected = scene[margin : margin + 96, margin : margin + 96]
             np.testing.assert_array_equal(cube.values[day, band], expected, err_msg=f"day {day}, {key}")
     assert (cube.values > 0).all()
+
+
+def test_assets_read_on_the_lattice_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """stackstac makes each read task's readers afresh, which opened every file again for every window
+    (half a read's time at 256 px tiles). An asset read on the lattice stays open in the process for the
+    next reader: opened once for several windows, yet at most `capacity` files at once (the oldest are
+    closed) and none longer than `seconds` (a file replaced in place is opened again)."""
+    from rasterio.enums import Resampling
+    from stackstac.raster_spec import RasterSpec
+    from stackstac.rio_reader import SelfCleaningDatasetReader
+
+    import sr_batch.cube as cube
+
+    kept = cube.KeptDatasets(capacity=2, seconds=3600.0)
+    monkeypatch.setattr(cube, "KEPT_DATASETS", kept)
+    opened: list[str] = []
+    original = SelfCleaningDatasetReader.__init__
+
+    def counting(self: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        opened.append(str(path))
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(SelfCleaningDatasetReader, "__init__", counting)
+    spec = RasterSpec(epsg=3035, bounds=(GRID_WEST, GRID_NORTH - 900, GRID_WEST + 800, GRID_NORTH), resolutions_xy=(10.0, 10.0))
+    transform = Affine(10, 0, GRID_WEST - 70, 0, -10, GRID_NORTH + 50)
+    urls = [write_asset(tmp_path / f"asset-{k}.tif", np.nan_to_num(source_cube.B4.values[7 + k]), transform) for k in range(3)]
+
+    def read(url: str, window: Window) -> np.ndarray:
+        reader = cube.AssetReader(url=url, spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+        values = reader.read(window)
+        reader.close()  # as stackstac's reader is let go after its task
+        return values
+
+    first, second = Window(0, 0, 40, 40), Window(30, 30, 40, 40)
+    expected = read(urls[0], first)
+    assert read(urls[0], second)[:10, :10].tolist() == expected[30:, 30:].tolist() and len(opened) == 1, "one open for two windows"
+    read(urls[1], first)
+    read(urls[0], first)
+    assert len(opened) == 2, "both files kept"
+    read(urls[2], first)  # a third: the least recently used (asset-1) is closed
+    read(urls[0], first)
+    assert len(opened) == 3
+    read(urls[1], first)
+    assert len(opened) == 4 and opened[-1].endswith("asset-1.tif")
+
+    kept.seconds = 0.0  # kept past its time: opened again
+    np.testing.assert_array_equal(read(urls[1], first), read(urls[1], first))
+    assert len(opened) == 6
