@@ -249,7 +249,7 @@ class AssetReader(AutoParallelRioReader):
             except Exception as err:
                 raise RuntimeError(f"Error opening {self.url!r}: {err!r}") from err
         lattice = asset_lattice(dataset, self.spec.epsg, self.spec.transform) if dataset.count == 1 and self.scale_offset == (1, 0) else None
-        if lattice is None:
+        if lattice is None:  # warped: stackstac opens it again, with its VRT (a warp costs far more than the open)
             dataset.close()
             return super()._open()
         threads = ThreadLocalRioDataset if dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST else SingleThreadedRioDataset
@@ -280,7 +280,7 @@ class AssetReader(AutoParallelRioReader):
 
 
 class KeptDatasets:
-    """Assets read on the lattice, kept open between reads in this process, the most recently used first.
+    """Assets read on the lattice, kept open between reads in this process (the least recently used closed first).
 
     A job reads each tile's window in a task of its own, and stackstac makes a task's readers afresh, so
     every read opened its file again: half of a read's time at 256 px tiles (bench/RESULTS.md), and on
@@ -314,12 +314,6 @@ class KeptDatasets:
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1][1].close()
         return opened
-
-    def clear(self) -> None:
-        with self._lock:
-            for _, opened in self._open.values():
-                opened.close()
-            self._open.clear()
 
 
 KEPT_DATASETS = KeptDatasets(capacity=128, seconds=300.0)
