@@ -1,7 +1,9 @@
 """Stage 2, the lazy cube: the job's grid and a stackstac array of harmonised 10 m digital numbers.
 
 The grid is the source's own pixel grid (one projected CRS per job, 10 m, origin taken from the
-items), so nothing is resampled when the items are already on it. Values stay uint16 with nodata 0
+items), so nothing is resampled when the items are already on it: such assets (the 10 m bands, the
+20 m SCL) are read straight from their files and kept open for the next windows (AssetReader), where
+stackstac would warp them; an item in another UTM zone is warped. Values stay uint16 with nodata 0
 (a quarter of stackstac's float64 default) and are harmonised to one meaning across processing
 baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
 item from its metadata, never guessed from the date.
