@@ -263,6 +263,7 @@ class _HeldJob:
     running: Future
     lines: list[str]
     release: Path
+    spec: Any
 
 
 @contextlib.contextmanager
@@ -283,9 +284,19 @@ def _a_job_held_after_its_first_task(tmp_path: Path, stac_url: str, catalog, mon
         try:
             while not any(line.startswith("Computing") for line in lines) and not running.done():  # the job has sized its window
                 time.sleep(0.1)
-            yield _HeldJob(cluster, client, running, lines, release)
+            yield _HeldJob(cluster, client, running, lines, release, spec)
         finally:
             release.touch()  # a failed test must not leave the job held, and the pool waiting for it
+
+
+def _started(ref: Any, href: str) -> None:
+    """In a worker: what its first task would start, the network and the reading of an asset."""
+    import rasterio
+
+    superres_module.warm_up(ref)
+    with rasterio.open(href) as dataset:
+        dataset.crs.to_epsg()
+        dataset.read(1, window=((0, 8), (0, 8)))
 
 
 def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Path, stac_url: str, catalog, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,6 +309,11 @@ def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Pa
         assert "up to 1 at once" in job.lines[-1], job.lines[-1]
         job.cluster.scale(2)
         job.client.wait_for_workers(2, timeout=120)
+        # A new process's start (PyTorch, the network, GDAL and PROJ at its first read) is its own cost,
+        # seconds on 2 shared cores against these tiny tasks: what is checked is how the job shares its
+        # tasks once the newcomer can run them.
+        (newcomer,) = set(job.client.scheduler_info(n_workers=-1)["workers"]) - {first}
+        job.client.run(_started, model_ref(job.spec), catalog.items[0]["assets"]["red"]["href"], workers=[newcomer])
         job.release.touch()
         result = job.running.result(timeout=600)
         tasks, held = job.client.run_on_scheduler(_asked_and_held)
@@ -305,13 +321,11 @@ def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Pa
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
     print("ASKED", asked, "ORDER", "".join("J" if ran == joined else "f" for _, _, ran in tasks))
-    # The newcomer is asked for one of the first tasks once it has joined. Its first task is slow (a new
-    # process starts PyTorch, the network and its readers), meanwhile the first worker runs many of these
-    # small tasks; from then on the two share the rest, a task per slot each.
+    # The newcomer is asked for one of the first tasks once it has joined, and from then on the two
+    # share the rest, a task per slot each.
     ran = [worker for _, _, worker in tasks]
     assert joined in ran[1:3], ran
-    second = ran.index(joined, ran.index(joined) + 1)
-    assert len(ran) - second >= 6 and ran[second:].count(joined) >= (len(ran) - second) // 3, (asked, ran)
+    assert ran[1:].count(joined) >= (len(ran) - 1) // 3, (asked, ran)
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
     assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in job.lines), job.lines
 
