@@ -2,10 +2,10 @@
 
 The grid is the source's own pixel grid (one projected CRS per job, 10 m, origin taken from the
 items), so nothing is resampled when the items are already on it: such assets (the 10 m bands, the
-20 m SCL) are read straight from their files and kept open for the next windows (AssetReader), where
-stackstac would warp them; an item in another UTM zone is warped. Values stay uint16 with nodata 0
-(a quarter of stackstac's float64 default) and are harmonised to one meaning across processing
-baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
+20 m SCL) are read straight from their files (AssetReader), where stackstac would warp them; an item
+in another UTM zone is warped. Either way a file stays open for the next windows. Values stay uint16
+with nodata 0 (a quarter of stackstac's float64 default) and are harmonised to one meaning across
+processing baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
 item from its metadata, never guessed from the date.
 
 Every band is in one chunk, and the callers choose the spatial chunks: the plan reads only the SCL
@@ -240,8 +240,8 @@ class AssetReader(AutoParallelRioReader):
         return {**super().__getstate__(), "errors_as_nodata": self.as_nodata}
 
     def _open(self) -> Any:
-        """The asset's dataset as read on the lattice where it is on it (kept open for the next reads of
-        this process: KEPT_DATASETS), else as stackstac opens it (warped)."""
+        """The asset's dataset as read on the lattice where it is on it, else as stackstac opens it
+        (warped); kept open for the next reads of this process (KEPT_DATASETS)."""
         key = (self.url, self.spec.epsg, tuple(self.spec.transform))
         if (kept := KEPT_DATASETS.get(key)) is not None:
             return kept
@@ -253,15 +253,13 @@ class AssetReader(AutoParallelRioReader):
         lattice = asset_lattice(dataset, self.spec.epsg, self.spec.transform) if dataset.count == 1 and self.scale_offset == (1, 0) else None
         if lattice is None:  # warped: stackstac opens it again, with its VRT (a warp costs far more than the open)
             dataset.close()
-            return super()._open()
+            return KEPT_DATASETS.keep(key, super()._open())
         threads = ThreadLocalRioDataset if dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST else SingleThreadedRioDataset
         return KEPT_DATASETS.keep(key, OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width))
 
     def close(self) -> None:
-        """Let go of the dataset; one read on the lattice stays open in KEPT_DATASETS for the next reader."""
+        """Let go of the dataset, which stays open in KEPT_DATASETS for the next reader (it closes it)."""
         with self._dataset_lock:
-            if self._dataset is not None and not isinstance(self._dataset, OnLattice):
-                self._dataset.close()
             self._dataset = None
 
     def read(self, window: Any, **options: Any) -> np.ndarray:
@@ -282,21 +280,22 @@ class AssetReader(AutoParallelRioReader):
 
 
 class KeptDatasets:
-    """Assets read on the lattice, kept open between reads in this process (the least recently used closed first).
+    """Assets kept open between reads in this process (the least recently used closed first): on the
+    lattice (OnLattice) or warped (stackstac's dataset and its VRT).
 
     A job reads each tile's window in a task of its own, and stackstac makes a task's readers afresh, so
     every read opened its file again: half of a read's time at 256 px tiles (bench/RESULTS.md), and on
-    object storage a request for the file's header. The next window of the same days reads the same
+    object storage a request for the file's header (a warped asset also made its VRT again). The next window of the same days reads the same
     files. At most `capacity` stay open (a dataset per reading thread: file descriptors, and GDAL's
     block cache, cube.READ_CACHE_BYTES, holds blocks of open datasets only), each for `seconds` at most,
     so a file replaced in place is opened again within that time."""
 
     def __init__(self, capacity: int, seconds: float) -> None:
         self.capacity, self.seconds = capacity, seconds
-        self._open: OrderedDict[Any, tuple[float, OnLattice]] = OrderedDict()
+        self._open: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Any) -> OnLattice | None:
+    def get(self, key: Any) -> Any:
         with self._lock:
             entry = self._open.get(key)
             if entry is None:
@@ -308,7 +307,7 @@ class KeptDatasets:
             self._open.move_to_end(key)
             return entry[1]
 
-    def keep(self, key: Any, opened: OnLattice) -> OnLattice:
+    def keep(self, key: Any, opened: Any) -> Any:
         with self._lock:
             if (earlier := self._open.pop(key, None)) is not None:
                 earlier[1].close()

@@ -324,11 +324,11 @@ def test_scenes_served_as_real_sentinel2_are_read_on_their_lattice(tmp_path: Pat
     assert (cube.values > 0).all()
 
 
-def test_assets_read_on_the_lattice_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
+def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dataset, tmp_path: Path, monkeypatch) -> None:
     """stackstac makes each read task's readers afresh, which opened every file again for every window
-    (half a read's time at 256 px tiles). An asset read on the lattice stays open in the process for the
-    next reader: opened once for several windows, yet at most `capacity` files at once (the oldest are
-    closed) and none longer than `seconds` (a file replaced in place is opened again)."""
+    (half a read's time at 256 px tiles). An asset stays open in the process for the next reader, read
+    on the lattice or warped: opened once for several windows, yet at most `capacity` files at once (the
+    oldest are closed) and none longer than `seconds` (a file replaced in place is opened again)."""
     from rasterio.enums import Resampling
     from stackstac.raster_spec import RasterSpec
     from stackstac.rio_reader import SelfCleaningDatasetReader
@@ -349,8 +349,10 @@ def test_assets_read_on_the_lattice_stay_open_for_the_next_windows_within_bounds
     transform = Affine(10, 0, GRID_WEST - 70, 0, -10, GRID_NORTH + 50)
     urls = [write_asset(tmp_path / f"asset-{k}.tif", np.nan_to_num(source_cube.B4.values[7 + k]), transform) for k in range(3)]
 
+    options = dict(spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+
     def read(url: str, window: Window) -> np.ndarray:
-        reader = cube.AssetReader(url=url, spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+        reader = cube.AssetReader(url=url, **options)
         values = reader.read(window)
         reader.close()  # as stackstac's reader is let go after its task
         return values
@@ -370,3 +372,16 @@ def test_assets_read_on_the_lattice_stay_open_for_the_next_windows_within_bounds
     kept.seconds = 0.0  # kept past its time: opened again
     np.testing.assert_array_equal(read(urls[1], first), read(urls[1], first))
     assert len(opened) == 6
+
+    # A warped asset (another UTM zone) is kept too, with its VRT: opened twice (a look at its grid, then
+    # stackstac's) for its first window, not again for the next.
+    from pyproj import Transformer
+    from stackstac.rio_reader import AutoParallelRioReader
+
+    kept.seconds = 3600.0
+    west, north = Transformer.from_crs(3035, 32634, always_xy=True).transform(GRID_WEST - 70, GRID_NORTH + 50)
+    warped_url = write_asset(tmp_path / "utm34.tif", np.nan_to_num(source_cube.B4.values[7]), Affine(10, 0, west, 0, -10, north), epsg=32634)
+    read(warped_url, first)
+    assert len(opened) == 8
+    np.testing.assert_array_equal(read(warped_url, second), AutoParallelRioReader(url=warped_url, **options).read(second))
+    assert len(opened) == 9, "the second window's read reused the warped asset (only stackstac's own reader opened it)"
