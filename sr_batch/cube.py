@@ -309,6 +309,8 @@ class KeptDatasets:
 
     def keep(self, key: Any, opened: Any) -> Any:
         with self._lock:
+            if not self._open:
+                allow_open_files(OPEN_FILES_WANTED)
             if (earlier := self._open.pop(key, None)) is not None:
                 earlier[1].close()
             self._open[key] = (time.monotonic(), opened)
@@ -319,7 +321,29 @@ class KeptDatasets:
 
 KEPT_DATASETS = KeptDatasets(capacity=128, seconds=300.0)
 """This process's assets kept open: 128, enough for the 8 days x 5 assets of a window of 8 frames
-several times over, few enough for a process's file descriptors with a few reading threads."""
+several times over."""
+OPEN_FILES_WANTED = 8192
+"""Open files a reading process asks to be allowed (its soft limit, within the hard one): each of its
+reading threads keeps a dataset of every kept asset, 128 x 8 threads on a large machine's CPU worker,
+where a soft limit of 1024 (a common default) would make opens fail."""
+
+
+def allow_open_files(wanted: int) -> int:
+    """Raise this process's soft limit on open files to `wanted`, or to the hard limit below it; never
+    lower it. Returns the soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit to raise
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 @dataclass(frozen=True)

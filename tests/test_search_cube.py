@@ -385,3 +385,42 @@ def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dat
     assert len(opened) == 8
     np.testing.assert_array_equal(read(warped_url, second), AutoParallelRioReader(url=warped_url, **options).read(second))
     assert len(opened) == 9, "the second window's read reused the warped asset (only stackstac's own reader opened it)"
+
+
+def test_a_reading_process_raises_its_open_file_limit_within_the_hard_one(tmp_path: Path) -> None:
+    """Kept assets take a file per reading thread: a process starting with a soft limit of 256 open
+    files (within a hard limit of 2048) is allowed the hard limit once it keeps a dataset; a higher
+    soft limit is never lowered."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys
+import numpy as np
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+from stackstac.raster_spec import RasterSpec
+import rasterio
+from sr_batch.cube import AssetReader
+
+soft, hard = (int(value) for value in sys.argv[1:3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+path = sys.argv[3]
+with rasterio.open(path, "w", driver="GTiff", dtype="uint16", width=16, height=16, count=1, crs="EPSG:3035", transform=Affine(10, 0, 0, 0, -10, 160)) as dst:
+    dst.write(np.ones((16, 16), np.uint16), 1)
+spec = RasterSpec(epsg=3035, bounds=(0, 0, 160, 160), resolutions_xy=(10.0, 10.0))
+reader = AssetReader(url=path, spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+assert reader.read(Window(0, 0, 16, 16)).all()
+print(*resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+    import resource
+
+    cases = [(256, 2048, 2048)]  # a process may always lower its hard limit
+    hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard_now == resource.RLIM_INFINITY or hard_now >= 20000:
+        cases += [(4000, 20000, 8192), (16000, 20000, 16000)]
+    for soft, hard, expected in cases:
+        done = subprocess.run([sys.executable, "-c", script, str(soft), str(hard), str(tmp_path / f"{soft}.tif")], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == [str(expected), str(hard)], (soft, hard, done.stdout)
