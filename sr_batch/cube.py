@@ -251,15 +251,22 @@ class AssetReader(AutoParallelRioReader):
             except Exception as err:
                 raise RuntimeError(f"Error opening {self.url!r}: {err!r}") from err
         lattice = asset_lattice(dataset, self.spec.epsg, self.spec.transform) if dataset.count == 1 and self.scale_offset == (1, 0) else None
+        # Only datasets with a copy per reading thread are shared: another driver's one dataset, closed
+        # by KEPT_DATASETS while a reader still held it, would fail that reader's next read.
+        shared = dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST
         if lattice is None:  # warped: stackstac opens it again, with its VRT (a warp costs far more than the open)
             dataset.close()
-            return KEPT_DATASETS.keep(key, super()._open())
-        threads = ThreadLocalRioDataset if dataset.driver in MULTITHREADED_DRIVER_ALLOWLIST else SingleThreadedRioDataset
-        return KEPT_DATASETS.keep(key, OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width))
+            opened = super()._open()
+        else:
+            threads = ThreadLocalRioDataset if shared else SingleThreadedRioDataset
+            opened = OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width)
+        return KEPT_DATASETS.keep(key, opened) if shared else opened
 
     def close(self) -> None:
-        """Let go of the dataset, which stays open in KEPT_DATASETS for the next reader (it closes it)."""
+        """Let go of the dataset; one KEPT_DATASETS holds stays open for the next reader (it closes it)."""
         with self._dataset_lock:
+            if self._dataset is not None and not KEPT_DATASETS.holds(self._dataset):
+                self._dataset.close()
             self._dataset = None
 
     def read(self, window: Any, **options: Any) -> np.ndarray:
@@ -285,8 +292,8 @@ class KeptDatasets:
 
     A job reads each tile's window in a task of its own, and stackstac makes a task's readers afresh, so
     every read opened its file again: half of a read's time at 256 px tiles (bench/RESULTS.md), and on
-    object storage a request for the file's header (a warped asset also made its VRT again). The next window of the same days reads the same
-    files. At most `capacity` stay open (a dataset per reading thread: file descriptors, and GDAL's
+    object storage a request for the file's header (a warped asset also made its VRT again). The next
+    window of the same days reads the same files. At most `capacity` stay open (a dataset per reading thread: file descriptors, and GDAL's
     block cache, cube.READ_CACHE_BYTES, holds blocks of open datasets only), each for `seconds` at most,
     so a file replaced in place is opened again within that time."""
 
@@ -306,6 +313,10 @@ class KeptDatasets:
                 return None
             self._open.move_to_end(key)
             return entry[1]
+
+    def holds(self, opened: Any) -> bool:
+        with self._lock:
+            return any(kept is opened for _, kept in self._open.values())
 
     def keep(self, key: Any, opened: Any) -> Any:
         with self._lock:

@@ -328,7 +328,9 @@ def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dat
     """stackstac makes each read task's readers afresh, which opened every file again for every window
     (half a read's time at 256 px tiles). An asset stays open in the process for the next reader, read
     on the lattice or warped: opened once for several windows, yet at most `capacity` files at once (the
-    oldest are closed) and none longer than `seconds` (a file replaced in place is opened again)."""
+    oldest are closed) and none longer than `seconds` (a file replaced in place is opened again). A
+    driver without a dataset per reading thread is not shared: closed while a reader held it, it would
+    fail that reader's next read."""
     from rasterio.enums import Resampling
     from stackstac.raster_spec import RasterSpec
     from stackstac.rio_reader import SelfCleaningDatasetReader
@@ -385,6 +387,13 @@ def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dat
     assert len(opened) == 8
     np.testing.assert_array_equal(read(warped_url, second), AutoParallelRioReader(url=warped_url, **options).read(second))
     assert len(opened) == 9, "the second window's read reused the warped asset (only stackstac's own reader opened it)"
+
+    # A driver GDAL cannot read from several threads gets one dataset, which is not shared: opened per reader.
+    image = tmp_path / "asset.img"
+    with rasterio.open(image, "w", driver="HFA", dtype="uint16", width=130, height=140, count=1, crs="EPSG:3035", transform=transform) as dst:
+        dst.write(np.nan_to_num(source_cube.B4.values[7:8]).repeat(2, axis=1).repeat(2, axis=2)[:, :140, :130].astype(np.uint16))
+    np.testing.assert_array_equal(read(image.as_uri(), first), read(image.as_uri(), first))
+    assert len(opened) == 11 and opened[-1].endswith("asset.img")
 
 
 def test_a_reading_process_raises_its_open_file_limit_within_the_hard_one(tmp_path: Path) -> None:
