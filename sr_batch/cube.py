@@ -3,10 +3,10 @@
 The grid is the source's own pixel grid (one projected CRS per job, 10 m, origin taken from the
 items), so nothing is resampled when the items are already on it: such assets (the 10 m bands, the
 20 m SCL) are read straight from their files (AssetReader), where stackstac would warp them; an item
-in another UTM zone is warped. Either way a file stays open for the next windows. Values stay uint16
-with nodata 0 (a quarter of stackstac's float64 default) and are harmonised to one meaning across
-processing baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that offset is read per
-item from its metadata, never guessed from the date.
+in another UTM zone is warped. Either way a GeoTIFF stays open for the next windows. Values stay
+uint16 with nodata 0 (a quarter of stackstac's float64 default) and are harmonised to one meaning
+across processing baselines: reflectance = DN / 10000. Baseline 04.00 and later store DN + 1000; that
+offset is read per item from its metadata, never guessed from the date.
 
 Every band is in one chunk, and the callers choose the spatial chunks: the plan reads only the SCL
 band, by tile; the super-resolution reads each tile's window (tile and halo) as one chunk, with
@@ -218,7 +218,7 @@ def load_cube(
 
 
 class AssetReader(AutoParallelRioReader):
-    """stackstac's reader of one asset, with two changes.
+    """stackstac's reader of one asset, with three changes.
 
     An asset on the job's pixel lattice is read straight from its file. stackstac warps any asset whose
     grid is not exactly the job's (a WarpedVRT, nearest neighbour), and a job's grid is the AOI's block
@@ -228,6 +228,8 @@ class AssetReader(AutoParallelRioReader):
     20 m SCL, which nearest-neighbour warping only repeats), the window is read from the file and its
     pixels repeated: the values warping gives, pixel for pixel (test_search_cube). Any other asset
     (another UTM zone, a shifted lattice, rescaled values) is warped as before.
+
+    A GeoTIFF, on the lattice or warped, stays open for the next readers in this process (KEPT_DATASETS).
 
     A read error stackstac would turn into no data is also reported: stackstac only warns in the
     worker's log, where no one counts."""
