@@ -16,12 +16,14 @@ only the dates its windows use (tiles.window_reads).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import shapely
@@ -244,7 +246,7 @@ class AssetReader(AutoParallelRioReader):
     def _open(self) -> Any:
         """The asset's dataset as read on the lattice where it is on it, else as stackstac opens it
         (warped); kept open for the next reads of this process (KEPT_DATASETS)."""
-        key = (self.url, self.spec.epsg, tuple(self.spec.transform))
+        key = (self.url, local_file_version(self.url), self.spec.epsg, tuple(self.spec.transform))
         if (kept := KEPT_DATASETS.get(key)) is not None:
             return kept
         with self.gdal_env.open:
@@ -295,9 +297,11 @@ class KeptDatasets:
     A job reads each tile's window in a task of its own, and stackstac makes a task's readers afresh, so
     every read opened its file again: half of a read's time at 256 px tiles (bench/RESULTS.md), and on
     object storage a request for the file's header (a warped asset also made its VRT again). The next
-    window of the same days reads the same files. At most `capacity` stay open (a dataset per reading thread: file descriptors, and GDAL's
-    block cache, cube.READ_CACHE_BYTES, holds blocks of open datasets only), each for `seconds` at most,
-    so a file replaced in place is opened again within that time."""
+    window of the same days reads the same files. At most `capacity` stay open (a dataset per reading
+    thread: file descriptors, and GDAL's block cache, cube.READ_CACHE_BYTES, holds blocks of open
+    datasets only), each for `seconds` at most, so that a remote file replaced in place is opened again
+    within that time. A key is (url, version, ...): a local file's version (`local_file_version`)
+    changes when it is rewritten or replaced, and keeping a new version closes the old one's dataset."""
 
     def __init__(self, capacity: int, seconds: float) -> None:
         self.capacity, self.seconds = capacity, seconds
@@ -324,12 +328,30 @@ class KeptDatasets:
         with self._lock:
             if not self._open:
                 allow_open_files(OPEN_FILES_WANTED)
-            if (earlier := self._open.pop(key, None)) is not None:
-                earlier[1].close()
+            for earlier in [k for k in self._open if k == key or k[:1] == key[:1] and k[1:2] != key[1:2]]:
+                self._open.pop(earlier)[1].close()  # the same key, or an older version of the file
             self._open[key] = (time.monotonic(), opened)
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1][1].close()
         return opened
+
+
+def local_file_version(url: str) -> tuple[int, int, int] | None:
+    """(inode, size, modification time in ns) of a local file (a plain path or a file:// URI), which
+    changes when the file is rewritten or replaced (renamed over); None for a remote asset or a file
+    that cannot be seen (its open then fails as it would). A stat costs microseconds a read; a remote
+    file has no such cheap check, so a kept one is trusted for `KeptDatasets.seconds`."""
+    if url.startswith("file://"):
+        path = unquote(urlparse(url).path)
+    elif "://" in url or url.startswith("/vsi"):
+        return None
+    else:
+        path = url
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 KEPT_DATASETS = KeptDatasets(capacity=128, seconds=300.0)

@@ -4,6 +4,8 @@ with the processing-baseline 04.00 offset, as reprocessed duplicates, and split 
 from __future__ import annotations
 
 import copy
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -328,9 +330,9 @@ def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dat
     """stackstac makes each read task's readers afresh, which opened every file again for every window
     (half a read's time at 256 px tiles). An asset stays open in the process for the next reader, read
     on the lattice or warped: opened once for several windows, yet at most `capacity` files at once (the
-    oldest are closed) and none longer than `seconds` (a file replaced in place is opened again). A
-    driver without a dataset per reading thread is not shared: closed while a reader held it, it would
-    fail that reader's next read."""
+    oldest are closed) and none longer than `seconds` (a remote file replaced in place is opened again;
+    a local one is as soon as it changes, next test). A driver without a dataset per reading thread is
+    not shared: closed while a reader held it, it would fail that reader's next read."""
     from rasterio.enums import Resampling
     from stackstac.raster_spec import RasterSpec
     from stackstac.rio_reader import SelfCleaningDatasetReader
@@ -394,6 +396,47 @@ def test_assets_stay_open_for_the_next_windows_within_bounds(source_cube: xr.Dat
         dst.write(np.nan_to_num(source_cube.B4.values[7:8]).repeat(2, axis=1).repeat(2, axis=2)[:, :140, :130].astype(np.uint16))
     np.testing.assert_array_equal(read(image.as_uri(), first), read(image.as_uri(), first))
     assert len(opened) == 11 and opened[-1].endswith("asset.img")
+
+
+@pytest.mark.parametrize("how", ["rewritten", "renamed over"])
+def test_a_kept_local_file_replaced_in_place_is_read_anew(source_cube: xr.Dataset, tmp_path: Path, monkeypatch, how: str) -> None:
+    """A local asset kept open is read from its new content as soon as it is rewritten in place or
+    replaced by a rename (as a mirror updates a reprocessed scene), not after the kept time; the old
+    version's dataset is closed, and an unchanged file is not opened again."""
+    from rasterio.enums import Resampling
+    from stackstac.raster_spec import RasterSpec
+
+    import sr_batch.cube as cube
+
+    kept = cube.KeptDatasets(capacity=8, seconds=3600.0)
+    monkeypatch.setattr(cube, "KEPT_DATASETS", kept)
+    spec = RasterSpec(epsg=3035, bounds=(GRID_WEST, GRID_NORTH - 900, GRID_WEST + 800, GRID_NORTH), resolutions_xy=(10.0, 10.0))
+    transform = Affine(10, 0, GRID_WEST - 70, 0, -10, GRID_NORTH + 50)
+    options = dict(spec=spec, resampling=Resampling.nearest, dtype=np.dtype("uint16"), fill_value=np.uint16(0), scale_offset=(1, 0))
+    window = Window(0, 0, 40, 40)
+
+    def read(url: str) -> np.ndarray:
+        reader = cube.AssetReader(url=url, **options)
+        values = reader.read(window)
+        reader.close()
+        return values
+
+    path = tmp_path / "asset.tif"
+    old, new = (np.nan_to_num(source_cube.B4.values[day]) for day in (7, 8))
+    url = write_asset(path, old, transform)
+    before = read(url)
+    assert read(url).tolist() == before.tolist() and len(kept._open) == 1
+    first_dataset = next(iter(kept._open.values()))[1]
+    time.sleep(0.05)  # file times tick in milliseconds: a rewrite in the same tick, same size and inode, would look unchanged
+    if how == "rewritten":
+        write_asset(path, new, transform)
+    else:
+        write_asset(tmp_path / "new.tif", new, transform)
+        os.replace(tmp_path / "new.tif", path)
+    after = read(url)
+    np.testing.assert_array_equal(before, old[5:45, 7:47].astype(np.uint16))  # the grid starts 5 rows, 7 columns into the asset
+    np.testing.assert_array_equal(after, new[5:45, 7:47].astype(np.uint16), err_msg="the kept dataset of the old file was read")
+    assert len(kept._open) == 1 and next(iter(kept._open.values()))[1] is not first_dataset, "the old version stays kept"
 
 
 def test_a_reading_process_raises_its_open_file_limit_within_the_hard_one(tmp_path: Path) -> None:
