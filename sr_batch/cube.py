@@ -327,7 +327,7 @@ class KeptDatasets:
     def keep(self, key: Any, opened: Any) -> Any:
         with self._lock:
             if not self._open:
-                allow_open_files(OPEN_FILES_WANTED)
+                self.capacity = min(self.capacity, assets_to_keep(allow_open_files(OPEN_FILES_WANTED), reading_threads()))
             for earlier in [k for k in self._open if k == key or k[:1] == key[:1] and k[1:2] != key[1:2]]:
                 self._open.pop(earlier)[1].close()  # the same key, or an older version of the file
             self._open[key] = (time.monotonic(), opened)
@@ -360,7 +360,25 @@ several times over."""
 OPEN_FILES_WANTED = 8192
 """Open files a reading process asks to be allowed (its soft limit, within the hard one): each of its
 reading threads keeps a dataset of every kept asset, 128 x 8 threads on a large machine's CPU worker,
-where a soft limit of 1024 (a common default) would make opens fail."""
+where a soft limit of 1024 (a common default) would make opens fail. Where the hard limit is lower,
+fewer assets are kept (`assets_to_keep`)."""
+
+
+def assets_to_keep(open_files: int, threads: int) -> int:
+    """Kept assets that fit half of a soft limit of `open_files` (the rest stays for sockets, outputs and
+    libraries) where each takes a file per reading thread: a hard limit of 1024 with 32 reading threads
+    keeps 16, not 128 that would make opens fail."""
+    return max(8, open_files // 2 // max(1, threads))
+
+
+def reading_threads() -> int:
+    """Threads that may read in this process: a Dask worker's, or else one per core (a local scheduler's pool)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return os.cpu_count() or 1
 
 
 def allow_open_files(wanted: int) -> int:
