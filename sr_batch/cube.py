@@ -383,7 +383,7 @@ def reading_threads() -> int:
 
 def allow_open_files(wanted: int) -> int:
     """Raise this process's soft limit on open files to `wanted`, or to the hard limit below it; never
-    lower it. Returns the soft limit in force."""
+    lower it. Returns the soft limit in force (`wanted` where there is none)."""
     try:
         import resource
     except ImportError:  # not a Unix: no such limit to raise
@@ -396,7 +396,7 @@ def allow_open_files(wanted: int) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    return soft
+    return wanted if soft == resource.RLIM_INFINITY else soft
 
 
 @dataclass(frozen=True)
