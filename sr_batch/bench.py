@@ -3,6 +3,8 @@
 1. Model only: the checkpoint on the current device, one tile-sized batch repeated, for each
    precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast where the device runs them natively) and
    torch.compile mode (`--model-only-compile`; on a GPU max-autotune is the fastest, the figure a GPU job is held to).
+   On a CPU also in the processes a job's workers are (`--workers`), all at once: eager in fp32 and in
+   the jobs' precision, and compiled in that precision, each mode.
 2. On a GPU, the tile task alone: a job's task on a real tile with its halo, without Dask, 1 to 4 at
    a time. Between 1 and 3 it says what the task adds to the network and what the pipeline adds to
    the task, and whether more tasks side by side would keep the GPU busier. One-date tasks (a nightly
@@ -67,7 +69,18 @@ from sr_batch.model import LoadedModel
 from sr_batch.plan import SCALE
 from sr_batch.sample import COLLECTION_ID, SampleCatalog, collection_for, open_sample_cube, sample_aoi, write_date
 from sr_batch.spec import Tiling
-from sr_batch.superres import STAGE_PREFIX, ModelRef, Runner, auto_precision, cpu_has_bf16_matrix_units, load_model, pick_autocast, pick_device, prepare_windows
+from sr_batch.superres import (
+    STAGE_PREFIX,
+    ModelRef,
+    Runner,
+    auto_precision,
+    cpu_has_bf16_matrix_units,
+    keep_compiled_kernels,
+    load_model,
+    pick_autocast,
+    pick_device,
+    prepare_windows,
+)
 from sr_batch.tiles import TILE_TOPIC, read_windows
 
 KM2_PER_MPX = 100.0
@@ -145,7 +158,9 @@ def best_model_only_again(best: dict[str, Any], loaded: LoadedModel, device: tor
     drifts by tens of percent over minutes (bench/RESULTS.md): a ratio to one reading taken minutes
     before the jobs would carry that drift, so the ratios use both readings and show their spread."""
     if "processes" in best:
-        return model_only_on_workers(args.checkpoint, args.tile, best["batch"], best["repeats"], best["processes"], best["threads"], best["precision"])
+        return model_only_on_workers(
+            args.checkpoint, args.tile, best["batch"], best["repeats"], best["processes"], best["threads"], best["precision"], best["compile"]
+        )
     with allocating_as_cpu_workers() if device.type == "cpu" else contextlib.nullcontext():
         return model_only(loaded, device, args.tile, args.batch, args.repeats, [best["compile"]] if best["compile"] != "off" else [], only=best["variant"])[0]
 
@@ -158,25 +173,30 @@ def _model_input(loaded: LoadedModel, tile: int, batch: int, device: torch.devic
     return torch.from_numpy(stack).to(device), torch.from_numpy(alphas).to(device)
 
 
-def model_only_on_workers(checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int, precision: str = "fp32") -> dict[str, Any]:
+def model_only_on_workers(
+    checkpoint: str, tile: int, batch: int, repeats: int, workers: int, threads: int, precision: str = "fp32", compile_mode: str = "off"
+) -> dict[str, Any]:
     """channels_last in `precision` (fp32, or an autocast dtype) in `workers` processes of `threads` torch
-    threads at once, as a CPU job's workers run it, timed as a group. One process with every core can be
+    threads at once, as a CPU job's workers run it, timed as a group; compiled with `compile_mode` as a
+    compiled job's workers run it (with sr-batch's kernel cache). One process with every core can be
     slower than that, and end to end ÷ model only must compare with the best the machine does."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     ready, results = context.Barrier(workers), context.Queue()
-    processes = [context.Process(target=_worker_rate, args=(checkpoint, tile, batch, repeats, threads, precision, ready, results)) for _ in range(workers)]
+    arguments = (checkpoint, tile, batch, repeats, threads, precision, compile_mode, ready, results)
+    processes = [context.Process(target=_worker_rate, args=arguments) for _ in range(workers)]
     with cpu_allocator_environment():  # they start with the allocator of a job's CPU workers
         for process in processes:
             process.start()
     layout = "fp32 channels_last" if precision == "fp32" else f"{precision} autocast + channels_last"
+    layout += f" + torch.compile({compile_mode})" if compile_mode != "off" else ""
     name = f"{layout}, {workers} processes x {threads} thread{'s' if threads > 1 else ''}, batch {batch}"
     spans = _spans_of(processes, results, name)
     # The group's rate from the first start to the last end: a process that finishes early does not
     # count the time the others then run with the machine to themselves.
     mpx = workers * batch * repeats * tile * tile / 1e6 / (max(end for _, end in spans) - min(start for start, _ in spans))
-    row = {"variant": name, "compile": "off", "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX}
+    row = {"variant": name, "compile": compile_mode, "lr_mpx_per_s": mpx, "km2_date_per_s": mpx * KM2_PER_MPX}
     return row | {"processes": workers, "threads": threads, "batch": batch, "repeats": repeats, "precision": precision}
 
 
@@ -210,13 +230,15 @@ def _spans_of(processes: list[Any], results: Any, name: str) -> list[tuple[float
     return spans
 
 
-def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, precision: str, ready: Any, results: Any) -> None:
-    """One process of `model_only_on_workers`: warm up, wait for the others, then time the repeats."""
+def _worker_rate(checkpoint: str, tile: int, batch: int, repeats: int, threads: int, precision: str, compile_mode: str, ready: Any, results: Any) -> None:
+    """One process of `model_only_on_workers`: warm up (compiling), wait for the others, then time the repeats."""
     torch.set_num_threads(threads)
+    if compile_mode != "off":
+        keep_compiled_kernels()
     loaded = load_model(ModelRef(checkpoint=checkpoint))
     x, a = _model_input(loaded, tile, batch, torch.device("cpu"))
     dtype = pick_autocast(precision, torch.device("cpu")) or torch.float32
-    row = _time_variant(loaded.network, x, a, "", dtype, True, "off", repeats, torch.device("cpu"), before_timing=ready.wait)
+    row = _time_variant(loaded.network, x, a, "", dtype, True, compile_mode, repeats, torch.device("cpu"), before_timing=ready.wait)
     results.put((time.time() - row["seconds"], time.time()))
 
 
@@ -724,17 +746,19 @@ def main(argv: list[str] | None = None) -> int:
     workers, threads = cpu_worker_layout(0, args.workers)
     if device.type == "cpu" and workers > 1:
         # A CPU task's pass holds as many windows as its memory budget allows, often one: measure that too,
-        # in fp32 and in the precision the jobs run (`precision: auto` is bf16 on a CPU with AMX).
-        for precision in dict.fromkeys(("fp32", args.precision if args.precision != "auto" else auto_precision("cpu"))):
-            for batch in sorted({1, args.batch}):
-                repeats = args.repeats * args.batch // batch
-                try:
-                    report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, repeats, workers, threads, precision))
-                except ModelOnlyDied as died:
-                    if batch == 1:  # the reference a CPU job's tasks compare with
-                        raise SystemExit(f"model only: {died}") from None
-                    print(f"model only  {died}; left out")
-                    report.setdefault("model_only_died", []).append(str(died))
+        # in fp32 and in the precision the jobs run (`precision: auto` is bf16 on a CPU with AMX), and
+        # compiled in that precision: two compiled processes do more than one of every core.
+        jobs_precision = args.precision if args.precision != "auto" else auto_precision("cpu")
+        rows = [(precision, batch, "off") for precision in dict.fromkeys(("fp32", jobs_precision)) for batch in sorted({1, args.batch})]
+        for precision, batch, mode in rows + [(jobs_precision, 1, mode) for mode in modes]:
+            repeats = args.repeats * args.batch // batch
+            try:
+                report["model_only"].append(model_only_on_workers(args.checkpoint, args.tile, batch, repeats, workers, threads, precision, mode))
+            except ModelOnlyDied as died:
+                if batch == 1 and mode == "off":  # the reference a CPU job's tasks compare with
+                    raise SystemExit(f"model only: {died}") from None
+                print(f"model only  {died}; left out")
+                report.setdefault("model_only_died", []).append(str(died))
     for row in report["model_only"]:
         print(f"model only  {row['variant']:<52} {row['lr_mpx_per_s']:9.4f} LR Mpx/s  {row['km2_date_per_s']:9.2f} km²·date/s ")
     _write(report, args.out)
