@@ -3,8 +3,8 @@
 1. Model only: the checkpoint on the current device, one tile-sized batch repeated, for each
    precision/layout option (fp32 eager, channels_last, bf16/fp16 autocast where the device runs them natively) and
    torch.compile mode (`--model-only-compile`; on a GPU max-autotune is the fastest, the figure a GPU job is held to).
-   On a CPU also in the processes a job's workers are (`--workers`), all at once: eager in fp32 and in
-   the jobs' precision, and compiled in that precision, each mode.
+   On a CPU also in as many processes as a job has workers (`--workers`), all at once: eager in fp32
+   and in the jobs' precision, and compiled in that precision, in each mode.
 2. On a GPU, the tile task alone: a job's task on a real tile with its halo, without Dask, 1 to 4 at
    a time. Between 1 and 3 it says what the task adds to the network and what the pipeline adds to
    the task, and whether more tasks side by side would keep the GPU busier. One-date tasks (a nightly
