@@ -328,8 +328,9 @@ class KeptDatasets:
         with self._lock:
             if not self._open:
                 self.capacity = min(self.capacity, assets_to_keep(allow_open_files(OPEN_FILES_WANTED), reading_threads()))
-            for earlier in [k for k in self._open if k == key or k[:1] == key[:1] and k[1:2] != key[1:2]]:
-                self._open.pop(earlier)[1].close()  # the same key, or an older version of the file
+            url, version = key[:2]
+            for earlier in [k for k in self._open if k[0] == url and (k == key or k[1] != version)]:
+                self._open.pop(earlier)[1].close()  # the same key, or another version of the file
             self._open[key] = (time.monotonic(), opened)
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1][1].close()
