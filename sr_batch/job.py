@@ -25,7 +25,7 @@ import contextlib
 import datetime as dt
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -753,8 +753,7 @@ def _compute(
 ) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
     spreads them: TaskSpread.window; `workers_now` follows the workers that join or leave meanwhile),
-    time slab by time slab, tile by tile in row-major order; `on_done(unit, result)` as each returns, in
-    completion order. Progress comes from the tasks' own events (progress.py).
+    in `TaskOrder`; `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own events (progress.py).
 
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
@@ -763,38 +762,36 @@ def _compute(
     tiles.window_reads) are submitted with its first task and held until its last task is done, and no
     other unit takes them: what a job holds read is the units in flight, whatever the region's height,
     width or time range. Where the job places its tasks on CPU workers (`spread`), a unit's reads are
-    asked of its first task's worker, which reads them just before it computes: such a worker runs one
-    task per thread, so a read ahead would only wait for a thread there, or be read on another worker
-    and travel. GPU workers do not read: the other workers read `in_flight` units ahead of the tasks,
+    asked of its first task's worker, which reads them just before it computes, and the unit's next
+    tasks go to that worker (TaskOrder): such a worker runs one task per thread, so a read ahead would
+    only wait for a thread there, or be read on another worker and travel. GPU workers do not read: the other workers read `in_flight` units ahead of the tasks,
     so that a GPU task's input is there when its slot is free."""
-    units = sorted(tasks.per_unit)
-    flat = [(unit, task) for unit in units for task in tasks.per_unit[unit]]
+    order = TaskOrder(tasks.per_unit)
     split = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
     window = spread.window(in_flight) if spread else in_flight
-    echo(f"Computing {len(flat)} tile tasks{split}, up to {min(window, len(flat))} at once … (dashboard: {client.dashboard_link})")
-    place = {unit: k for k, unit in enumerate(units)}
-    first_task: dict[Unit, int] = {}
-    for position, (unit, _) in enumerate(flat):
-        first_task.setdefault(unit, position)
-    remaining = Counter(unit for unit, _ in flat)
+    echo(f"Computing {order.count} tile tasks{split}, up to {min(window, order.count)} at once … (dashboard: {client.dashboard_link})")
+    remaining = Counter({unit: len(unit_tasks) for unit, unit_tasks in tasks.per_unit.items()})
     held: dict[Unit, list[Any]] = {}
     unit_of: dict[str, Unit] = {}
-    pending = iter(enumerate(flat))
 
     def read(unit: Unit, options: dict[str, Any]) -> None:
         # Each unit's reads are asked for once, with the place of its first task as their priority.
         if unit not in held:
-            held[unit] = client.compute(tasks.reads[unit], priority=-first_task[unit], **options)
+            held[unit] = client.compute(tasks.reads[unit], priority=-order.first_task[unit], **options)
 
     def submit(count: int) -> list[Any]:
         # One submission per task, its place in the order as its priority: the cluster reads and
         # computes the tiles in that order, which one submission of many tasks would not keep.
         futures = []
-        for _, (position, (unit, task)) in zip(range(count), pending):
-            options = spread.place(task.key) if spread else {}
+        for _ in range(count):
+            worker = spread.freest() if spread else None
+            if (taken := order.take(worker)) is None:
+                break
+            position, unit, task = taken
+            options = spread.place(task.key, worker) if spread else {}
             read(unit, options)
             if not (spread and spread.slots):
-                for upcoming in units[place[unit] + 1 : place[unit] + 1 + in_flight]:
+                for upcoming in order.units_after(unit, in_flight):
                     read(upcoming, {})
             (future,) = client.compute([task], priority=-position, **options)
             unit_of[future.key] = unit
@@ -819,6 +816,62 @@ def _compute(
         # One more for the one done; more where workers joined, none while a window that shrank drains.
         for more in submit(window - running.count()):
             running.add(more)
+
+
+class TaskOrder:
+    """The order a job submits its tasks in: time slab by time slab, tile by tile in row-major order, a
+    unit's tasks (its tile's groups of dates) one after another, each task's place in that order its
+    priority. Without a worker to choose for (GPU workers, which do not read), the next task in that order.
+
+    For a CPU worker whose slot is free (`take(worker)`), the next task of a unit it reads, else the first
+    of a unit no worker has taken (which it then reads), else the next of the earliest unit with tasks
+    left (its read then travels to the worker). Taken in plain order, each unit's tasks went to both
+    workers in turn: its read, asked of its first task's worker, travelled to the other, which waited
+    1–1.5 s for it (read, then sent) at every unit, 2–3 % of a job (bench/RESULTS.md, twenty-second
+    measurement). A unit's tasks now stay on its reader, and units are shared only when none is left to
+    start (a region of one tile still keeps every worker busy). The units started are still a prefix of
+    the order, so what the job holds read stays one unit or two per slot."""
+
+    def __init__(self, per_unit: dict[Unit, list[Delayed]]) -> None:
+        self.units = sorted(per_unit)
+        positions = iter(range(sum(len(unit_tasks) for unit_tasks in per_unit.values())))
+        self.queued = {unit: deque((next(positions), task) for task in per_unit[unit]) for unit in self.units if per_unit[unit]}
+        self.count = sum(len(queue) for queue in self.queued.values())
+        self.first_task = {unit: queue[0][0] for unit, queue in self.queued.items()}
+        self._index = {unit: k for k, unit in enumerate(self.units)}
+        self._not_started = deque(self.queued)
+        self._read_by: dict[str, deque[Unit]] = {}
+
+    def take(self, worker: str | None = None) -> tuple[int, Unit, Delayed] | None:
+        """The next task for `worker` (None: in plain order), with its place and unit; None when all are taken."""
+        unit = self._unit_for(worker)
+        if unit is None:
+            return None
+        if self._not_started and self._not_started[0] == unit:
+            self._not_started.popleft()
+            if worker is not None:
+                self._read_by.setdefault(worker, deque()).append(unit)
+        queue = self.queued[unit]
+        position, task = queue.popleft()
+        if not queue:
+            del self.queued[unit]
+        return position, unit, task
+
+    def units_after(self, unit: Unit, count: int) -> list[Unit]:
+        """The `count` units after `unit` in the order (those a GPU job reads ahead)."""
+        start = self._index[unit] + 1
+        return self.units[start : start + count]
+
+    def _unit_for(self, worker: str | None) -> Unit | None:
+        if worker is not None:
+            own = self._read_by.get(worker, deque())
+            while own and own[0] not in self.queued:
+                own.popleft()
+            if own:
+                return own[0]
+            if self._not_started:
+                return self._not_started[0]
+        return next(iter(self.queued), None)
 
 
 WORKERS_LOOK_S = 2.0
@@ -888,11 +941,16 @@ class TaskSpread:
         self.in_flight: Counter[str] = Counter()
         self.worker_of: dict[Any, str] = {}
 
-    def place(self, key: Any) -> dict[str, Any]:
-        """The submission's options for the task of `key`; nothing when no worker is known."""
-        if not self.slots:
+    def freest(self) -> str | None:
+        """The worker with the fewest of the job's tasks in flight per slot; None when no worker is known."""
+        return min(self.slots, key=lambda address: self.in_flight[address] / self.slots[address]) if self.slots else None
+
+    def place(self, key: Any, worker: str | None = None) -> dict[str, Any]:
+        """The submission's options for the task of `key`, asked of `worker` (by default the freest);
+        nothing when no worker is known."""
+        worker = worker or self.freest()
+        if worker is None:
             return {}
-        worker = min(self.slots, key=lambda address: self.in_flight[address] / self.slots[address])
         self.in_flight[worker] += 1
         self.worker_of[key] = worker
         return {"workers": [worker], "allow_other_workers": True}

@@ -237,23 +237,35 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
     tasks in flight per slot, as a preference (a task whose worker left runs elsewhere). And a worker
     holds one task per slot, no more: it hears of a task's write only once the task is done, and would
     first run the next task it held, so each write (and the job's count of the worker's tasks) lagged a
-    whole task behind and the next tasks went to the other worker."""
+    whole task behind and the next tasks went to the other worker. A worker is given the next task of
+    a tile it has read, so a tile's read block does not travel between workers."""
     period = {"start": "2019-07-01", "end": "2019-07-31"}
     spec = parse_spec(make_job(stac_url, tmp_path / "spread.zarr", catalog, time=period, cloud={"max_cloud_fraction": 1.0}, tiling={"tile": 24}))
     with Client(scheduler) as client:
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
         client.register_plugin(_AskedWorkers())
+        fetched_before = client.run(_read_blocks_fetched)
         try:
             result = run_job(spec, scheduler=scheduler, show_progress=False)
             tasks, held = client.run_on_scheduler(_asked_and_held)
         finally:
             client.unregister_scheduler_plugin(_AskedWorkers.name)
+        fetched = {worker: blocks[len(fetched_before.get(worker, [])) :] for worker, blocks in client.run(_read_blocks_fetched).items()}
     assert len(workers) == 2 and len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
     assert all(len(asked) == 1 and loose for asked, loose, _ in tasks), tasks
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert sorted(asked) == workers and min(asked.values()) >= len(tasks) // 4, asked
     assert {ran for _, _, ran in tasks} == set(workers)
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
+    # Each worker keeps the tiles it read (job.TaskOrder): of 16 tiles on 2 workers, at most the last
+    # tile's read travels, where a worker that ran out of tiles shares it (taken in plain order, every
+    # tile's read travelled to the other worker, 16 of 16).
+    assert result.written_tiles >= 2 * len(workers) and sum(map(len, fetched.values())) <= 1, fetched
+
+
+def _read_blocks_fetched(dask_worker: Any) -> list[str]:
+    """In a worker: the read blocks it has fetched from other workers, oldest first."""
+    return [str(key) for transfer in dask_worker.transfer_incoming_log for key in transfer["keys"] if key_split(key) == "fetch_raster_window"]
 
 
 @dataclass
@@ -320,11 +332,11 @@ def test_a_cpu_job_gives_tasks_to_a_worker_that_joins_while_it_runs(tmp_path: Pa
     (joined,) = {ran for _, _, ran in tasks} - {first}
     asked = Counter(asked[0] for asked, _, _ in tasks)
     assert len(tasks) == result.written_tiles * -(-len(result.plan.output_days) // result.task_dates) >= 16
-    print("ASKED", asked, "ORDER", "".join("J" if ran == joined else "f" for _, _, ran in tasks))
     # The newcomer is asked for one of the first tasks once it has joined, and from then on the two
-    # share the rest, a task per slot each.
+    # share the rest, a task per slot each. Its first task is of a tile no worker has read (job.TaskOrder),
+    # so it starts once the newcomer has read that tile, while the first worker may start one more.
     ran = [worker for _, _, worker in tasks]
-    assert joined in ran[1:3], ran
+    assert joined in ran[1:4], ran
     assert ran[1:].count(joined) >= (len(ran) - 1) // 3, (asked, ran)
     assert max(held) == 1, f"a worker held up to {max(held)} super-resolution tasks at once (one slot each)"
     assert any(line.startswith("Workers changed: 2 now run super-resolution (2 slots), up to 2 tasks at once") for line in job.lines), job.lines
@@ -365,6 +377,21 @@ def test_task_spread_asks_for_the_worker_with_the_fewest_tasks_in_flight_per_slo
     assert job_module.TaskSpread({}).place(7) == {}
     # One task per slot is kept submitted; without workers to spread over, the job's window.
     assert spread.window(10) == 3 and spread.window(2) == 2 and job_module.TaskSpread({}).window(10) == 10
+
+
+def test_task_order_keeps_a_workers_tasks_on_the_tiles_it_read_and_shares_only_the_last() -> None:
+    """A free worker takes the next task of a unit it reads, else starts the next unit, else shares the
+    earliest unit with tasks left; without a worker (GPU jobs), tasks go in plain order."""
+    first, second, third = (0, 0, 0), (0, 0, 1), (0, 1, 0)
+    per_unit: dict[Any, list[Any]] = {third: ["t5"], first: ["t0", "t1", "t2"], second: ["t3", "t4"]}
+    order = job_module.TaskOrder(per_unit)
+    assert order.count == 6 and order.first_task == {first: 0, second: 3, third: 5}
+    taken = [order.take(worker) for worker in ["a", "b", "a", "a", "a", "a"]]
+    assert taken == [(0, first, "t0"), (3, second, "t3"), (1, first, "t1"), (2, first, "t2"), (5, third, "t5"), (4, second, "t4")]
+    assert order.take("b") is None
+    plain = job_module.TaskOrder(per_unit)
+    assert [plain.take() for _ in range(7)] == [(k, unit, f"t{k}") for k, unit in enumerate([first] * 3 + [second] * 2 + [third])] + [None]
+    assert plain.units_after(first, 1) == [second] and plain.units_after(second, 5) == [third]
 
 
 def test_a_compiled_model_keeps_whole_batches_and_every_slot_fed(summer: JobResult) -> None:
