@@ -26,7 +26,7 @@ import datetime as dt
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -621,20 +621,22 @@ def write_tasks(store: Location, work: Plan, manifest: Manifest, ref: ModelRef, 
     slabs = time_slabs(work, slab_days(work), per_task)
     per_unit: dict[Unit, list[Delayed]] = {}
     reads: dict[Unit, list[Delayed]] = {}
+    tables: list[list[Delayed]] = []
     first_group = 0
     for s, slab in enumerate(slabs):
-        tasks, slab_reads, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
+        tasks, slab_reads, slab_tables, groups = _slab_write_tasks(store, slab, manifest, ref, gpu_workers_only, per_task, first_group, tiles)
         first_group += groups
         per_unit |= {(s, *tile): per_tile for tile, per_tile in tasks.items()}
         reads |= {(s, *tile): taken for tile, taken in slab_reads.items()}
-    return WriteTasks(per_unit, reads, [len(slab.frame_days) for slab in slabs])
+        tables.append(slab_tables)
+    return WriteTasks(per_unit, reads, [len(slab.frame_days) for slab in slabs], tables)
 
 
 def _slab_write_tasks(
     store: Location, work: Plan, manifest: Manifest, ref: ModelRef, gpu_workers_only: bool, per_task: int, first_group: int, tiles: int
-) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], list[Delayed]], int]:
+) -> tuple[dict[tuple[int, int], list[Delayed]], dict[tuple[int, int], list[Delayed]], list[Delayed], int]:
     """One slab's write tasks per run of tiles (by its first tile); per run, the reads of its tiles'
-    windows as Delayeds; and its number of groups of dates."""
+    windows as Delayeds; what all those reads take (WriteTasks.tables); and its number of groups of dates."""
     graph_of_tiles = superresolve_plan(work, ref, per_task, gpu_workers_only=gpu_workers_only, first_group=first_group, tiles_per_task=tiles)
     sizes = graph_of_tiles.output.chunks[0]
     time_index = {date: k for k, date in enumerate(manifest.times)}
@@ -670,7 +672,8 @@ def _slab_write_tasks(
     for key, run_start in runs.items():
         tasks.setdefault(run_start, []).append(whole.delayed(key, held=read_keys))
     reads = {run_start: whole.delayed_together([graph_of_tiles.reads[tile] for tile in sorted(run)]) for run_start, run in read_by.items()}
-    return tasks, reads, len(sizes)
+    tables = whole.delayed_together(sorted(whole.needed(read_keys) - read_keys, key=str))
+    return tasks, reads, tables, len(sizes)
 
 
 class Subgraphs:
@@ -709,12 +712,7 @@ class Subgraphs:
         """Each of `keys` as a Delayed, all of them on one graph (as `delayed` makes it, of every task they
         need). Computed together, Dask culls that graph to the ones asked for; Delayeds with graphs of their
         own would not merge, as their layers share names but not tasks."""
-        needed, todo = set(keys), list(keys)
-        while todo:
-            for dependency in self.dependencies[todo.pop()]:
-                if dependency not in held and dependency not in needed:
-                    needed.add(dependency)
-                    todo.append(dependency)
+        needed = self.needed(keys, held)
         by_layer: dict[str, dict[Any, Any]] = {}
         for needed_key in needed:
             task = self._spec(needed_key) if held and not held.isdisjoint(self.dependencies[needed_key]) else self.tasks[needed_key]
@@ -723,6 +721,16 @@ class Subgraphs:
         dependencies = {name: self.graph.dependencies[name] & by_layer.keys() for name in by_layer}
         graph = HighLevelGraph(layers, dependencies)
         return [Delayed(key, graph, layer=self.layer_of[key]) for key in keys]
+
+    def needed(self, keys: Iterable[Any], held: Set[Any] = frozenset()) -> set[Any]:
+        """`keys` and every key they need, but for the `held` keys and what they need."""
+        needed, todo = set(keys), list(keys)
+        while todo:
+            for dependency in self.dependencies[todo.pop()]:
+                if dependency not in held and dependency not in needed:
+                    needed.add(dependency)
+                    todo.append(dependency)
+        return needed
 
     def _spec(self, key: Any) -> GraphNode:
         """The task of `key` in Dask's task spec, each key of the graph it names a reference."""
@@ -740,6 +748,12 @@ class WriteTasks:
     reads: dict[Unit, list[Delayed]]
     slab_days: list[int]
     """Days each time slab reads, in time order."""
+    tables: list[list[Delayed]] = field(default_factory=list)
+    """Per time slab, what every read of the slab takes: stackstac's tables of the slab's assets and of
+    their readers, one of each for all its tiles. `_compute` holds them from the slab's first read to its
+    last: released with a tile's read while another tile's read still held them, they were computed
+    again for the next tile's read on the worker that had computed them first, where they waited for
+    its thread (0.3–1 s before each tile's read; bench/RESULTS.md, twenty-second measurement)."""
 
 
 def _compute(
@@ -771,12 +785,18 @@ def _compute(
     window = spread.window(in_flight) if spread else in_flight
     echo(f"Computing {order.count} tile tasks{split}, up to {min(window, order.count)} at once … (dashboard: {client.dashboard_link})")
     remaining = Counter({unit: len(unit_tasks) for unit, unit_tasks in tasks.per_unit.items()})
+    units_left = Counter(slab for slab, *_ in tasks.per_unit)
     held: dict[Unit, list[Any]] = {}
+    tables: dict[int, list[Any]] = {}
     unit_of: dict[str, Unit] = {}
 
     def read(unit: Unit, options: dict[str, Any]) -> None:
-        # Each unit's reads are asked for once, with the place of its first task as their priority.
+        # Each unit's reads are asked for once, with the place of its first task as their priority, and
+        # its slab's tables with its slab's first read: see WriteTasks.tables.
         if unit not in held:
+            slab = unit[0]
+            if slab not in tables and tasks.tables:
+                tables[slab] = client.compute(tasks.tables[slab], priority=-order.first_task[unit], **options)
             held[unit] = client.compute(tasks.reads[unit], priority=-order.first_task[unit], **options)
 
     def submit(count: int) -> list[Any]:
@@ -808,6 +828,9 @@ def _compute(
         if not remaining[unit]:
             for read_future in held.pop(unit):
                 read_future.release()
+            units_left[unit[0]] -= 1
+            for table_future in tables.pop(unit[0], []) if not units_left[unit[0]] else []:
+                table_future.release()
         on_done(unit, result)
         if spread and workers_now and time.monotonic() >= next_look:
             in_flight = workers_now.follow(spread, in_flight, echo)

@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 import zarr
 from dask.task_spec import GraphNode
-from distributed import Client, LocalCluster, SchedulerPlugin
+from distributed import Client, LocalCluster, SchedulerPlugin, get_task_stream
 from distributed.utils import key_split
 
 from sr_batch import job as job_module
@@ -246,7 +246,8 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
         client.register_plugin(_AskedWorkers())
         fetched_before = client.run(_read_blocks_fetched)
         try:
-            result = run_job(spec, scheduler=scheduler, show_progress=False)
+            with get_task_stream(client=client) as stream:
+                result = run_job(spec, scheduler=scheduler, show_progress=False)
             tasks, held = client.run_on_scheduler(_asked_and_held)
         finally:
             client.unregister_scheduler_plugin(_AskedWorkers.name)
@@ -261,6 +262,11 @@ def test_a_jobs_tasks_are_spread_over_the_workers_not_queued_where_their_reads_a
     # tile's read travels, where a worker that ran out of tiles shares it (taken in plain order, every
     # tile's read travelled to the other worker, 16 of 16).
     assert result.written_tiles >= 2 * len(workers) and sum(map(len, fetched.values())) <= 1, fetched
+    # The tables every read of a time slab takes (stackstac's assets and readers: one of each per slab, and
+    # the cloud scores' own) are computed once each: released with a tile's read, they were computed again
+    # for later tiles' reads, behind another task.
+    tables = Counter(str(record["key"]) for record in stream.data if key_split(record["key"]) in ("asset-table", "asset_table_to_reader_and_window"))
+    assert tables and set(tables.values()) == {1}, tables
 
 
 def _read_blocks_fetched(dask_worker: Any) -> list[str]:
