@@ -278,8 +278,9 @@ def read_windows(plan: Plan, same_shape: bool = False) -> dict[tuple[int, int], 
     a neighbour, widened to a multiple of WINDOW_ALIGN where the neighbouring tiles have the pixels. A window stops at the
     region's edge, which the network then sees as a whole-image run does, so the tiles join exactly.
     With `same_shape`, a window at the region's edge reaches further inward instead (more halo on its
-    inner side) to the shape of an inner tile's window: a compiled network compiles once per input
-    shape, and the edge windows would otherwise add up to eight."""
+    inner side) to the shape of the widest window: a compiled network compiles once per input shape,
+    and the edge windows would otherwise add up to eight. That is an inner tile's window where the
+    region has inner tiles; with two tiles along an axis, a tile with its halo on its one inner side."""
     rows = [_span(plan.rows, k, plan.halo, plan.grid.height, max(plan.chunks()[0]), same_shape) for k in range(len(plan.rows))]
     cols = [_span(plan.cols, k, plan.halo, plan.grid.width, max(plan.chunks()[1]), same_shape) for k in range(len(plan.cols))]
     return {(row, col): (rows[row], cols[col]) for row in range(len(rows)) for col in range(len(cols))}
@@ -288,7 +289,8 @@ def read_windows(plan: Plan, same_shape: bool = False) -> dict[tuple[int, int], 
 def _span(tiles: list[Span], index: int, halo: int, size: int, longest: int, same_shape: bool) -> Span:
     start, end = tiles[index]
     if same_shape:
-        length = min(size, aligned_window(longest + 2 * halo))
+        inner_sides = min(2, len(tiles) - 1)  # the sides of a tile that have a neighbour, at most
+        length = min(size, aligned_window(longest + inner_sides * halo))
         first = min(max(0, start - halo), size - length)
         return first, first + length
     first, last = max(0, start - halo), min(size, end + halo)

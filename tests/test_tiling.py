@@ -68,10 +68,19 @@ def test_a_compiled_model_sees_one_window_shape_and_the_tiles_still_join(tmp_pat
     same = read_windows(plan, same_shape=True)
     inner = (aligned_window(max(plan.chunks()[0]) + 2 * plan.halo), aligned_window(max(plan.chunks()[1]) + 2 * plan.halo))
     assert {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in same.values()} == {inner}
-    for (row, col), (ys, xs) in same.items():  # each tile inside its window, a halo deep where the window is not at the region's edge
-        (top, bottom), (left, right) = plan.rows[row], plan.cols[col]
-        assert (top - ys[0] >= plan.halo or ys[0] == 0) and (ys[1] - bottom >= plan.halo or ys[1] == plan.grid.height)
-        assert (left - xs[0] >= plan.halo or xs[0] == 0) and (xs[1] - right >= plan.halo or xs[1] == plan.grid.width)
+    # With two tiles along an axis no tile has a neighbour on both sides: one halo is enough there (here
+    # 2 x 2 tiles of 60 and 40 px, and one row of tiles: a window the region's height).
+    two = replace(plan, rows=[(0, 60), (60, plan.grid.height)], cols=[(0, 60), (60, plan.grid.width)])
+    assert {(ys[1] - ys[0], xs[1] - xs[0]) for ys, xs in read_windows(two, same_shape=True).values()} == {(aligned_window(60 + plan.halo),) * 2}
+    one_row = replace(two, rows=[(0, plan.grid.height)])
+    assert {ys[1] - ys[0] for ys, _ in read_windows(one_row, same_shape=True).values()} == {plan.grid.height}
+    for checked in (plan, two, one_row):
+        for (row, col), (ys, xs) in read_windows(
+            checked, same_shape=True
+        ).items():  # each tile inside its window, a halo deep where the window is not at the region's edge
+            (top, bottom), (left, right) = checked.rows[row], checked.cols[col]
+            assert (top - ys[0] >= plan.halo or ys[0] == 0) and (ys[1] - bottom >= plan.halo or ys[1] == plan.grid.height)
+            assert (left - xs[0] >= plan.halo or xs[0] == 0) and (xs[1] - right >= plan.halo or xs[1] == plan.grid.width)
 
     whole = run(stac_url, catalog, scheduler, tmp_path / "whole.zarr", tile=128, halo=SMALL_HALO)
     with Client(scheduler) as client:
