@@ -767,7 +767,8 @@ def _compute(
 ) -> None:
     """Run the write tasks on the cluster, at most `in_flight` at once (one per slot where `spread`
     spreads them: TaskSpread.window; `workers_now` follows the workers that join or leave meanwhile),
-    in `TaskOrder`; `on_done(unit, result)` as each returns, in completion order. Progress comes from the tasks' own events (progress.py).
+    in `TaskOrder`; `on_done(unit, result)` as each returns, in completion order. Progress comes from
+    the tasks' own events (progress.py).
 
     Submitting everything at once would let the cluster read the whole region ahead of the network: on
     a cluster with GPU workers the CPU workers read every tile long before the GPU can take it, and the
@@ -778,8 +779,9 @@ def _compute(
     width or time range. Where the job places its tasks on CPU workers (`spread`), a unit's reads are
     asked of its first task's worker, which reads them just before it computes, and the unit's next
     tasks go to that worker (TaskOrder): such a worker runs one task per thread, so a read ahead would
-    only wait for a thread there, or be read on another worker and travel. GPU workers do not read: the other workers read `in_flight` units ahead of the tasks,
-    so that a GPU task's input is there when its slot is free."""
+    only wait for a thread there, or be read on another worker and travel. GPU workers do not read: the
+    other workers read `in_flight` units ahead of the tasks, so that a GPU task's input is there when
+    its slot is free."""
     order = TaskOrder(tasks.per_unit)
     split = f" in {len(tasks.slab_days)} time slabs of up to {max(tasks.slab_days)} days" if len(tasks.slab_days) > 1 else ""
     window = spread.window(in_flight) if spread else in_flight
