@@ -852,8 +852,8 @@ class TaskOrder:
     of a unit no worker has taken (which it then reads), else the next of the earliest unit with tasks
     left (its read then travels to the worker). Taken in plain order, each unit's tasks went to both
     workers in turn: its read, asked of its first task's worker, travelled to the other, which waited
-    1–1.5 s for it (read, then sent) at every unit, 2–3 % of a job (bench/RESULTS.md, twenty-second
-    measurement). A unit's tasks now stay on its reader, and units are shared only when none is left to
+    0.25–0.75 s for it (read, then sent) at every unit (bench/RESULTS.md, twenty-second measurement).
+    A unit's tasks now stay on its reader, and units are shared only when none is left to
     start (a region of one tile still keeps every worker busy). The units started are still a prefix of
     the order, so what the job holds read stays one unit or two per slot."""
 
