@@ -231,7 +231,8 @@ class AssetReader(AutoParallelRioReader):
     pixels repeated: the values warping gives, pixel for pixel (test_search_cube). Any other asset
     (another UTM zone, a shifted lattice, rescaled values) is warped as before.
 
-    A GeoTIFF, on the lattice or warped, stays open for the next readers in this process (KEPT_DATASETS).
+    A GeoTIFF, on the lattice or warped, stays open for the next readers in this process (KEPT_DATASETS),
+    and is opened again once its file changes or it is no longer kept.
 
     A read error stackstac would turn into no data is also reported: stackstac only warns in the
     worker's log, where no one counts."""
@@ -239,6 +240,8 @@ class AssetReader(AutoParallelRioReader):
     def __init__(self, *, errors_as_nodata: tuple[Exception, ...] = (), **options: Any) -> None:
         super().__init__(errors_as_nodata=(), **options)  # stackstac raises; read() decides
         self.as_nodata = errors_as_nodata
+        self._kept_key: tuple[Any, ...] | None = None
+        """The KEPT_DATASETS key of the dataset this reader reads, while it is a kept one."""
 
     def __getstate__(self) -> dict[str, Any]:  # stackstac pickles a reader as its __init__ arguments
         return {**super().__getstate__(), "errors_as_nodata": self.as_nodata}
@@ -247,6 +250,7 @@ class AssetReader(AutoParallelRioReader):
         """The asset's dataset as read on the lattice where it is on it, else as stackstac opens it
         (warped); kept open for the next reads of this process (KEPT_DATASETS)."""
         key = (self.url, local_file_version(self.url), self.spec.epsg, tuple(self.spec.transform))
+        self._kept_key = key
         if (kept := KEPT_DATASETS.get(key)) is not None:
             return kept
         with self.gdal_env.open:
@@ -264,7 +268,24 @@ class AssetReader(AutoParallelRioReader):
         else:
             threads = ThreadLocalRioDataset if shared else SingleThreadedRioDataset
             opened = OnLattice(threads(self.gdal_env, dataset), lattice, dataset.height, dataset.width)
-        return KEPT_DATASETS.keep(key, opened) if shared else opened
+        if not shared:
+            self._kept_key = None
+            return opened
+        return KEPT_DATASETS.keep(key, opened)
+
+    def _current(self) -> Any:
+        """The dataset to read. One kept open that KEPT_DATASETS has since closed (evicted, or a newer
+        version of the file kept), or whose local file has changed since, is let go and the asset opened
+        again: read through it, stackstac's wrapper would reopen the file lazily with the old file's
+        geometry (its lattice, or its warp), and a reader lives as long as its slab's reader table."""
+        opened = self.dataset
+        key = self._kept_key
+        if key is not None and (not KEPT_DATASETS.holds(opened) or local_file_version(self.url) != key[1]):
+            with self._dataset_lock:
+                if self._dataset is opened:
+                    self._dataset = None
+            opened = self.dataset
+        return opened
 
     def close(self) -> None:
         """Let go of the dataset; one KEPT_DATASETS holds stays open for the next reader (it closes it)."""
@@ -275,7 +296,7 @@ class AssetReader(AutoParallelRioReader):
 
     def read(self, window: Any, **options: Any) -> np.ndarray:
         try:
-            opened = self.dataset
+            opened = self._current()
             if not isinstance(opened, OnLattice):
                 return super().read(window, **options)
             try:

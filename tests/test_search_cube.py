@@ -427,16 +427,29 @@ def test_a_kept_local_file_replaced_in_place_is_read_anew(source_cube: xr.Datase
     before = read(url)
     assert read(url).tolist() == before.tolist() and len(kept._open) == 1
     first_dataset = next(iter(kept._open.values()))[1]
+    # A reader that lives on (in its slab's reader table) and has read the old file: the new one is shifted
+    # 2 columns, so a read on the old file's lattice would misplace it.
+    living = cube.AssetReader(url=url, **options)
+    assert living.read(window).tolist() == before.tolist()
+    shifted = transform * Affine.translation(2, 0)
     time.sleep(0.05)  # file times tick in milliseconds: a rewrite in the same tick, same size and inode, would look unchanged
     if how == "rewritten":
-        write_asset(path, new, transform)
+        write_asset(path, new, shifted)
     else:
-        write_asset(tmp_path / "new.tif", new, transform)
+        write_asset(tmp_path / "new.tif", new, shifted)
         os.replace(tmp_path / "new.tif", path)
-    after = read(url)
     np.testing.assert_array_equal(before, old[5:45, 7:47].astype(np.uint16))  # the grid starts 5 rows, 7 columns into the asset
-    np.testing.assert_array_equal(after, new[5:45, 7:47].astype(np.uint16), err_msg="the kept dataset of the old file was read")
+    expected = new[5:45, 5 : 47 - 2].astype(np.uint16)  # now 5 columns into it
+    np.testing.assert_array_equal(living.read(window), expected, err_msg="the living reader read the old file, or on its lattice")
+    np.testing.assert_array_equal(read(url), expected, err_msg="the kept dataset of the old file was read")
     assert len(kept._open) == 1 and next(iter(kept._open.values()))[1] is not first_dataset, "the old version stays kept"
+    # Evicted by another asset (capacity 1), the kept dataset is closed: the living reader opens its asset again, kept.
+    kept.capacity = 1
+    other = write_asset(tmp_path / "other.tif", old, transform)
+    read(other)
+    np.testing.assert_array_equal(living.read(window), expected)
+    assert kept.holds(living.dataset)
+    living.close()
 
 
 def test_a_reading_process_raises_its_open_file_limit_within_the_hard_one(tmp_path: Path) -> None:
