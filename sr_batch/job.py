@@ -748,7 +748,7 @@ class WriteTasks:
     reads: dict[Unit, list[Delayed]]
     slab_days: list[int]
     """Days each time slab reads, in time order."""
-    tables: list[list[Delayed]] = field(default_factory=list)
+    tables: list[list[Delayed]]
     """Per time slab, what every read of the slab takes: stackstac's tables of the slab's assets and of
     their readers, one of each for all its tiles. `_compute` holds them from the slab's first read to its
     last: released with a tile's read while another tile's read still held them, they were computed
@@ -797,7 +797,7 @@ def _compute(
         # its slab's tables with its slab's first read: see WriteTasks.tables.
         if unit not in held:
             slab = unit[0]
-            if slab not in tables and tasks.tables:
+            if slab not in tables:
                 tables[slab] = client.compute(tasks.tables[slab], priority=-order.first_task[unit], **options)
             held[unit] = client.compute(tasks.reads[unit], priority=-order.first_task[unit], **options)
 
@@ -831,7 +831,7 @@ def _compute(
             for read_future in held.pop(unit):
                 read_future.release()
             units_left[unit[0]] -= 1
-            for table_future in tables.pop(unit[0], []) if not units_left[unit[0]] else []:
+            for table_future in tables.pop(unit[0]) if not units_left[unit[0]] else []:
                 table_future.release()
         on_done(unit, result)
         if spread and workers_now and time.monotonic() >= next_look:
